@@ -1,0 +1,60 @@
+// Launchers of the quantizer kernels. Raw pointers only: this header is shared
+// by the torch-free kernel sources (kernels/) and the bindings (src/).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "qkit/common.h"
+
+namespace qkit {
+
+// One quantization job over a flattened tensor: `numel` elements in `groups`
+// contiguous groups (numel % groups == 0, checked by the bindings).
+struct QuantJob {
+  DType dtype;        // element type of the float side (input, or output of dequantize)
+  int64_t numel;
+  int64_t groups;
+  int bits;
+  bool symmetric;
+  const int64_t* seed;  // stochastic rounding: one int64 on the job's device; nullptr = nearest
+};
+
+namespace cpu {
+
+// Work splitting, implemented by the bindings on top of torch's thread pool.
+using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
+void parallel_for(int64_t begin, int64_t end, int64_t grain, void* ctx, RangeFn fn);
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  parallel_for(begin, end, grain, const_cast<F*>(&f), [](void* ctx, int64_t b, int64_t e) {
+    (*static_cast<F*>(ctx))(b, e);
+  });
+}
+
+// out = dequantize(quantize(in)), same dtype as in.
+void fake_quantize(const QuantJob& job, const void* in, void* out);
+// codes: int8 (bits 8) or packed int4 (bits 4); params: float32 [groups, 1|2].
+void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params);
+// out (job.dtype) from codes and params; job.numel counts output elements.
+void dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out);
+
+}  // namespace cpu
+
+namespace cuda {
+
+// Status of a launcher: nullptr on success, else the CUDA error's text.
+using Status = const char*;
+
+// Scratch the quantizing launchers need on the device (per-group statistics and
+// parameters); the bindings allocate it through torch's caching allocator.
+size_t workspace_bytes(const QuantJob& job);
+
+Status fake_quantize(const QuantJob& job, const void* in, void* out, void* workspace, void* stream);
+Status quantize(const QuantJob& job, const void* in, int8_t* codes, float* params, void* workspace,
+                void* stream);
+Status dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out, void* stream);
+
+}  // namespace cuda
+}  // namespace qkit

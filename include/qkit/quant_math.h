@@ -1,0 +1,134 @@
+// The group-wise quantizer, written once for every device (OPS.md §1-2).
+// CPU and CUDA kernels call exactly these functions, so they agree bit for bit
+// on nearest rounding. Every step is a single correctly rounded fp32 operation;
+// build with FP contraction off (-ffp-contract=off / --fmad=false) so no
+// compiler fuses a multiply and an add behind our back.
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+
+#include "qkit/common.h"
+
+namespace qkit {
+
+// Running statistics of one group (or one slice of it).
+//   hi: max|x| (symmetric) or max x (asymmetric);  lo: min x (asymmetric only).
+//   poison: sum of x*0, which is NaN exactly when some x is NaN or +-Inf. It lets
+//   the min/max loops stay branch-free (and vectorisable) yet still notice
+//   non-finite input, which then turns the whole group (and only it) into NaN.
+struct GroupStats {
+  float hi;
+  float lo;
+  float poison;
+};
+
+QKIT_HD GroupStats empty_stats(bool symmetric) {
+  return symmetric ? GroupStats{0.0f, 0.0f, 0.0f} : GroupStats{-FLT_MAX, FLT_MAX, 0.0f};
+}
+
+QKIT_HD float max_ignoring_nan(float a, float b) { return b > a ? b : a; }
+QKIT_HD float min_ignoring_nan(float a, float b) { return b < a ? b : a; }
+
+QKIT_HD void accumulate(GroupStats& s, float x, bool symmetric) {
+  if (symmetric) {
+    s.hi = max_ignoring_nan(s.hi, x < 0.0f ? -x : x);
+  } else {
+    s.hi = max_ignoring_nan(s.hi, x);
+    s.lo = min_ignoring_nan(s.lo, x);
+  }
+  s.poison += x * 0.0f;
+}
+
+QKIT_HD GroupStats merge(GroupStats a, const GroupStats& b) {
+  a.hi = max_ignoring_nan(a.hi, b.hi);
+  a.lo = min_ignoring_nan(a.lo, b.lo);
+  a.poison += b.poison;
+  return a;
+}
+
+// Quantizer parameters of a group. `step` and `offset` are what storage keeps
+// (params[g] = [step] or [step, offset]); `scale` is what multiplies the input.
+struct QuantParams {
+  float scale;
+  float step;
+  float offset;
+};
+
+QKIT_HD float pow2(int e) { return static_cast<float>(1u << e); }
+QKIT_HD float code_min(int bits) { return -pow2(bits - 1); }
+QKIT_HD float code_max(int bits) { return pow2(bits - 1) - 1.0f; }
+
+// scale = 2^b / range, written as 2^(b-1) / (range/2) so that no finite input
+// overflows an intermediate (the two forms are equal for every normal range).
+// A scale that would overflow (subnormal ranges) is capped at FLT_MAX so the
+// group quantizes to zeros instead of producing inf*0.
+QKIT_HD float scale_for_half_range(float half_range, int bits) {
+  const float s = pow2(bits - 1) / half_range;
+  return s > FLT_MAX ? FLT_MAX : s;
+}
+
+QKIT_HD QuantParams make_params(const GroupStats& s, int bits, bool symmetric) {
+  QuantParams p;
+  if (symmetric) {
+    p.scale = s.hi == 0.0f ? 1.0f : scale_for_half_range(s.hi, bits);
+    p.offset = 0.0f;
+  } else {
+    p.scale = s.hi == s.lo ? 1.0f : scale_for_half_range(0.5f * s.hi - 0.5f * s.lo, bits);
+    p.offset = 0.5f * s.hi + 0.5f * s.lo;  // the midpoint, without overflowing hi+lo
+  }
+  if (s.poison != 0.0f) {  // NaN (never anything else): a non-finite value was seen
+    p.scale = s.poison;
+    p.offset = s.poison;
+  }
+  p.step = 1.0f / p.scale;
+  return p;
+}
+
+// Clamp first, then round: equivalent for integer bounds, and it keeps every
+// value inside the range where the round-to-even trick below is exact.
+// NaN clamps to `lo`, so the later float->int conversion is always defined.
+QKIT_HD float clamp_code(float v, float lo, float hi) {
+  v = v > lo ? v : lo;
+  return v < hi ? v : hi;
+}
+
+// Round to nearest, ties to even, for |v| <= 2^22.
+QKIT_HD float round_half_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  // Adding and removing 1.5*2^23 makes the FPU do the rounding; plain x86-64 has
+  // no rounding instruction, and this keeps the CPU loops vectorisable.
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+#endif
+}
+
+QKIT_HD float round_down(float v) {
+  const float r = round_half_even(v);
+  return r > v ? r - 1.0f : r;
+}
+
+// The integer code of x in [code_min, code_max], as a float (exact).
+QKIT_HD float quantize_nearest(float x, const QuantParams& p, float qmin, float qmax) {
+  return round_half_even(clamp_code((x - p.offset) * p.scale, qmin, qmax));
+}
+
+// Stochastic rounding floor(v + u), u in [0, 1): unbiased inside the range.
+QKIT_HD float quantize_stochastic(float x, const QuantParams& p, float qmin, float qmax, float u) {
+  return round_down(clamp_code((x - p.offset) * p.scale + u, qmin, qmax));
+}
+
+QKIT_HD float dequantize_code(float q, float step, float offset) { return step * q + offset; }
+
+// 4-bit storage: the even element of a pair in the high nibble (OPS.md §2).
+QKIT_HD int8_t pack_nibbles(int even, int odd) {
+  return static_cast<int8_t>(static_cast<uint8_t>(((even & 0xF) << 4) | (odd & 0xF)));
+}
+QKIT_HD int unpack_high(int8_t byte) { return static_cast<int>(byte) >> 4; }
+QKIT_HD int unpack_low(int8_t byte) {
+  return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(byte) << 4)) >> 4;
+}
+
+}  // namespace qkit

@@ -1,0 +1,278 @@
+// CUDA kernels of the group-wise quantizer. No torch headers: the bindings hand
+// over raw pointers, a scratch buffer and the current stream. The arithmetic is
+// qkit/quant_math.h, shared with the CPU kernels.
+//
+// Every quantizing op runs three launches on the caller's stream:
+//   1. partial statistics of fixed-size chunks of every group,
+//   2. one warp per group merges its chunks into the group's parameters,
+//   3. an element-wise pass that writes codes / fake-quantized values.
+// This takes any group size (no limit, no multiple-of-8 rule) and any number of
+// groups with the same code.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "qkit/kernels.h"
+#include "qkit/philox.h"
+#include "qkit/quant_math.h"
+
+namespace qkit::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int64_t kChunk = 8192;      // elements per statistics work item
+constexpr int64_t kWarpItemMax = 1024;  // items up to this size get a warp, not a block
+constexpr int kRun = 8;               // consecutive elements per thread in element passes
+constexpr int64_t kMaxBlocks = 1 << 16;
+
+int64_t chunks_per_group(const QuantJob& job) {
+  const int64_t group_size = job.numel / job.groups;
+  return (group_size + kChunk - 1) / kChunk;
+}
+
+size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
+
+struct Scratch {
+  GroupStats* partial;  // [groups * chunks_per_group]
+  QuantParams* params;  // [groups]
+};
+
+Scratch carve(const QuantJob& job, void* workspace) {
+  char* base = static_cast<char*>(workspace);
+  const size_t partial_bytes = align16(sizeof(GroupStats) * job.groups * chunks_per_group(job));
+  return Scratch{reinterpret_cast<GroupStats*>(base), reinterpret_cast<QuantParams*>(base + partial_bytes)};
+}
+
+unsigned grid_for(int64_t work_items, int64_t items_per_block) {
+  const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxBlocks)));
+}
+
+__device__ GroupStats warp_merge(GroupStats s) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    GroupStats other;
+    other.hi = __shfl_down_sync(0xFFFFFFFFu, s.hi, offset);
+    other.lo = __shfl_down_sync(0xFFFFFFFFu, s.lo, offset);
+    other.poison = __shfl_down_sync(0xFFFFFFFFu, s.poison, offset);
+    s = merge(s, other);
+  }
+  return s;
+}
+
+// Pass 1. kWarpPerItem: each warp takes one work item (small groups);
+// otherwise each block does.
+template <typename T, bool kWarpPerItem>
+__global__ void chunk_stats_kernel(QuantJob job, const T* __restrict__ in, GroupStats* __restrict__ partial) {
+  const int64_t group_size = job.numel / job.groups;
+  const int64_t chunks = (group_size + kChunk - 1) / kChunk;
+  const int64_t items = job.groups * chunks;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t first = kWarpPerItem ? int64_t(blockIdx.x) * kWarpsPerBlock + warp : int64_t(blockIdx.x);
+  const int64_t stride = kWarpPerItem ? int64_t(gridDim.x) * kWarpsPerBlock : int64_t(gridDim.x);
+  const int width = kWarpPerItem ? kWarp : kThreads;
+  const int tid = kWarpPerItem ? lane : threadIdx.x;
+  __shared__ GroupStats per_warp[kWarpsPerBlock];
+
+  for (int64_t w = first; w < items; w += stride) {
+    const int64_t g = w / chunks, c = w % chunks;
+    const int64_t begin = g * group_size + c * kChunk;
+    const int64_t n = min(kChunk, group_size - c * kChunk);
+    GroupStats s = empty_stats(job.symmetric);
+    for (int64_t i = tid; i < n; i += width) accumulate(s, to_float(in[begin + i]), job.symmetric);
+    s = warp_merge(s);
+    if (kWarpPerItem) {
+      if (lane == 0) partial[w] = s;
+    } else {
+      if (lane == 0) per_warp[warp] = s;
+      __syncthreads();
+      if (warp == 0) {
+        s = lane < kWarpsPerBlock ? per_warp[lane] : empty_stats(job.symmetric);
+        s = warp_merge(s);
+        if (lane == 0) partial[w] = s;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Pass 2: one warp per group.
+__global__ void group_params_kernel(QuantJob job, const GroupStats* __restrict__ partial,
+                                    QuantParams* __restrict__ params, float* __restrict__ params_out) {
+  const int64_t group_size = job.numel / job.groups;
+  const int64_t chunks = (group_size + kChunk - 1) / kChunk;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t first = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  for (int64_t g = first; g < job.groups; g += int64_t(gridDim.x) * kWarpsPerBlock) {
+    GroupStats s = empty_stats(job.symmetric);
+    for (int64_t c = lane; c < chunks; c += kWarp) s = merge(s, partial[g * chunks + c]);
+    s = warp_merge(s);
+    if (lane == 0) {
+      const QuantParams p = make_params(s, job.bits, job.symmetric);
+      params[g] = p;
+      if (params_out != nullptr) {
+        if (job.symmetric) {
+          params_out[g] = p.step;
+        } else {
+          params_out[2 * g] = p.step;
+          params_out[2 * g + 1] = p.offset;
+        }
+      }
+    }
+  }
+}
+
+enum class Sink { Fake, Int8, Int4 };
+
+// Pass 3: each thread owns kRun consecutive elements (an even count, so int4
+// pairs never split between threads), tracking group boundaries as it goes.
+template <typename T, Sink kSink>
+__global__ void transform_kernel(QuantJob job, const T* __restrict__ in, void* __restrict__ out,
+                                 const QuantParams* __restrict__ params) {
+  const int64_t group_size = job.numel / job.groups;
+  const int64_t runs = (job.numel + kRun - 1) / kRun;
+  const float qmin = code_min(job.bits), qmax = code_max(job.bits);
+  const uint64_t seed = job.seed != nullptr ? static_cast<uint64_t>(*job.seed) : 0;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < runs; r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t begin = r * kRun;
+    const int end = static_cast<int>(min(int64_t(kRun), job.numel - begin));
+    int64_t g = begin / group_size;
+    int64_t next_boundary = (g + 1) * group_size;
+    float codes[kRun];
+    float u[kRun];
+    if (job.seed != nullptr) {
+      for (int k = 0; k < kRun; k += 4) {
+        const Uniform4 u4 = uniforms_for_block(seed, static_cast<uint64_t>(begin + k) >> 2);
+        for (int j = 0; j < 4; ++j) u[k + j] = u4.v[j];
+      }
+    }
+    QuantParams p = params[g];
+    for (int k = 0; k < end; ++k) {
+      if (begin + k == next_boundary) {
+        p = params[++g];
+        next_boundary += group_size;
+      }
+      const float x = to_float(in[begin + k]);
+      codes[k] = job.seed != nullptr ? quantize_stochastic(x, p, qmin, qmax, u[k]) : quantize_nearest(x, p, qmin, qmax);
+      if constexpr (kSink == Sink::Fake) {
+        static_cast<T*>(out)[begin + k] = from_float<T>(dequantize_code(codes[k], p.step, p.offset));
+      } else if constexpr (kSink == Sink::Int8) {
+        static_cast<int8_t*>(out)[begin + k] = static_cast<int8_t>(static_cast<int>(codes[k]));
+      }
+    }
+    if constexpr (kSink == Sink::Int4) {
+      for (int k = 0; k + 1 < end; k += 2) {
+        static_cast<int8_t*>(out)[(begin + k) >> 1] =
+            pack_nibbles(static_cast<int>(codes[k]), static_cast<int>(codes[k + 1]));
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void dequantize_kernel(QuantJob job, const int8_t* __restrict__ codes, const float* __restrict__ params,
+                                  T* __restrict__ out) {
+  const int64_t group_size = job.numel / job.groups;
+  const int64_t runs = (job.numel + kRun - 1) / kRun;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < runs; r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t begin = r * kRun;
+    const int end = static_cast<int>(min(int64_t(kRun), job.numel - begin));
+    int64_t g = begin / group_size;
+    int64_t next_boundary = (g + 1) * group_size;
+    for (int k = 0; k < end; ++k) {
+      const int64_t i = begin + k;
+      if (i == next_boundary) {
+        ++g;
+        next_boundary += group_size;
+      }
+      const float step = job.symmetric ? params[g] : params[2 * g];
+      const float offset = job.symmetric ? 0.0f : params[2 * g + 1];
+      int q;
+      if (job.bits == 8) {
+        q = codes[i];
+      } else {
+        const int8_t byte = codes[i >> 1];
+        q = (i & 1) ? unpack_low(byte) : unpack_high(byte);
+      }
+      out[i] = from_float<T>(dequantize_code(static_cast<float>(q), step, offset));
+    }
+  }
+}
+
+template <typename F>
+void dispatch_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float16: f(half_t{}); break;
+    case DType::BFloat16: f(bf16_t{}); break;
+  }
+}
+
+Status last_status() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename T, Sink kSink>
+Status run_quantizer(const QuantJob& job, const T* in, void* out, float* params_out, void* workspace,
+                     cudaStream_t stream) {
+  if (job.numel == 0) return nullptr;
+  const Scratch scratch = carve(job, workspace);
+  const int64_t group_size = job.numel / job.groups;
+  const int64_t items = job.groups * chunks_per_group(job);
+  if (group_size <= kWarpItemMax) {
+    chunk_stats_kernel<T, true><<<grid_for(items, kWarpsPerBlock), kThreads, 0, stream>>>(job, in, scratch.partial);
+  } else {
+    chunk_stats_kernel<T, false><<<grid_for(items, 1), kThreads, 0, stream>>>(job, in, scratch.partial);
+  }
+  group_params_kernel<<<grid_for(job.groups, kWarpsPerBlock), kThreads, 0, stream>>>(job, scratch.partial,
+                                                                                    scratch.params, params_out);
+  const int64_t runs = (job.numel + kRun - 1) / kRun;
+  transform_kernel<T, kSink><<<grid_for(runs, kThreads), kThreads, 0, stream>>>(job, in, out, scratch.params);
+  return last_status();
+}
+
+}  // namespace
+
+size_t workspace_bytes(const QuantJob& job) {
+  if (job.numel == 0) return 0;
+  return align16(sizeof(GroupStats) * job.groups * chunks_per_group(job)) + sizeof(QuantParams) * job.groups;
+}
+
+Status fake_quantize(const QuantJob& job, const void* in, void* out, void* workspace, void* stream) {
+  Status status = nullptr;
+  dispatch_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    status = run_quantizer<T, Sink::Fake>(job, static_cast<const T*>(in), out, nullptr, workspace,
+                                          static_cast<cudaStream_t>(stream));
+  });
+  return status;
+}
+
+Status quantize(const QuantJob& job, const void* in, int8_t* codes, float* params, void* workspace, void* stream) {
+  Status status = nullptr;
+  dispatch_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto s = static_cast<cudaStream_t>(stream);
+    status = job.bits == 8
+                 ? run_quantizer<T, Sink::Int8>(job, static_cast<const T*>(in), codes, params, workspace, s)
+                 : run_quantizer<T, Sink::Int4>(job, static_cast<const T*>(in), codes, params, workspace, s);
+  });
+  return status;
+}
+
+Status dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out, void* stream) {
+  if (job.numel == 0) return nullptr;
+  Status status = nullptr;
+  dispatch_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t runs = (job.numel + kRun - 1) / kRun;
+    dequantize_kernel<T><<<grid_for(runs, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        job, codes, params, static_cast<T*>(out));
+    status = last_status();
+  });
+  return status;
+}
+
+}  // namespace qkit::cuda

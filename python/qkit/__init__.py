@@ -1,0 +1,22 @@
+"""qkit: group-wise quantization kernels for PyTorch.
+
+``import qkit`` loads the compiled kernels once and registers ``torch.ops.qkit.*``.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401 - libtorch must be loaded before qkit._C
+
+from qkit._loader import QkitLoadError
+from qkit.ops import dequantize, fake_quantize, fake_quantize_, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QkitLoadError",
+    "__version__",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_",
+    "quantize",
+]

@@ -1,0 +1,266 @@
+"""The core ops: schema, fake (meta) implementation, autograd and typed wrapper, side by side.
+
+The kernels are ``qkit._C`` (CPU and CUDA), registered under ``torch.ops.qkit``.
+Semantics: ``OPS.md`` §1-3. Groups are contiguous runs of the flattened tensor;
+all arithmetic is fp32; params are float32 ``[G, 1]`` (symmetric: the step) or
+``[G, 2]`` (asymmetric: step, midpoint offset).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qkit import _loader
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+_lib = torch.library.Library("qkit", "DEF")  # noqa: TID251 - the namespace's one owner
+
+
+def _define(schema: str, *, seeded: bool = False) -> None:
+    tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
+    _lib.define(schema, tags=tags)
+
+
+# ---------------------------------------------------------------- argument checks
+# The C++ bindings make the same checks with the same words; these run where the
+# kernels do not (FakeTensor, meta, torch.compile tracing).
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_float_input(t: Tensor, op: str, arg: str = "input") -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
+
+
+def check_groups(numel: int, groups: int, op: str, numel_of: str = "input") -> None:
+    if groups < 1:
+        raise ValueError(f"qkit.{op}: `groups` must be >= 1, got {groups}")
+    if numel % groups != 0:
+        raise ValueError(
+            f"qkit.{op}: `groups` ({groups}) must divide the number of elements of `{numel_of}` ({numel})"
+        )
+
+
+def check_fake_bits(bits: int, op: str) -> None:
+    if not 2 <= bits <= 16:
+        raise ValueError(f"qkit.{op}: `bits` must be in [2, 16], got {bits}")
+
+
+def check_storage_bits(bits: int, op: str) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"qkit.{op}: `bits` must be 4 or 8, got {bits}")
+
+
+def check_packable(t: Tensor, bits: int, op: str, arg: str) -> None:
+    if bits == 4 and t.numel() > 0 and (t.dim() == 0 or t.shape[-1] % 2 != 0):
+        raise ValueError(
+            f"qkit.{op}: 4-bit storage packs pairs along the last dimension: `{arg}` needs an even last dimension"
+        )
+
+
+def _code_shape(shape: torch.Size, bits: int) -> list[int]:
+    out = list(shape)
+    if bits == 4 and out:
+        out[-1] //= 2
+    return out
+
+
+# ---------------------------------------------------------------- fake_quantize
+
+_define(
+    "fake_quantize(Tensor input, int groups, int bits, bool symmetric=True, bool stochastic=False) -> Tensor",
+    seeded=True,
+)
+_define(
+    "fake_quantize_(Tensor(a!) input, int groups, int bits, bool symmetric=True, bool stochastic=False) -> ()",
+    seeded=True,
+)
+
+
+def _check_fake_args(input: Tensor, groups: int, bits: int, op: str) -> None:
+    check_float_input(input, op)
+    check_fake_bits(bits, op)
+    check_groups(input.numel(), groups, op)
+
+
+@torch.library.register_fake("qkit::fake_quantize")
+def _fake_quantize_fake(
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
+) -> Tensor:
+    _check_fake_args(input, groups, bits, "fake_quantize")
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("qkit::fake_quantize_")
+def _fake_quantize_inplace_fake(
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
+) -> None:
+    _check_fake_args(input, groups, bits, "fake_quantize_")
+
+
+def _fake_quantize_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's protocol
+    pass
+
+
+def _fake_quantize_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
+    # Straight-through estimator: d fake_quantize(x) / dx := 1.
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(
+    "qkit::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup
+)
+
+
+def fake_quantize(
+    input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = True, stochastic: bool = False
+) -> Tensor:
+    """Quantize and dequantize ``input`` group-wise: ``dequantize(quantize(input))``.
+
+    Args:
+        input: float32/float16/bfloat16 tensor of any shape (``M`` elements), any layout.
+        groups: number of groups ``G``; must divide ``M``. Group ``g`` is elements
+            ``[g*M/G, (g+1)*M/G)`` of the flattened tensor.
+        bits: 2..16.
+        symmetric: ``scale = 2^b / (2 max|x|)``; otherwise ``2^b / (max - min)``
+            around the group's midpoint.
+        stochastic: round ``floor(v + u)``, ``u ~ U[0, 1)`` from torch's generator
+            (``torch.manual_seed`` reproduces it) instead of to nearest-even.
+
+    Returns:
+        A new contiguous tensor of ``input``'s shape and dtype. Autograd passes the
+        gradient straight through.
+    """
+    return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
+
+
+def fake_quantize_(
+    input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = True, stochastic: bool = False
+) -> Tensor:
+    """In-place :func:`fake_quantize`; returns ``input``. No autograd (use it under ``torch.no_grad``)."""
+    torch.ops.qkit.fake_quantize_.default(input, groups, bits, symmetric, stochastic)
+    return input
+
+
+# ---------------------------------------------------------------- quantize / dequantize
+
+_define("quantize(Tensor input, int groups, int bits, bool symmetric=True) -> (Tensor, Tensor)")
+_define(
+    "dequantize(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, ScalarType? dtype=None) -> Tensor"
+)
+
+
+@torch.library.register_fake("qkit::quantize")
+def _quantize_fake(input: Tensor, groups: int, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+    op = "quantize"
+    check_float_input(input, op)
+    check_storage_bits(bits, op)
+    check_groups(input.numel(), groups, op)
+    check_packable(input, bits, op, "input")
+    codes = input.new_empty(_code_shape(input.shape, bits), dtype=torch.int8)
+    params = input.new_empty((groups, 1 if symmetric else 2), dtype=torch.float32)
+    return codes, params
+
+
+def check_dequantize_args(
+    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool, dtype: torch.dtype | None
+) -> None:
+    op = "dequantize"
+    if q.dtype != torch.int8:
+        raise TypeError(f"qkit.{op}: `q` must be int8, got {_dtype_name(q.dtype)}")
+    if params.dtype != torch.float32:
+        raise TypeError(f"qkit.{op}: `params` must be float32, got {_dtype_name(params.dtype)}")
+    if params.device != q.device:
+        raise ValueError(f"qkit.{op}: `params` must be on the same device as `q`")
+    check_storage_bits(bits, op)
+    if bits == 4 and q.dim() == 0:
+        raise ValueError(f"qkit.{op}: 4-bit `q` must have at least one dimension")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {_dtype_name(dtype)}")
+    numel = q.numel() * (2 if bits == 4 else 1)
+    check_groups(numel, groups, op, "the dequantized output")
+    per_group = 1 if symmetric else 2
+    if params.dim() != 2 or params.shape[0] != groups or params.shape[1] != per_group:
+        kind = "symmetric" if symmetric else "asymmetric"
+        raise ValueError(
+            f"qkit.{op}: `params` must have shape [groups, {per_group}] = [{groups}, {per_group}] for {kind} "
+            f"quantization, got {list(params.shape)}"
+        )
+
+
+@torch.library.register_fake("qkit::dequantize")
+def _dequantize_fake(
+    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool = True, dtype: torch.dtype | None = None
+) -> Tensor:
+    check_dequantize_args(q, params, groups, bits, symmetric, dtype)
+    shape = list(q.shape)
+    if bits == 4:
+        shape[-1] *= 2
+    return q.new_empty(shape, dtype=dtype or torch.float16)
+
+
+def quantize(input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+    """Quantize ``input`` group-wise to int8 codes (or int4 packed two per byte).
+
+    Args:
+        input: float32/float16/bfloat16, ``M`` elements; for 4 bits an even last dimension.
+        groups: ``G``, dividing ``M``.
+        bits: 8 (one int8 per element) or 4 (pairs packed, the even element in the high nibble).
+        symmetric: symmetric (params ``[G, 1]``: step) or asymmetric (``[G, 2]``: step, offset).
+
+    Returns:
+        ``(q, params)``: ``q`` int8 of ``input``'s shape (4-bit: last dimension halved),
+        ``params`` float32 ``[G, 1|2]``.
+    """
+    return torch.ops.qkit.quantize.default(input, groups, bits, symmetric)
+
+
+def dequantize(
+    q: Tensor,
+    params: Tensor,
+    groups: int | None = None,
+    bits: int = 8,
+    symmetric: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Inverse of :func:`quantize`: ``y = step * q (+ offset)``, computed in fp32 and rounded once.
+
+    Args:
+        q: int8 codes from :func:`quantize` (4-bit: packed).
+        params: float32 ``[G, 1|2]`` from :func:`quantize`.
+        groups: ``G``; defaults to ``params.shape[0]``.
+        bits: 4 or 8, as quantized.
+        symmetric: as quantized.
+        dtype: output dtype: float16 (default, as DeepSpeed), bfloat16 or float32.
+
+    Returns:
+        Tensor of ``q``'s shape (4-bit: last dimension doubled) and ``dtype``.
+    """
+    if groups is None:
+        groups = params.shape[0] if params.dim() > 0 else 1
+    return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
+
+
+OP_NAMES = ("fake_quantize", "fake_quantize_", "quantize", "dequantize")
+
+
+def _register_load_failure(error: Exception) -> None:
+    """Without ``_C``, make every op's CPU/CUDA call raise the load diagnosis."""
+
+    def raiser(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise error
+
+    for name in OP_NAMES:
+        for key in ("CPU", "CUDA"):
+            _lib.impl(name, raiser, key)
+
+
+_loader.load()
+if _loader.load_error() is not None:
+    _register_load_failure(_loader.load_error())

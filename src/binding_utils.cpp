@@ -1,0 +1,80 @@
+#include "binding_utils.h"
+
+#include <torch/csrc/stable/c/shim.h>
+
+#ifdef QKIT_WITH_CUDA
+#include <dlfcn.h>
+#endif
+
+namespace qkit::binding {
+
+const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Bool: return "bool";
+    default: return "an unsupported dtype";
+  }
+}
+
+DType float_dtype(const Tensor& t, const char* op, const char* arg) {
+  switch (t.scalar_type()) {
+    case ScalarType::Float: return DType::Float32;
+    case ScalarType::Half: return DType::Float16;
+    case ScalarType::BFloat16: return DType::BFloat16;
+    default:
+      fail(op, "`", arg, "` must be float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
+  }
+}
+
+void check_groups(int64_t numel, int64_t groups, const char* op, const char* numel_of) {
+  QKIT_CHECK(groups >= 1, op, "`groups` must be >= 1, got ", groups);
+  QKIT_CHECK(numel % groups == 0, op, "`groups` (", groups, ") must divide the number of elements of `", numel_of,
+             "` (", numel, ")");
+}
+
+void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op) {
+  QKIT_CHECK(a.device() == b.device(), op, "`", b_name, "` must be on the same device as `", a_name, "`");
+}
+
+std::vector<int64_t> sizes_of(const Tensor& t) {
+  const auto s = t.sizes();
+  return std::vector<int64_t>(s.begin(), s.end());
+}
+
+Tensor draw_seed(const Tensor& like) {
+  Tensor seed = torch::stable::new_empty(like, {1}, ScalarType::Long);
+  // aten::random_(Tensor(a!) self, *, Generator? generator=None): int64 draws
+  // cover [0, 2^63), all of it key material for Philox.
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(seed), torch::stable::detail::from(std::nullopt)};
+  STD_TORCH_CHECK(torch_call_dispatcher("aten::random_", "", stack.data(), TORCH_ABI_VERSION) == 0,
+                  "qkit: drawing the stochastic-rounding seed failed");
+  return seed;
+}
+
+#ifdef QKIT_WITH_CUDA
+// The C shim that knows the current stream lives in libtorch_cuda.so, which a
+// CPU-only torch does not ship. Resolving it at first use (instead of linking
+// it) keeps one binary loadable under both CPU and CUDA builds of torch.
+void* current_cuda_stream(int32_t device_index) {
+  using GetStream = AOTITorchError (*)(int32_t, void**);
+  static GetStream get_stream = []() -> GetStream {
+    void* lib = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD);
+    return lib == nullptr ? nullptr : reinterpret_cast<GetStream>(dlsym(lib, "aoti_torch_get_current_cuda_stream"));
+  }();
+  STD_TORCH_CHECK(get_stream != nullptr,
+                  "qkit: a CUDA tensor reached qkit, but libtorch_cuda.so (aoti_torch_get_current_cuda_stream) "
+                  "is not loaded in this process");
+  void* stream = nullptr;
+  STD_TORCH_CHECK(get_stream(device_index, &stream) == 0, "qkit: could not read the current CUDA stream");
+  return stream;
+}
+#endif
+
+}  // namespace qkit::binding

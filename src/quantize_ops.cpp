@@ -1,0 +1,188 @@
+// Bindings of the core ops: qkit::fake_quantize(_), qkit::quantize, qkit::dequantize.
+// Checks arguments, allocates outputs, and hands raw pointers to the CPU or CUDA
+// launcher (on the current stream). Schemas are defined in python/qkit/ops.py.
+#include <torch/csrc/stable/accelerator.h>
+
+#include <optional>
+#include <tuple>
+
+#include "binding_utils.h"
+#include "qkit/kernels.h"
+
+namespace qkit::binding {
+namespace {
+
+QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric) {
+  return QuantJob{dtype, numel, groups, static_cast<int>(bits), symmetric, nullptr};
+}
+
+void check_fake_bits(int64_t bits, const char* op) {
+  QKIT_CHECK(bits >= 2 && bits <= 16, op, "`bits` must be in [2, 16], got ", bits);
+}
+
+void check_storage_bits(int64_t bits, const char* op) {
+  QKIT_CHECK(bits == 4 || bits == 8, op, "`bits` must be 4 or 8, got ", bits);
+}
+
+void check_packable(const Tensor& t, int64_t bits, const char* op, const char* arg) {
+  if (bits != 4 || t.numel() == 0) return;
+  QKIT_CHECK(t.dim() >= 1 && t.sizes()[t.dim() - 1] % 2 == 0, op, "4-bit storage packs pairs along the last dimension: `",
+             arg, "` needs an even last dimension");
+}
+
+#ifdef QKIT_WITH_CUDA
+void check_cuda(cuda::Status status, const char* op) {
+  QKIT_CHECK(status == nullptr, op, "CUDA launch failed: ", status == nullptr ? "" : status);
+}
+
+Tensor cuda_workspace(const Tensor& like, const QuantJob& job) {
+  return torch::stable::new_empty(like, {static_cast<int64_t>(cuda::workspace_bytes(job))}, ScalarType::Byte);
+}
+#endif
+
+// Fake quantization of a contiguous tensor into `out` (which may be `in`).
+void fake_quantize_into(const Tensor& in, Tensor& out, int64_t groups, int64_t bits, bool symmetric, bool stochastic,
+                        const char* op) {
+  QuantJob job = make_job(float_dtype(in, op, "input"), in.numel(), groups, bits, symmetric);
+  std::optional<Tensor> seed;
+  if (stochastic && in.numel() > 0) {
+    seed = draw_seed(in);
+    job.seed = static_cast<const int64_t*>(seed->const_data_ptr());
+  }
+  if (in.is_cuda()) {
+#ifdef QKIT_WITH_CUDA
+    torch::stable::accelerator::DeviceGuard guard(in.get_device_index());
+    Tensor workspace = cuda_workspace(in, job);
+    check_cuda(cuda::fake_quantize(job, in.const_data_ptr(), out.mutable_data_ptr(), workspace.mutable_data_ptr(),
+                                   current_cuda_stream(in.get_device_index())),
+               op);
+#endif
+  } else {
+    cpu::fake_quantize(job, in.const_data_ptr(), out.mutable_data_ptr());
+  }
+}
+
+void check_fake_args(const Tensor& input, int64_t groups, int64_t bits, const char* op) {
+  float_dtype(input, op, "input");
+  check_fake_bits(bits, op);
+  check_groups(input.numel(), groups, op, "input");
+}
+
+Tensor fake_quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool stochastic) {
+  const char* op = "fake_quantize";
+  check_fake_args(input, groups, bits, op);
+  const Tensor in = torch::stable::contiguous(input);
+  Tensor out = torch::stable::new_empty(in, sizes_of(in));
+  fake_quantize_into(in, out, groups, bits, symmetric, stochastic, op);
+  return out;
+}
+
+void fake_quantize_(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool stochastic) {
+  const char* op = "fake_quantize_";
+  check_fake_args(input, groups, bits, op);
+  if (input.is_contiguous()) {
+    fake_quantize_into(input, input, groups, bits, symmetric, stochastic, op);
+    return;
+  }
+  Tensor work = torch::stable::contiguous(input);
+  fake_quantize_into(work, work, groups, bits, symmetric, stochastic, op);
+  torch::stable::copy_(input, work);
+}
+
+std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric) {
+  const char* op = "quantize";
+  const DType dtype = float_dtype(input, op, "input");
+  check_storage_bits(bits, op);
+  check_groups(input.numel(), groups, op, "input");
+  check_packable(input, bits, op, "input");
+  const Tensor in = torch::stable::contiguous(input);
+
+  std::vector<int64_t> code_sizes = sizes_of(in);
+  if (bits == 4 && !code_sizes.empty()) code_sizes.back() /= 2;
+  Tensor codes = torch::stable::new_empty(in, code_sizes, ScalarType::Char);
+  Tensor params = torch::stable::new_empty(in, {groups, symmetric ? 1 : 2}, ScalarType::Float);
+  const QuantJob job = make_job(dtype, in.numel(), groups, bits, symmetric);
+  auto* code_ptr = static_cast<int8_t*>(codes.mutable_data_ptr());
+  auto* param_ptr = static_cast<float*>(params.mutable_data_ptr());
+  if (in.is_cuda()) {
+#ifdef QKIT_WITH_CUDA
+    torch::stable::accelerator::DeviceGuard guard(in.get_device_index());
+    Tensor workspace = cuda_workspace(in, job);
+    check_cuda(cuda::quantize(job, in.const_data_ptr(), code_ptr, param_ptr, workspace.mutable_data_ptr(),
+                              current_cuda_stream(in.get_device_index())),
+               op);
+#endif
+  } else {
+    cpu::quantize(job, in.const_data_ptr(), code_ptr, param_ptr);
+  }
+  return std::make_tuple(codes, params);
+}
+
+DType output_dtype(std::optional<ScalarType> dtype, const char* op) {
+  const ScalarType t = dtype.value_or(ScalarType::Half);
+  switch (t) {
+    case ScalarType::Float: return DType::Float32;
+    case ScalarType::Half: return DType::Float16;
+    case ScalarType::BFloat16: return DType::BFloat16;
+    default: fail(op, "`dtype` must be float32, float16 or bfloat16, got ", dtype_name(t));
+  }
+}
+
+Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric,
+                  std::optional<ScalarType> dtype) {
+  const char* op = "dequantize";
+  QKIT_CHECK(q.scalar_type() == ScalarType::Char, op, "`q` must be int8, got ", dtype_name(q.scalar_type()));
+  QKIT_CHECK(params.scalar_type() == ScalarType::Float, op, "`params` must be float32, got ",
+             dtype_name(params.scalar_type()));
+  check_same_device(q, "q", params, "params", op);
+  check_storage_bits(bits, op);
+  QKIT_CHECK(bits == 8 || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
+  const DType out_dtype = output_dtype(dtype, op);
+  const int64_t numel = bits == 4 ? 2 * q.numel() : q.numel();
+  check_groups(numel, groups, op, "the dequantized output");
+  const int64_t per_group = symmetric ? 1 : 2;
+  QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == groups && params.sizes()[1] == per_group, op,
+             "`params` must have shape [groups, ", per_group, "] = [", groups, ", ", per_group, "] for ",
+             symmetric ? "symmetric" : "asymmetric", " quantization");
+
+  const Tensor codes = torch::stable::contiguous(q);
+  const Tensor p = torch::stable::contiguous(params);
+  std::vector<int64_t> out_sizes = sizes_of(codes);
+  if (bits == 4) out_sizes.back() *= 2;
+  const ScalarType out_scalar = dtype.value_or(ScalarType::Half);
+  Tensor out = torch::stable::new_empty(codes, out_sizes, out_scalar);
+  const QuantJob job = make_job(out_dtype, numel, groups, bits, symmetric);
+  const auto* code_ptr = static_cast<const int8_t*>(codes.const_data_ptr());
+  const auto* param_ptr = static_cast<const float*>(p.const_data_ptr());
+  if (codes.is_cuda()) {
+#ifdef QKIT_WITH_CUDA
+    torch::stable::accelerator::DeviceGuard guard(codes.get_device_index());
+    check_cuda(cuda::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr(),
+                                current_cuda_stream(codes.get_device_index())),
+               op);
+#endif
+  } else {
+    cpu::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr());
+  }
+  return out;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) {
+  m.impl("fake_quantize", TORCH_BOX(&fake_quantize));
+  m.impl("fake_quantize_", TORCH_BOX(&fake_quantize_));
+  m.impl("quantize", TORCH_BOX(&quantize));
+  m.impl("dequantize", TORCH_BOX(&dequantize));
+}
+
+#ifdef QKIT_WITH_CUDA
+STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) {
+  m.impl("fake_quantize", TORCH_BOX(&fake_quantize));
+  m.impl("fake_quantize_", TORCH_BOX(&fake_quantize_));
+  m.impl("quantize", TORCH_BOX(&quantize));
+  m.impl("dequantize", TORCH_BOX(&dequantize));
+}
+#endif
+
+}  // namespace qkit::binding
