@@ -26,6 +26,13 @@ constexpr int64_t kChunk = 8192;      // elements per statistics work item
 constexpr int64_t kWarpItemMax = 1024;  // items up to this size get a warp, not a block
 constexpr int kRun = 8;               // consecutive elements per thread in element passes
 constexpr int64_t kMaxBlocks = 1 << 16;
+// Our "warp" is 32 lanes everywhere. On AMD a wavefront is 64 lanes and the
+// shuffle mask is 64-bit; the explicit width keeps shuffles inside 32 lanes.
+#if defined(__HIPCC__)
+constexpr unsigned long long kFullMask = ~0ull;
+#else
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+#endif
 
 int64_t chunks_per_group(const QuantJob& job) {
   const int64_t group_size = job.numel / job.groups;
@@ -53,9 +60,9 @@ unsigned grid_for(int64_t work_items, int64_t items_per_block) {
 __device__ GroupStats warp_merge(GroupStats s) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     GroupStats other;
-    other.hi = __shfl_down_sync(0xFFFFFFFFu, s.hi, offset);
-    other.lo = __shfl_down_sync(0xFFFFFFFFu, s.lo, offset);
-    other.poison = __shfl_down_sync(0xFFFFFFFFu, s.poison, offset);
+    other.hi = __shfl_down_sync(kFullMask, s.hi, offset, kWarp);
+    other.lo = __shfl_down_sync(kFullMask, s.lo, offset, kWarp);
+    other.poison = __shfl_down_sync(kFullMask, s.poison, offset, kWarp);
     s = merge(s, other);
   }
   return s;

@@ -16,7 +16,7 @@ from qkit import _loader
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-_lib = torch.library.Library("qkit", "DEF")  # noqa: TID251 - the namespace's one owner
+_lib = torch.library.Library("qkit", "DEF")
 
 
 def _define(schema: str, *, seeded: bool = False) -> None:
@@ -42,9 +42,7 @@ def check_groups(numel: int, groups: int, op: str, numel_of: str = "input") -> N
     if groups < 1:
         raise ValueError(f"qkit.{op}: `groups` must be >= 1, got {groups}")
     if numel % groups != 0:
-        raise ValueError(
-            f"qkit.{op}: `groups` ({groups}) must divide the number of elements of `{numel_of}` ({numel})"
-        )
+        raise ValueError(f"qkit.{op}: `groups` ({groups}) must divide the number of elements of `{numel_of}` ({numel})")
 
 
 def check_fake_bits(bits: int, op: str) -> None:
@@ -104,18 +102,16 @@ def _fake_quantize_inplace_fake(
     _check_fake_args(input, groups, bits, "fake_quantize_")
 
 
-def _fake_quantize_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's protocol
+def _fake_quantize_setup(ctx, inputs, output) -> None:
     pass
 
 
-def _fake_quantize_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
+def _fake_quantize_backward(ctx, grad: Tensor):
     # Straight-through estimator: d fake_quantize(x) / dx := 1.
     return grad, None, None, None, None
 
 
-torch.library.register_autograd(
-    "qkit::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup
-)
+torch.library.register_autograd("qkit::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
 
 
 def fake_quantize(
@@ -253,7 +249,7 @@ OP_NAMES = ("fake_quantize", "fake_quantize_", "quantize", "dequantize")
 def _register_load_failure(error: Exception) -> None:
     """Without ``_C``, make every op's CPU/CUDA call raise the load diagnosis."""
 
-    def raiser(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def raiser(*args, **kwargs):
         raise error
 
     for name in OP_NAMES:
