@@ -1,0 +1,203 @@
+"""DeepSpeed's quantizer module (what ``QuantizerBuilder().load()`` returns), served by qkit's ops.
+
+Names and argument orders are DeepSpeed's, so code written against
+``deepspeed.ops.op_builder.QuantizerBuilder().load()`` runs unchanged. The
+behaviour is qkit's (``OPS.md``), which fixes DeepSpeed's defects:
+
+- the ``ds_*`` fake quantizers take fp32, fp16 and bf16 whatever their suffix
+  (the suffix only names DeepSpeed's kernel), any group size and bits 2..16, and
+  reject bad arguments with an error instead of returning the input unchanged;
+- the fp32 variants return ``q * step``, not that value rounded to an integer;
+- the asymmetric variants have ``2^b`` levels, and ``ds_sr_quantize_asym_*`` is
+  really asymmetric;
+- ``quantize`` / ``dequantize`` accept any float input and any group size.
+
+Importing this module does not need the compiled kernels; calling an op without
+them raises :class:`qkit.QkitLoadError` with the diagnosis.
+"""
+
+from __future__ import annotations
+
+import operator
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+from qkit import ops
+
+__all__ = [
+    "Asymmetric",
+    "QuantizationType",
+    "Symmetric",
+    "dequantize",
+    "dequantize_fp32",
+    "ds_quantize_asym_fp16",
+    "ds_quantize_asym_fp32",
+    "ds_quantize_fp16",
+    "ds_quantize_fp32",
+    "ds_sr_quantize_asym_fp16",
+    "ds_sr_quantize_asym_fp32",
+    "ds_sr_quantize_fp16",
+    "ds_sr_quantize_fp32",
+    "quantize",
+]
+
+
+class QuantizationType(IntEnum):
+    """DeepSpeed's quantization scheme enum (the values are DeepSpeed's)."""
+
+    Symmetric = 0
+    Asymmetric = 1
+
+
+# DeepSpeed's module exported the enum members at module level too.
+Symmetric = QuantizationType.Symmetric
+Asymmetric = QuantizationType.Asymmetric
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _as_int(value: object, arg: str, op: str) -> int:
+    # bool is an int subclass; `groups=True` is a mistake, not 1 group.
+    if isinstance(value, bool):
+        raise TypeError(f"qkit.deepspeed.{op}: `{arg}` must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"qkit.deepspeed.{op}: `{arg}` must be an int, got {type(value).__name__}") from None
+
+
+def _check_vals(vals: object, groups: object, bits: object, op: str) -> tuple[int, int]:
+    """Check a fake quantizer's arguments here, so errors name the DeepSpeed function called."""
+    name = f"deepspeed.{op}"
+    if not isinstance(vals, Tensor):
+        raise TypeError(f"qkit.{name}: `vals` must be a torch.Tensor, got {type(vals).__name__}")
+    groups_i = _as_int(groups, "groups", op)
+    bits_i = _as_int(bits, "bits", op)
+    ops.check_float_input(vals, name, "vals")
+    ops.check_fake_bits(bits_i, name)
+    ops.check_groups(vals.numel(), groups_i, name, "vals")
+    return groups_i, bits_i
+
+
+def _is_symmetric(qtype: object, op: str) -> bool:
+    # True would silently mean Asymmetric (== 1): refuse bools outright.
+    if isinstance(qtype, bool):
+        raise TypeError(f"qkit.deepspeed.{op}: `qtype` must be a QuantizationType (or 0/1), got bool")
+    try:
+        return QuantizationType(operator.index(qtype)) is QuantizationType.Symmetric
+    except TypeError:
+        raise TypeError(
+            f"qkit.deepspeed.{op}: `qtype` must be a QuantizationType (or 0/1), got {type(qtype).__name__}"
+        ) from None
+    except ValueError:
+        raise ValueError(
+            f"qkit.deepspeed.{op}: `qtype` must be QuantizationType.Symmetric (0) or .Asymmetric (1), got {qtype!r}"
+        ) from None
+
+
+def _fake_quantize_inplace(vals: Tensor, groups: int, bits: int, symmetric: bool, stochastic: bool, op: str) -> Tensor:
+    groups, bits = _check_vals(vals, groups, bits, op)
+    return ops.fake_quantize_(vals, groups, bits, symmetric, stochastic)
+
+
+# ---------------------------------------------------------------- fake quantizers (in place)
+# Each takes `vals` (fp32/fp16/bf16, M elements, any shape or layout), `groups`
+# (dividing M) and `bits` (2..16), overwrites `vals` with dequantize(quantize(vals))
+# and returns `vals` itself, as DeepSpeed's ops did.
+
+
+def ds_quantize_fp32(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Symmetric, round-to-nearest fake quantization of ``vals`` in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, True, False, "ds_quantize_fp32")
+
+
+def ds_quantize_fp16(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Symmetric, round-to-nearest fake quantization of ``vals`` in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, True, False, "ds_quantize_fp16")
+
+
+def ds_sr_quantize_fp32(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Symmetric fake quantization with stochastic rounding (torch's generator), in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, True, True, "ds_sr_quantize_fp32")
+
+
+def ds_sr_quantize_fp16(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Symmetric fake quantization with stochastic rounding (torch's generator), in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, True, True, "ds_sr_quantize_fp16")
+
+
+def ds_quantize_asym_fp32(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Asymmetric (midpoint offset), round-to-nearest fake quantization in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, False, False, "ds_quantize_asym_fp32")
+
+
+def ds_quantize_asym_fp16(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Asymmetric (midpoint offset), round-to-nearest fake quantization in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, False, False, "ds_quantize_asym_fp16")
+
+
+def ds_sr_quantize_asym_fp32(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Asymmetric fake quantization with stochastic rounding, in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, False, True, "ds_sr_quantize_asym_fp32")
+
+
+def ds_sr_quantize_asym_fp16(vals: Tensor, groups: int, bits: int) -> Tensor:
+    """Asymmetric fake quantization with stochastic rounding, in place; returns ``vals``."""
+    return _fake_quantize_inplace(vals, groups, bits, False, True, "ds_sr_quantize_asym_fp16")
+
+
+# ---------------------------------------------------------------- real quantizer
+
+
+def quantize(input: Tensor, groups: int, bits: int, qtype: QuantizationType | int) -> list[Tensor]:
+    """Quantize group-wise to int8 codes (4-bit: two per byte, even element in the high nibble).
+
+    Args:
+        input: fp16 (as DeepSpeed), fp32 or bf16; ``M`` elements, ``groups`` dividing ``M``;
+            for 4 bits an even last dimension.
+        groups: ``G``.
+        bits: 4 or 8.
+        qtype: :class:`QuantizationType` or its int value.
+
+    Returns:
+        ``[q, params]`` (a list, as DeepSpeed returns): ``q`` int8 of the input's shape
+        (4-bit: last dimension halved); ``params`` float32 ``[G, 1]`` (step) or ``[G, 2]``
+        (step, offset).
+    """
+    symmetric = _is_symmetric(qtype, "quantize")
+    q, params = ops.quantize(input, groups, bits, symmetric)
+    return [q, params]
+
+
+def dequantize(q: Tensor, params: Tensor, groups: int, bits: int, qtype: QuantizationType | int) -> Tensor:
+    """Inverse of :func:`quantize` to fp16: ``y = step * q (+ offset)``.
+
+    Args:
+        q: int8 codes from :func:`quantize` (4-bit: packed).
+        params: float32 ``[G, 1|2]`` from :func:`quantize`.
+        groups: ``G``.
+        bits: 4 or 8, as quantized.
+        qtype: :class:`QuantizationType` or its int value, as quantized.
+
+    Returns:
+        float16 tensor of ``q``'s shape (4-bit: last dimension doubled).
+    """
+    symmetric = _is_symmetric(qtype, "dequantize")
+    return ops.dequantize(q, params, groups, bits, symmetric, torch.float16)
+
+
+def dequantize_fp32(q: Tensor, params: Tensor, groups: int, bits: int, qtype: QuantizationType | int) -> Tensor:
+    """:func:`dequantize` to float32, computed in fp32 and never rounded through fp16.
+
+    Returns:
+        float32 tensor of ``q``'s shape (4-bit: last dimension doubled).
+    """
+    symmetric = _is_symmetric(qtype, "dequantize_fp32")
+    return ops.dequantize(q, params, groups, bits, symmetric, torch.float32)
+
+
+# DeepSpeed's communication ops (swizzle_quant, quantized_reduction, loco_*) and
+# dequantize_int{4,8}_to_half_experimental join this module with their qkit ops.
