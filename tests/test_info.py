@@ -1,0 +1,164 @@
+"""``python -m qkit.info``: the report, its JSON form, the verdict and the exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import qkit
+from qkit import info
+
+ROOT = Path(__file__).parents[1]
+CORE_OPS = ("qkit::quantize", "qkit::dequantize", "qkit::fake_quantize", "qkit::fake_quantize_")
+KEYS = {"qkit_version", "build", "runtime", "loaded", "load_error", "kernels", "usable", "verdict", "advice"}
+
+BUILT: dict[str, Any] = {
+    "qkit_version": "0.1.0",
+    "torch_target": "2.10",
+    "python_target": "3.10",
+    "built_with_torch": "2.13.0+cpu",
+    "platform": "linux",
+    "cuda_kernels": True,
+    "rocm_kernels": False,
+    "cuda_version": "13.0",
+    "cuda_arch_list": "8.0;8.6;9.0;10.0;12.0+PTX",
+    "rocm_arch_list": None,
+    "built_at": "2026-01-01T00:00:00+00:00",
+}
+RUNNING: dict[str, Any] = {
+    "python": "3.11.7",
+    "platform": "linux",
+    "machine": "x86_64",
+    "torch": "2.13.0+cu130",
+    "torch_cuda": "13.0",
+    "torch_hip": None,
+    "cuda_available": True,
+    "gpus": ["GPU"],
+}
+KERNELS = {name: ["CPU", "CUDA", "Meta"] for name in CORE_OPS}
+
+
+def test_collect_reports_loaded_cpu_kernels() -> None:
+    report = info.collect()
+    assert set(report) >= KEYS
+    assert report["qkit_version"] == qkit.__version__
+    assert report["loaded"] is True and report["usable"] is True
+    assert report["load_error"] is None
+    assert report["runtime"]["torch"] == torch.__version__
+    for name in CORE_OPS:
+        assert "CPU" in report["kernels"][name], name
+        assert "Meta" in report["kernels"][name], name
+    assert report["verdict"].startswith("usable")
+    assert isinstance(report["advice"], list)
+
+
+def test_main_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert info.main(["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= KEYS
+    assert report["usable"] is True
+
+
+def test_main_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert torch.__version__ in out
+    assert "verdict: usable" in out
+    assert "qkit::quantize" in out
+
+
+def test_main_returns_1_when_kernels_did_not_load(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = qkit.QkitLoadError("qkit._C could not be loaded: test\nwhat to do: rebuild")
+    monkeypatch.setattr(qkit._loader, "load_error", lambda: error)
+    report = info.collect()
+    assert report["loaded"] is False and report["usable"] is False
+    assert report["load_error"] == str(error)
+    # Without _C the CPU/CUDA slots hold only the raising stubs: not kernels.
+    assert all(not {"CPU", "CUDA"} & set(keys) for keys in report["kernels"].values())
+    assert info.main(["--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["load_error"] == str(error)
+    assert info.main([]) == 1
+    out = capsys.readouterr().out
+    assert "NOT USABLE" in out and "what to do: rebuild" in out
+
+
+def test_module_runs_as_script() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "qkit.info"], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert torch.__version__ in done.stdout
+
+
+def test_script_exits_1_without_compiled_module() -> None:
+    script = "import sys; sys.modules['qkit._C'] = None; from qkit.info import main; sys.exit(main([]))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "could not be loaded" in done.stdout
+
+
+# ---------------------------------------------------------------- the verdict logic
+
+
+def test_advise_all_fits() -> None:
+    assert info.advise(BUILT, RUNNING, True, KERNELS, [(9, 0)]) == []
+
+
+def test_advise_cuda_torch_without_cuda_kernels() -> None:
+    built = {**BUILT, "cuda_kernels": False, "cuda_version": None}
+    kernels = {name: ["CPU", "Meta"] for name in CORE_OPS}
+    (advice,) = info.advise(built, RUNNING, True, kernels, [(9, 0)])
+    assert "without CUDA kernels" in advice and "QKIT_BUILD_CUDA=1" in advice
+
+
+def test_advise_rocm_torch_without_rocm_kernels() -> None:
+    running = {**RUNNING, "torch_cuda": None, "torch_hip": "6.4"}
+    (advice,) = info.advise({**BUILT, "cuda_kernels": False}, running, True, KERNELS)
+    assert "ROCm" in advice
+
+
+def test_advise_torch_older_than_target() -> None:
+    advice = info.advise({**BUILT, "torch_target": "2.14"}, RUNNING, False, {})
+    assert any("upgrade torch to >= 2.14" in item for item in advice)
+
+
+def test_advise_uncovered_gpu_and_newer_cuda_runtime() -> None:
+    built = {**BUILT, "cuda_arch_list": "9.0", "cuda_version": "13.0"}
+    running = {**RUNNING, "torch_cuda": "12.8"}
+    advice = info.advise(built, running, True, KERNELS, [(8, 6)])
+    assert any("TORCH_CUDA_ARCH_LIST='8.6'" in item for item in advice)
+    assert any("driver must support CUDA 13.0" in item for item in advice)
+
+
+def test_advise_missing_build_record_and_stale_module() -> None:
+    kernels = {**KERNELS, "qkit::new_op": ["Meta"]}
+    advice = info.advise(None, RUNNING, True, kernels)
+    assert any("no build record" in item for item in advice)
+    assert any("qkit::new_op" in item for item in advice)
+
+
+@pytest.mark.parametrize(
+    "capability,arch_list,expected",
+    [
+        ((8, 0), "8.0;8.6;9.0;10.0;12.0+PTX", True),
+        ((8, 9), "8.0;8.6;9.0;10.0;12.0+PTX", True),  # sm_86 cubin runs on 8.9
+        ((12, 1), "8.0;8.6;9.0;10.0;12.0+PTX", True),
+        ((13, 0), "8.0;8.6;9.0;10.0;12.0+PTX", True),  # PTX of 12.0
+        ((7, 5), "8.0;8.6;9.0;10.0;12.0+PTX", False),
+        ((9, 0), "8.0 8.6", False),
+        ((10, 3), "9.0a;10.0a", False),  # arch-specific targets run on that chip only
+        ((9, 0), "9.0a", True),
+        ((10, 3), "10.0f", True),
+        ((8, 6), "Ampere", None),
+    ],
+)
+def test_arch_covers(capability: tuple[int, int], arch_list: str, expected: bool | None) -> None:
+    assert info.arch_covers(capability, arch_list) is expected
