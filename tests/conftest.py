@@ -1,0 +1,24 @@
+"""Shared fixtures: every kernel test runs on each device ("cpu" always, "cuda" when present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkit  # noqa: F401 - registers torch.ops.qkit
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch (no cache or recompile limit shared between tests)."""
+    yield
+    torch._dynamo.reset()

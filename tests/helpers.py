@@ -1,0 +1,56 @@
+"""Comparison helpers and input generators shared by the test modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def assert_same(got: Tensor, want: Tensor, what: str = "") -> None:
+    """Bit-exact equality (torch.equal), NaNs in the same places, same dtype and shape."""
+    got = got.detach().cpu()
+    want = want.detach().cpu()
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if got.is_floating_point():
+        got_nan, want_nan = torch.isnan(got), torch.isnan(want)
+        assert torch.equal(got_nan, want_nan), f"{what}: NaN positions differ"
+        got, want = got[~got_nan], want[~want_nan]
+    if not torch.equal(got, want):
+        diff = (got != want).nonzero()
+        first = diff[0].tolist() if diff.numel() else []
+        flat_got, flat_want = got.reshape(-1), want.reshape(-1)
+        idx = (flat_got != flat_want).nonzero()[0].item()
+        raise AssertionError(
+            f"{what}: {diff.shape[0]} of {got.numel()} elements differ; first at {first}: "
+            f"got {flat_got[idx].item()!r}, want {flat_want[idx].item()!r}"
+        )
+
+
+def make_input(shape, dtype: torch.dtype, seed: int = 0, kind: str = "randn") -> Tensor:
+    """Deterministic CPU test data.
+
+    kinds: "randn" (normal, magnitudes varying along the tensor), "ties" (values that
+    land exactly on .5 between codes for 8-bit symmetric, so half-even rounding matters),
+    "ints" (small integers, many equal values and ties in asymmetric mode).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if kind == "randn":
+        # normal data, magnitude drifting by powers of two along the tensor (groups differ)
+        x = torch.randn(numel, generator=gen) * 10.0 ** torch.randint(-3, 4, (1,), generator=gen).item()
+        x = x * torch.pow(2.0, (torch.arange(numel) // 37 % 9 - 4).to(torch.float32))
+    elif kind == "ties":
+        # 8-bit symmetric with max|x| = 1: scale 128, x = k/256 -> v = k/2 (a tie for odd k)
+        x = torch.randint(-256, 257, (numel,), generator=gen).to(torch.float32) / 256
+        if numel:
+            x[:: max(1, numel // 8)] = 1.0
+    elif kind == "ints":
+        x = torch.randint(-5, 6, (numel,), generator=gen).to(torch.float32)
+    else:
+        raise ValueError(kind)
+    return x.reshape(shape).to(dtype)
