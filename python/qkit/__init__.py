@@ -8,12 +8,14 @@ from __future__ import annotations
 import torch  # noqa: F401 - libtorch must be loaded before qkit._C
 
 from qkit._loader import QkitLoadError
-from qkit.ops import dequantize, fake_quantize, fake_quantize_, quantize
+from qkit.ops import QkitTypeError, QkitValueError, dequantize, fake_quantize, fake_quantize_, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QkitLoadError",
+    "QkitTypeError",
+    "QkitValueError",
     "__version__",
     "dequantize",
     "fake_quantize",

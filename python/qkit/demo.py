@@ -23,7 +23,7 @@ def _rel_error(a: Tensor, b: Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _throughput(fn, nbytes: int, repeat: int = 5) -> float:  # noqa: ANN001 - any callable
+def _throughput(fn, nbytes: int, repeat: int = 5) -> float:
     fn()
     start = time.perf_counter()
     for _ in range(repeat):

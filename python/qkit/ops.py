@@ -26,7 +26,17 @@ def _define(schema: str, *, seeded: bool = False) -> None:
 
 # ---------------------------------------------------------------- argument checks
 # The C++ bindings make the same checks with the same words; these run where the
-# kernels do not (FakeTensor, meta, torch.compile tracing).
+# kernels do not (FakeTensor, meta, torch.compile tracing). The kernels can only
+# raise RuntimeError, so these errors are RuntimeErrors too (and ValueError or
+# TypeError for code that expects those): one `except` works on every path.
+
+
+class QkitValueError(RuntimeError, ValueError):
+    """A qkit op got an argument with a bad value."""
+
+
+class QkitTypeError(RuntimeError, TypeError):
+    """A qkit op got an argument of a bad dtype."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -35,29 +45,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def check_float_input(t: Tensor, op: str, arg: str = "input") -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
 
 
 def check_groups(numel: int, groups: int, op: str, numel_of: str = "input") -> None:
     if groups < 1:
-        raise ValueError(f"qkit.{op}: `groups` must be >= 1, got {groups}")
+        raise QkitValueError(f"qkit.{op}: `groups` must be >= 1, got {groups}")
     if numel % groups != 0:
-        raise ValueError(f"qkit.{op}: `groups` ({groups}) must divide the number of elements of `{numel_of}` ({numel})")
+        raise QkitValueError(
+            f"qkit.{op}: `groups` ({groups}) must divide the number of elements of `{numel_of}` ({numel})"
+        )
 
 
 def check_fake_bits(bits: int, op: str) -> None:
     if not 2 <= bits <= 16:
-        raise ValueError(f"qkit.{op}: `bits` must be in [2, 16], got {bits}")
+        raise QkitValueError(f"qkit.{op}: `bits` must be in [2, 16], got {bits}")
 
 
 def check_storage_bits(bits: int, op: str) -> None:
     if bits not in (4, 8):
-        raise ValueError(f"qkit.{op}: `bits` must be 4 or 8, got {bits}")
+        raise QkitValueError(f"qkit.{op}: `bits` must be 4 or 8, got {bits}")
 
 
 def check_packable(t: Tensor, bits: int, op: str, arg: str) -> None:
     if bits == 4 and t.numel() > 0 and (t.dim() == 0 or t.shape[-1] % 2 != 0):
-        raise ValueError(
+        raise QkitValueError(
             f"qkit.{op}: 4-bit storage packs pairs along the last dimension: `{arg}` needs an even last dimension"
         )
 
@@ -87,6 +99,14 @@ def _check_fake_args(input: Tensor, groups: int, bits: int, op: str) -> None:
     check_groups(input.numel(), groups, op)
 
 
+def check_no_self_overlap(t: Tensor, op: str) -> None:
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True)):
+        raise QkitValueError(
+            f"qkit.{op}: `input` has elements that share memory (an expanded view); in-place writes "
+            "would collide - pass a tensor that owns its elements (e.g. .clone())"
+        )
+
+
 @torch.library.register_fake("qkit::fake_quantize")
 def _fake_quantize_fake(
     input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
@@ -100,6 +120,47 @@ def _fake_quantize_inplace_fake(
     input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
 ) -> None:
     _check_fake_args(input, groups, bits, "fake_quantize_")
+    check_no_self_overlap(input, "fake_quantize_")
+
+
+def _fake_quantize_inplace_autograd(
+    keyset: torch._C.DispatchKeySet,
+    input: Tensor,
+    groups: int,
+    bits: int,
+    symmetric: bool = True,
+    stochastic: bool = False,
+) -> None:
+    # In-place fake quantization has no gradient; refuse rather than let autograd
+    # differentiate through a value it never saw change.
+    if torch.is_grad_enabled() and input.requires_grad:
+        raise QkitValueError(
+            "qkit.fake_quantize_: `input` requires grad; in-place fake quantization has no gradient - "
+            "use qkit.fake_quantize (straight-through) or run under torch.no_grad()"
+        )
+    torch.ops.qkit.fake_quantize_.default.redispatch(
+        keyset & torch._C._after_autograd_keyset, input, groups, bits, symmetric, stochastic
+    )
+
+
+def _fake_quantize_inplace_version_bump(
+    keyset: torch._C.DispatchKeySet,
+    input: Tensor,
+    groups: int,
+    bits: int,
+    symmetric: bool = True,
+    stochastic: bool = False,
+) -> None:
+    # Tell autograd that `input` changed, so saved tensors that alias it are
+    # detected as modified (what every aten in-place op does).
+    torch.autograd.graph.increment_version(input)
+    torch.ops.qkit.fake_quantize_.default.redispatch(
+        keyset & torch._C._after_ADInplaceOrView_keyset, input, groups, bits, symmetric, stochastic
+    )
+
+
+_lib.impl("fake_quantize_", _fake_quantize_inplace_autograd, "Autograd", with_keyset=True)
+_lib.impl("fake_quantize_", _fake_quantize_inplace_version_bump, "ADInplaceOrView", with_keyset=True)
 
 
 def _fake_quantize_setup(ctx, inputs, output) -> None:
@@ -139,7 +200,11 @@ def fake_quantize(
 def fake_quantize_(
     input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = True, stochastic: bool = False
 ) -> Tensor:
-    """In-place :func:`fake_quantize`; returns ``input``. No autograd (use it under ``torch.no_grad``)."""
+    """In-place :func:`fake_quantize`; returns ``input``.
+
+    No gradient: a tensor that requires grad is refused unless grad mode is off
+    (``torch.no_grad()``, or ``param.data`` as optimizers and MoQ use it).
+    """
     torch.ops.qkit.fake_quantize_.default(input, groups, bits, symmetric, stochastic)
     return input
 
@@ -169,22 +234,22 @@ def check_dequantize_args(
 ) -> None:
     op = "dequantize"
     if q.dtype != torch.int8:
-        raise TypeError(f"qkit.{op}: `q` must be int8, got {_dtype_name(q.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {_dtype_name(q.dtype)}")
     if params.dtype != torch.float32:
-        raise TypeError(f"qkit.{op}: `params` must be float32, got {_dtype_name(params.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `params` must be float32, got {_dtype_name(params.dtype)}")
     if params.device != q.device:
-        raise ValueError(f"qkit.{op}: `params` must be on the same device as `q`")
+        raise QkitValueError(f"qkit.{op}: `params` must be on the same device as `q`")
     check_storage_bits(bits, op)
     if bits == 4 and q.dim() == 0:
-        raise ValueError(f"qkit.{op}: 4-bit `q` must have at least one dimension")
+        raise QkitValueError(f"qkit.{op}: 4-bit `q` must have at least one dimension")
     if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise TypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {_dtype_name(dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {_dtype_name(dtype)}")
     numel = q.numel() * (2 if bits == 4 else 1)
     check_groups(numel, groups, op, "the dequantized output")
     per_group = 1 if symmetric else 2
     if params.dim() != 2 or params.shape[0] != groups or params.shape[1] != per_group:
         kind = "symmetric" if symmetric else "asymmetric"
-        raise ValueError(
+        raise QkitValueError(
             f"qkit.{op}: `params` must have shape [groups, {per_group}] = [{groups}, {per_group}] for {kind} "
             f"quantization, got {list(params.shape)}"
         )
