@@ -17,8 +17,9 @@ def device(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles from scratch (no cache or recompile limit shared between tests)."""
+@pytest.fixture
+def fresh_dynamo():
+    """A test that compiles starts and ends with an empty dynamo cache (no recompile limits shared)."""
+    torch._dynamo.reset()
     yield
     torch._dynamo.reset()

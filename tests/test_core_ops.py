@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import qkit
-from helpers import FLOAT_DTYPES, assert_same, make_input
+from helpers import FLOAT_DTYPES, assert_same, check_quantize, make_input
 from reference import (
     codes_of_storage,
     ref_codes,
     ref_dequantize,
     ref_fake_quantize,
-    ref_finite_mask,
     ref_params,
     ref_quantize,
 )
@@ -35,23 +34,6 @@ LAYOUTS = [
     ((4096, 64), 4096),  # many groups
 ]
 LAYOUT = pytest.mark.parametrize(("shape", "groups"), LAYOUTS, ids=lambda v: str(v).replace(" ", ""))
-
-
-def check_quantize(x: torch.Tensor, groups: int, bits: int, symmetric: bool, device: str) -> None:
-    """quantize on `device` == reference (codes of finite groups, params); then dequantize too."""
-    q, params = ops.quantize(x.to(device), groups, bits, symmetric)
-    assert q.device.type == params.device.type == torch.device(device).type
-    want_q, want_params = ref_quantize(x, groups, bits, symmetric)
-    assert q.dtype == torch.int8 and q.shape == want_q.shape
-    assert_same(params, want_params, "params")
-    finite = ref_finite_mask(x, groups)
-    if bool(finite.all()):
-        assert_same(q, want_q, "q")
-    else:
-        assert_same(codes_of_storage(q, bits)[finite], codes_of_storage(want_q, bits)[finite], "q (finite groups)")
-    for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
-        y = ops.dequantize(q, params, groups, bits, symmetric, dtype)
-        assert_same(y, ref_dequantize(q, params, groups, bits, symmetric, dtype), f"dequantize -> {dtype}")
 
 
 # ------------------------------------------------------------------ worked examples (OPS.md §1-2)
@@ -481,7 +463,7 @@ def test_nonfinite_isolated_to_its_group(device, dtype, symmetric, bad, shape, g
 # ------------------------------------------------------------------ the issue's example, compiled
 
 
-def test_issue_example_compiled(device):
+def test_issue_example_compiled(device, fresh_dynamo):
     w = make_input((4096, 1024), torch.bfloat16, seed=17).to(device)
 
     def fn(w):
