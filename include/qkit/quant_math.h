@@ -74,8 +74,9 @@ QKIT_HD QuantParams make_params(const GroupStats& s, int bits, bool symmetric) {
     p.scale = s.hi == 0.0f ? 1.0f : scale_for_half_range(s.hi, bits);
     p.offset = 0.0f;
   } else {
-    p.scale = s.hi == s.lo ? 1.0f : scale_for_half_range(0.5f * s.hi - 0.5f * s.lo, bits);
-    p.offset = 0.5f * s.hi + 0.5f * s.lo;  // the midpoint, without overflowing hi+lo
+    // hi < lo only for a group with no elements: step 1, offset 0 (as symmetric).
+    p.scale = s.hi > s.lo ? scale_for_half_range(0.5f * s.hi - 0.5f * s.lo, bits) : 1.0f;
+    p.offset = s.hi < s.lo ? 0.0f : 0.5f * s.hi + 0.5f * s.lo;  // the midpoint, without overflowing hi+lo
   }
   if (s.poison != 0.0f) {  // NaN (never anything else): a non-finite value was seen
     p.scale = s.poison;

@@ -123,10 +123,11 @@ void store_params(float* params, int64_t g, const QuantParams& p, bool symmetric
   }
 }
 
-// Int4 with an odd group size: bytes straddle groups, so codes are produced
-// pair by pair, each element with its own group's parameters.
+// Int4 outside the per-group sweep: work is split by byte (pair), never inside
+// one, and each element takes its own group's parameters (pairs straddle groups
+// when the group size is odd).
 template <typename T>
-void quantize_int4_straddling(const QuantJob& job, const T* in, int8_t* q, const std::vector<QuantParams>& params) {
+void quantize_int4_pairs(const QuantJob& job, const T* in, int8_t* q, const std::vector<QuantParams>& params) {
   const int64_t group_size = job.numel / job.groups;
   parallel_for(0, job.numel / 2, kChunk / 2, [&](int64_t pb, int64_t pe) {
     float codes[kChunk];
@@ -144,7 +145,11 @@ void quantize_int4_straddling(const QuantJob& job, const T* in, int8_t* q, const
 
 template <typename T, Sink kSink>
 void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_out) {
-  if (job.numel == 0) return;
+  if (job.numel == 0) {  // groups without elements still get defined params
+    const QuantParams p = make_params(empty_stats(job.symmetric), job.bits, job.symmetric);
+    for (int64_t g = 0; g < job.groups; ++g) store_params(params_out, g, p, job.symmetric);
+    return;
+  }
   const int64_t group_size = job.numel / job.groups;
   const Transform<T, kSink> transform{job, in, out};
   const bool pairs_straddle = kSink == Sink::Int4 && (group_size & 1);
@@ -181,8 +186,8 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
     params[g] = make_params(s, job.bits, job.symmetric);
     store_params(params_out, g, params[g], job.symmetric);
   }
-  if (pairs_straddle) {
-    quantize_int4_straddling(job, in, static_cast<int8_t*>(out), params);
+  if constexpr (kSink == Sink::Int4) {
+    quantize_int4_pairs(job, in, static_cast<int8_t*>(out), params);
     return;
   }
   parallel_for(0, job.numel, kChunk, [&](int64_t b, int64_t e) {

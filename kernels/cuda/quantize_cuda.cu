@@ -117,7 +117,7 @@ __global__ void group_params_kernel(QuantJob job, const GroupStats* __restrict__
     s = warp_merge(s);
     if (lane == 0) {
       const QuantParams p = make_params(s, job.bits, job.symmetric);
-      params[g] = p;
+      if (params != nullptr) params[g] = p;
       if (params_out != nullptr) {
         if (job.symmetric) {
           params_out[g] = p.step;
@@ -224,7 +224,13 @@ Status last_status() {
 template <typename T, Sink kSink>
 Status run_quantizer(const QuantJob& job, const T* in, void* out, float* params_out, void* workspace,
                      cudaStream_t stream) {
-  if (job.numel == 0) return nullptr;
+  if (job.numel == 0) {  // no elements: only the (defined) params of empty groups
+    if (params_out != nullptr && job.groups > 0) {
+      group_params_kernel<<<grid_for(job.groups, kWarpsPerBlock), kThreads, 0, stream>>>(job, nullptr, nullptr,
+                                                                                        params_out);
+    }
+    return last_status();
+  }
   const Scratch scratch = carve(job, workspace);
   const int64_t group_size = job.numel / job.groups;
   const int64_t items = job.groups * chunks_per_group(job);
