@@ -98,7 +98,7 @@ def ref_quantize(x: Tensor, groups: int, bits: int, symmetric: bool = True) -> t
     return pack_int4(codes, x.shape), params
 
 
-def _dequant(codes: Tensor, step: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
+def dequant_codes(codes: Tensor, step: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
     prod = step * codes  # fp32 multiply ...
     return (prod + offset).to(dtype)  # ... then fp32 add (no FMA), then one rounding to dtype
 
@@ -113,11 +113,11 @@ def ref_dequantize(
     shape = list(q.shape)
     if bits == 4:
         shape[-1] *= 2
-    return _dequant(codes, step, offset, dtype or torch.float16).reshape(shape)
+    return dequant_codes(codes, step, offset, dtype or torch.float16).reshape(shape)
 
 
 def ref_fake_quantize(x: Tensor, groups: int, bits: int, symmetric: bool = True) -> Tensor:
     """dequantize(quantize(x)) in fp32, rounded once to x's dtype; any bits in [2, 16]."""
     _, step, offset = ref_params(x, groups, bits, symmetric)
     codes = ref_codes(x, groups, bits, symmetric)
-    return _dequant(codes, step, offset, x.dtype).reshape(x.shape)
+    return dequant_codes(codes, step, offset, x.dtype).reshape(x.shape)
