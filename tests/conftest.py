@@ -23,3 +23,11 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads for one test (the CPU kernels use torch's intra-op pool)."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)

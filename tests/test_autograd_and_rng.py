@@ -144,13 +144,6 @@ def test_stochastic_unbiased_per_element_over_calls(device, set_threads, threads
     assert bool(((up - frac).abs() <= 5 * std + 1e-9).all()), (up, frac)
 
 
-@pytest.fixture
-def set_threads():
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 @DTYPE
 @SYM
 @pytest.mark.parametrize("bits", [2, 3, 5, 8, 12, 16])
@@ -241,3 +234,46 @@ def test_stochastic_nonfinite_isolated(device):
     assert bool(torch.isnan(out[2]).all())
     keep = torch.tensor([0, 1, 3])
     assert_unbiased(out[keep], x[keep], 3, 4, True)
+
+
+@pytest.mark.parametrize("view", ["transposed", "step-sliced"])
+def test_stochastic_layout_does_not_matter(device, view):
+    """Draws follow the logical (row-major) element order: with the same seed a
+    non-contiguous input gives the result of its .contiguous() copy, in place too."""
+    base = make_input((48, 64), torch.float32, seed=11).to(device)
+    x = base.t() if view == "transposed" else base[::2, ::3]
+    assert not x.is_contiguous()
+    groups = x.shape[0]
+    torch.manual_seed(21)
+    want = ops.fake_quantize(x.contiguous(), groups, 4, False, True)
+    torch.manual_seed(21)
+    assert_same(ops.fake_quantize(x, groups, 4, False, True), want)
+    work = base.clone()
+    t = work.t() if view == "transposed" else work[::2, ::3]
+    torch.manual_seed(21)
+    ops.fake_quantize_(t, groups, 4, False, True)
+    assert_same(t, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stochastic_cuda_graph_replay():
+    """Each replay of a captured CUDA graph draws afresh (OPS.md §1)."""
+    x = make_input((8, 1024), torch.float32, seed=12).cuda()
+    torch.manual_seed(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture
+            ops.fake_quantize(x, 8, 4, True, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.fake_quantize(x, 8, 4, True, True)
+    graph.replay()
+    a = out.clone()
+    graph.replay()
+    b = out.clone()
+    assert not torch.equal(a, b), "replays must draw afresh"
+    assert_unbiased(a, x.cpu(), 8, 4, True)
+    assert_unbiased(b, x.cpu(), 8, 4, True)

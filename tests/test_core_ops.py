@@ -177,25 +177,41 @@ def test_single_big_group(device, big_input, dtype, symmetric, op):
         check_quantize(x, 1, int(op[-1]), symmetric, device)
 
 
-@pytest.fixture
-def num_threads():
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("numel", [2 * 65539, 2**20 + 6])
-def test_int4_large_group_any_thread_count(num_threads, threads, numel):
+def test_int4_large_group_any_thread_count(set_threads, threads, numel):
     """4-bit, one group of E > 65536 (even) elements: the packing must not depend on how
     the CPU work is split (a split at an odd element would pair the wrong nibbles)."""
-    num_threads(threads)
+    set_threads(threads)
     i = torch.arange(numel)
     x = ((i % 16) - 8).to(torch.float32) / 8  # symmetric: m = 1, scale 8, code(i) = i % 16 - 8
     q, p = ops.quantize(x, 1, 4, True)
     assert p.tolist() == [[0.125]]
     assert_same(q, ref_quantize(x, 1, 4, True)[0], f"4-bit codes with {threads} threads")
     assert_same(ops.dequantize(q, p, 1, 4, True, torch.float32), x)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [
+        ((2 * 65539,), 1),  # one large even group
+        ((2, 140000), 4),  # large even groups (E = 70000)
+        ((100003, 2), 2),  # large odd groups: straddling pairs
+        ((7, 40000), 7),  # fused path, several tasks
+        ((2**17, 2), 2**17),  # many tiny groups
+        ((3, 2 * 21845), 6),  # odd E = 21845 below the fused limit
+    ],
+    ids=str,
+)
+def test_any_thread_count(set_threads, threads, shape, groups):
+    """Results never depend on how the CPU work is split over threads."""
+    set_threads(threads)
+    x = make_input(shape, torch.bfloat16, seed=threads)
+    for symmetric in (True, False):
+        assert_same(ops.fake_quantize(x, groups, 5, symmetric, False), ref_fake_quantize(x, groups, 5, symmetric))
+        for bits in STORAGE_BITS:
+            check_quantize(x, groups, bits, symmetric, "cpu")
 
 
 @SYM
@@ -296,6 +312,28 @@ def test_dequantize_noncontiguous_q_and_params(device, symmetric):
     assert not qt.is_contiguous() and (symmetric or not pt.is_contiguous())
     got = ops.dequantize(qt.to(device), pt.to(device), 16, 8, symmetric, torch.float32)
     assert_same(got, ref_dequantize(q, p, 16, 8, symmetric, torch.float32))
+
+
+@SYM
+def test_storage_offset(device, symmetric):
+    """Contiguous views that do not start at their storage's beginning."""
+    base = make_input((1000,), torch.float16, seed=12).to(device)
+    x = base[3:]  # contiguous, storage offset 3 (an odd element)
+    assert x.is_contiguous() and x.storage_offset() == 3
+    groups = 997
+    assert_same(ops.fake_quantize(x, groups, 4, symmetric, False), ref_fake_quantize(x.cpu(), groups, 4, symmetric))
+    xe = base[4:]  # even length for 4-bit storage
+    check_quantize(xe.cpu(), 4, 4, symmetric, device)
+    q, p = ops.quantize(xe, 4, 4, symmetric)
+    q_big = torch.cat([q.new_zeros(5), q])  # q and params at storage offsets too
+    p_big = torch.cat([p.new_full((3, p.shape[1]), float("nan")), p])
+    got = ops.dequantize(q_big[5:], p_big[3:], 4, 4, symmetric, torch.float32)
+    assert_same(got, ref_dequantize(q, p, 4, 4, symmetric, torch.float32))
+    # in place on an offset view writes only the view
+    work = base.clone()
+    ops.fake_quantize_(work[3:], groups, 4, symmetric, False)
+    assert_same(work[:3], base[:3])
+    assert_same(work[3:], ref_fake_quantize(x.cpu(), groups, 4, symmetric))
 
 
 # ------------------------------------------------------------------ in place
