@@ -211,3 +211,44 @@ def test_dequantize_devices_differ_wrapper():
     q, p = qkit.quantize(torch.randn(4, 8, device="cuda"), groups=4)
     with pytest.raises(ERRORS, match="`params`"):
         qkit.dequantize(q, p.cpu())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("problem", ["requires-grad", "expanded"])
+def test_inplace_refuses_unsafe_inputs(device, fresh_dynamo, mode, problem):
+    """fake_quantize_ has no gradient and cannot write to self-overlapping views."""
+    if problem == "requires-grad":
+        x = torch.randn(4, 8, device=device, requires_grad=True)
+        match = r"qkit\.fake_quantize_:.*`input` requires grad"
+    else:
+        x = torch.randn(1, 8, device=device).expand(4, 8)
+        match = r"qkit\.fake_quantize_:.*`input`"
+
+    def call(t):
+        torch.ops.qkit.fake_quantize_(t, 4, 8, True, False)
+        return t
+
+    with pytest.raises(ERRORS, match=match):
+        if mode == "eager":
+            call(x)
+        elif mode == "fake":
+            with FakeTensorMode() as fake_mode:
+                call(fake_mode.from_tensor(x))
+        elif mode == "meta":
+            call(_meta_like(x))
+        else:
+            torch.compile(call, fullgraph=True, backend="inductor")(x)
+
+
+def _meta_like(x: torch.Tensor) -> torch.Tensor:
+    """x on the meta device with the same strides (an expanded view stays expanded)."""
+    m = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    return m.requires_grad_(x.requires_grad)
+
+
+def test_inplace_under_no_grad_and_version_counter(device):
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    with torch.no_grad():
+        v = x._version
+        assert qkit.fake_quantize_(x, groups=4) is x
+        assert x._version > v, "in-place writes must bump the version counter"
