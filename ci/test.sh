@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
 PY=${PYTHON:-python3}
-"$PY" -m ruff check .
-"$PY" -m ruff format --check .
+"$PY" -m ruff check setup.py python tests
+"$PY" -m ruff format --check setup.py python tests
 "$PY" -m pytest -q tests "$@"
