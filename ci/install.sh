@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for qkit development and build the extension in place.
-# Idempotent: re-running only rebuilds what changed.
+# Idempotent: re-running rebuilds only when a source changed (QKIT_FORCE_BUILD=1 forces it).
 #   QKIT_BUILD_CUDA=1        fail unless the CUDA kernels are built (needs nvcc / CUDA_HOME)
 #   TORCH_CUDA_ARCH_LIST     GPU architectures to compile (default: Ampere..Blackwell + PTX)
 set -euo pipefail
@@ -10,6 +10,14 @@ PY=${PYTHON:-python3}
 # torch is a build and run requirement; a CPU wheel is enough to build the CUDA kernels.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q ninja "setuptools>=77" wheel "pytest>=8" "hypothesis>=6" numpy ruff
+# Rebuild only when a source is newer than the last build's record (or the
+# record is missing, or the module does not import).
+record=python/qkit/_build_info.json
+if [ -f "$record" ] && [ -z "${QKIT_FORCE_BUILD:-}" ] \
+   && [ -z "$(find src kernels include setup.py pyproject.toml python/qkit/_builder.py -newer "$record" -print -quit)" ] \
+   && "$PY" -c "import qkit._C" 2>/dev/null; then
+  exit 0
+fi
 # --no-build-isolation: build against the torch installed above instead of
 # downloading another one into an isolated build environment.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
