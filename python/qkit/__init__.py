@@ -9,6 +9,7 @@ import torch  # noqa: F401 - libtorch must be loaded before qkit._C
 
 from qkit._loader import QkitLoadError
 from qkit.ops import QkitTypeError, QkitValueError, dequantize, fake_quantize, fake_quantize_, quantize
+from qkit.quant_spec import QuantSpec
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "QkitLoadError",
     "QkitTypeError",
     "QkitValueError",
+    "QuantSpec",
     "__version__",
     "dequantize",
     "fake_quantize",

@@ -1,0 +1,237 @@
+"""``QuantSpec``: one typed, validated description of a qkit quantization scheme.
+
+A scheme is a bit width, symmetric or asymmetric ranges, a granularity and a rounding
+mode. The granularity follows from two fields:
+
+========================  ==========================  =======================================
+``group_size``            ``ch_axis``                 groups
+========================  ==========================  =======================================
+``None``                  ``None``                    per tensor: one group
+``None``                  ``k``                       per channel: one group per index of axis ``k``
+``n``                     (ignored)                   ``n`` consecutive elements along the last axis
+========================  ==========================  =======================================
+
+qkit's ops group *contiguous runs of the flattened tensor*, so a per-channel scheme
+on an axis other than 0 is applied to ``x.movedim(ch_axis, 0)`` and moved back.
+The same object drives the Python API (:meth:`QuantSpec.fake_quantize`,
+:meth:`QuantSpec.quantize`, :meth:`QuantSpec.dequantize`), MoQ and the PT2E quantizer
+(``qkit.pt2e``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from qkit import ops
+
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+ROUNDING_MODES = ("nearest", "stochastic")
+MIN_BITS, MAX_BITS = 2, 16  # what qkit.fake_quantize accepts
+STORAGE_BITS = (4, 8)  # what qkit.quantize / qkit.dequantize store
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; True as a bit width is a bug, not a 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A qkit quantization scheme (immutable, hashable, validated on construction).
+
+    Attributes:
+        bits: code width ``b``, 2..16 (fake quantization); real int storage
+            (:meth:`quantize`) needs 4 or 8.
+        symmetric: ``step = 2·max|x| / 2^b``, zero at code 0; otherwise
+            ``step = (max - min) / 2^b`` around the group's midpoint.
+        group_size: ``n`` consecutive elements along the last axis share a step
+            (the last dimension must be a multiple of ``n``); ``None`` for
+            per-channel / per-tensor.
+        ch_axis: with ``group_size=None``, the axis whose indices each get their
+            own step (per channel); ``None`` means one step for the whole tensor.
+        rounding: ``"nearest"`` (ties to even) or ``"stochastic"``
+            (``floor(v + u)``, training only; storage always rounds to nearest).
+
+    Codes lie in ``[quant_min, quant_max] = [-2^(b-1), 2^(b-1) - 1]``.
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    group_size: int | None = None
+    ch_axis: int | None = 0
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.bits):
+            raise ValueError(f"QuantSpec: `bits` must be an int, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"QuantSpec: `bits` must be in [{MIN_BITS}, {MAX_BITS}], got {self.bits}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"QuantSpec: `symmetric` must be a bool, got {self.symmetric!r}")
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+            raise ValueError(f"QuantSpec: `group_size` must be a positive int or None, got {self.group_size!r}")
+        if self.ch_axis is not None and (not _is_int(self.ch_axis) or self.ch_axis < 0):
+            raise ValueError(
+                f"QuantSpec: `ch_axis` must be a non-negative int or None, got {self.ch_axis!r} "
+                "(negative axes are ambiguous across ranks; count from the front)"
+            )
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(f"QuantSpec: `rounding` must be one of {ROUNDING_MODES}, got {self.rounding!r}")
+        # Always true for 2..16 bits; kept as the PT2E specs' invariant in case the range grows.
+        if self.quant_min > self.quant_max:
+            raise ValueError(f"QuantSpec: `quant_min` ({self.quant_min}) must be <= `quant_max` ({self.quant_max})")
+
+    # ------------------------------------------------------------ derived values
+
+    @property
+    def quant_min(self) -> int:
+        """Smallest code, ``-2^(b-1)``."""
+        return -(1 << (self.bits - 1))
+
+    @property
+    def quant_max(self) -> int:
+        """Largest code, ``2^(b-1) - 1``."""
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def granularity(self) -> Granularity:
+        """``"per_group"`` when ``group_size`` is set, else ``"per_channel"``/``"per_tensor"`` by ``ch_axis``."""
+        if self.group_size is not None:
+            return "per_group"
+        return "per_tensor" if self.ch_axis is None else "per_channel"
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether fake quantization rounds stochastically."""
+        return self.rounding == "stochastic"
+
+    @property
+    def storable(self) -> bool:
+        """Whether :meth:`quantize` can store this scheme (4 or 8 bits)."""
+        return self.bits in STORAGE_BITS
+
+    def with_bits(self, bits: int) -> QuantSpec:
+        """The same scheme at another bit width (validated), e.g. for a MoQ schedule."""
+        return dataclasses.replace(self, bits=bits)
+
+    # ------------------------------------------------------------ layout
+
+    def check_shape(self, shape: torch.Size | tuple[int, ...] | list[int]) -> None:
+        """Raise ``ValueError`` if a tensor of ``shape`` cannot take this scheme."""
+        shape = tuple(shape)
+        if self.group_size is not None:
+            if not shape:
+                raise ValueError("QuantSpec: group-wise quantization needs a tensor with at least one dimension")
+            if shape[-1] % self.group_size != 0:
+                raise ValueError(
+                    f"QuantSpec: `group_size` ({self.group_size}) must divide the last dimension "
+                    f"of the tensor ({shape[-1]}, shape {list(shape)})"
+                )
+        elif self.ch_axis is not None and self.ch_axis >= len(shape):
+            raise ValueError(
+                f"QuantSpec: `ch_axis` ({self.ch_axis}) is out of range for a tensor of shape {list(shape)}"
+            )
+
+    def num_groups(self, shape: torch.Size | tuple[int, ...] | list[int]) -> int:
+        """``G``: how many steps (param rows) a tensor of ``shape`` gets."""
+        self.check_shape(shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        if self.group_size is not None:
+            return numel // self.group_size
+        if self.ch_axis is None:
+            return 1
+        return tuple(shape)[self.ch_axis]
+
+    def _moved(self) -> bool:
+        return self.group_size is None and self.ch_axis not in (None, 0)
+
+    def to_op_layout(self, x: Tensor) -> Tensor:
+        """``x`` arranged so that every group is a contiguous run (channel axis first)."""
+        self.check_shape(x.shape)
+        return x.movedim(self.ch_axis, 0) if self._moved() else x
+
+    def from_op_layout(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`to_op_layout`."""
+        return x.movedim(0, self.ch_axis) if self._moved() else x
+
+    def _op_groups(self, x: Tensor) -> int:
+        # For a per-channel tensor with 0 elements in its other dims the op still needs G | M.
+        groups = self.num_groups(x.shape)
+        return groups if x.numel() else 1
+
+    # ------------------------------------------------------------ the ops
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        """``dequantize(quantize(x))`` with this scheme, via ``torch.ops.qkit.fake_quantize``.
+
+        Args:
+            x: float32/float16/bfloat16 tensor; see :meth:`check_shape`.
+
+        Returns:
+            A tensor of ``x``'s shape and dtype; gradients pass straight through.
+        """
+        y = ops.fake_quantize(self.to_op_layout(x), self._op_groups(x), self.bits, self.symmetric, self.stochastic)
+        return self.from_op_layout(y)
+
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``x`` as int8 codes (4 bits: two per byte) and float32 params.
+
+        Rounds to nearest whatever ``rounding`` says (storage is deterministic).
+
+        Args:
+            x: float32/float16/bfloat16 tensor; ``bits`` must be 4 or 8.
+
+        Returns:
+            ``(q, params)``: ``q`` int8 in the *op layout* (:meth:`to_op_layout`: the
+            channel axis first for per-channel on ``ch_axis > 0``; 4 bits: last
+            dimension halved), ``params`` float32 ``[G, 1]`` (step) or ``[G, 2]``
+            (step, midpoint). :meth:`dequantize` undoes both.
+        """
+        if not self.storable:
+            raise ValueError(f"QuantSpec: quantize() stores 4 or 8 bits, this scheme has `bits` = {self.bits}")
+        return ops.quantize(self.to_op_layout(x), self._op_groups(x), self.bits, self.symmetric)
+
+    def dequantize(self, q: Tensor, params: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Values from :meth:`quantize`'s ``(q, params)``, in the original layout.
+
+        Args:
+            q: int8 codes in the op layout.
+            params: float32 ``[G, 1|2]``.
+            dtype: float32 (default), float16 or bfloat16.
+
+        Returns:
+            Tensor of the quantized tensor's original shape and ``dtype``.
+        """
+        if not self.storable:
+            raise ValueError(f"QuantSpec: dequantize() reads 4 or 8 bits, this scheme has `bits` = {self.bits}")
+        groups = params.shape[0] if params.dim() > 0 else 1
+        y = ops.dequantize(q, params, groups, self.bits, self.symmetric, dtype)
+        return self.from_op_layout(y)
+
+    def steps(self, x: Tensor) -> Tensor:
+        """The per-group step (``1/scale``) qkit uses for ``x``, float32 ``[G]``.
+
+        For symmetric schemes this is also the ``scale`` of PyTorch's affine
+        quantization (zero point 0, codes ``[quant_min, quant_max]``).
+        """
+        xs = self.to_op_layout(x.detach()).float().reshape(self._op_groups(x), -1)
+        # The kernels' fp32 arithmetic (include/qkit/quant_math.h): scale = 2^(b-1) / half_range,
+        # capped at FLT_MAX, 1 for a zero range; step = 1 / scale; a non-finite group gives NaN.
+        if self.symmetric:
+            half = xs.abs().amax(dim=1)
+            nonzero = half != 0
+        else:
+            hi, lo = xs.amax(dim=1), xs.amin(dim=1)
+            half = 0.5 * hi - 0.5 * lo
+            nonzero = hi > lo
+        scale = (float(1 << (self.bits - 1)) / half).clamp(max=torch.finfo(torch.float32).max)
+        scale = torch.where(nonzero, scale, torch.ones_like(scale))
+        scale = scale + (xs * 0.0).sum(dim=1)  # + 0, or NaN when the group has a NaN/Inf
+        return 1.0 / scale
