@@ -48,6 +48,10 @@ std::vector<int64_t> sizes_of(const Tensor& t) {
   return std::vector<int64_t>(s.begin(), s.end());
 }
 
+Tensor scratch_bytes(const Tensor& like, int64_t n) {
+  return torch::stable::new_empty(like, {n}, ScalarType::Byte);
+}
+
 Tensor draw_seed(const Tensor& like) {
   Tensor seed = torch::stable::new_empty(like, {1}, ScalarType::Long);
   // aten::random_(Tensor(a!) self, *, Generator? generator=None): int64 draws

@@ -2,6 +2,7 @@
 // argument, dtype translation, and the current CUDA stream. Stable ABI only.
 #pragma once
 
+#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -54,5 +55,33 @@ Tensor draw_seed(const Tensor& like);
 // torch's current CUDA stream for the device (cudaStream_t as void*).
 void* current_cuda_stream(int32_t device_index);
 #endif
+
+// Runs `cpu()` for CPU tensors, or `cuda(stream)` (returning the launcher's
+// status) on `like`'s device and current stream for CUDA tensors.
+template <typename Cpu, typename Cuda>
+void on_device(const Tensor& like, const char* op, const Cpu& cpu, const Cuda& cuda) {
+  if (!like.is_cuda()) {
+    cpu();
+    return;
+  }
+#ifdef QKIT_WITH_CUDA
+  torch::stable::accelerator::DeviceGuard guard(like.get_device_index());
+  const char* status = cuda(current_cuda_stream(like.get_device_index()));
+  QKIT_CHECK(status == nullptr, op, "CUDA launch failed: ", status == nullptr ? "" : status);
+#else
+  (void)cuda;
+  fail(op, "this qkit was built without CUDA kernels");
+#endif
+}
+
+// Launchers of the CUDA builds; in CPU-only builds these names are never called.
+#ifdef QKIT_WITH_CUDA
+#define QKIT_CUDA_CALL(...) __VA_ARGS__
+#else
+#define QKIT_CUDA_CALL(...) static_cast<const char*>(nullptr)
+#endif
+
+// A contiguous byte tensor of n bytes on `like`'s device (kernel scratch).
+Tensor scratch_bytes(const Tensor& like, int64_t n);
 
 }  // namespace qkit::binding

@@ -6,22 +6,40 @@
 #include <optional>
 #include <tuple>
 
-#include "binding_utils.h"
-#include "qkit/kernels.h"
+#include "quantize_ops.h"
 
 namespace qkit::binding {
-namespace {
+
+Tensor workspace_for(const Tensor& like, const QuantJob& job) {
+#ifdef QKIT_WITH_CUDA
+  return scratch_bytes(like, static_cast<int64_t>(cuda::workspace_bytes(job)));
+#else
+  (void)job;
+  return scratch_bytes(like, 0);
+#endif
+}
+
+void quantize_into(const Tensor& in, const QuantJob& job, int8_t* codes, float* params, const char* op) {
+  on_device(
+      in, op, [&] { cpu::quantize(job, in.const_data_ptr(), codes, params); },
+      [&](void* stream) {
+        return QKIT_CUDA_CALL(
+            cuda::quantize(job, in.const_data_ptr(), codes, params, workspace_for(in, job).mutable_data_ptr(), stream));
+      });
+}
 
 QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric) {
   return QuantJob{dtype, numel, groups, static_cast<int>(bits), symmetric, nullptr};
 }
 
-void check_fake_bits(int64_t bits, const char* op) {
-  QKIT_CHECK(bits >= 2 && bits <= 16, op, "`bits` must be in [2, 16], got ", bits);
-}
-
 void check_storage_bits(int64_t bits, const char* op) {
   QKIT_CHECK(bits == 4 || bits == 8, op, "`bits` must be 4 or 8, got ", bits);
+}
+
+namespace {
+
+void check_fake_bits(int64_t bits, const char* op) {
+  QKIT_CHECK(bits >= 2 && bits <= 16, op, "`bits` must be in [2, 16], got ", bits);
 }
 
 void check_packable(const Tensor& t, int64_t bits, const char* op, const char* arg) {
@@ -30,15 +48,6 @@ void check_packable(const Tensor& t, int64_t bits, const char* op, const char* a
              arg, "` needs an even last dimension");
 }
 
-#ifdef QKIT_WITH_CUDA
-void check_cuda(cuda::Status status, const char* op) {
-  QKIT_CHECK(status == nullptr, op, "CUDA launch failed: ", status == nullptr ? "" : status);
-}
-
-Tensor cuda_workspace(const Tensor& like, const QuantJob& job) {
-  return torch::stable::new_empty(like, {static_cast<int64_t>(cuda::workspace_bytes(job))}, ScalarType::Byte);
-}
-#endif
 
 // Fake quantization of a contiguous tensor into `out` (which may be `in`).
 void fake_quantize_into(const Tensor& in, Tensor& out, int64_t groups, int64_t bits, bool symmetric, bool stochastic,
@@ -49,17 +58,12 @@ void fake_quantize_into(const Tensor& in, Tensor& out, int64_t groups, int64_t b
     seed = draw_seed(in);
     job.seed = static_cast<const int64_t*>(seed->const_data_ptr());
   }
-  if (in.is_cuda()) {
-#ifdef QKIT_WITH_CUDA
-    torch::stable::accelerator::DeviceGuard guard(in.get_device_index());
-    Tensor workspace = cuda_workspace(in, job);
-    check_cuda(cuda::fake_quantize(job, in.const_data_ptr(), out.mutable_data_ptr(), workspace.mutable_data_ptr(),
-                                   current_cuda_stream(in.get_device_index())),
-               op);
-#endif
-  } else {
-    cpu::fake_quantize(job, in.const_data_ptr(), out.mutable_data_ptr());
-  }
+  on_device(
+      in, op, [&] { cpu::fake_quantize(job, in.const_data_ptr(), out.mutable_data_ptr()); },
+      [&](void* stream) {
+        return QKIT_CUDA_CALL(cuda::fake_quantize(job, in.const_data_ptr(), out.mutable_data_ptr(),
+                                                  workspace_for(in, job).mutable_data_ptr(), stream));
+      });
 }
 
 void check_fake_args(const Tensor& input, int64_t groups, int64_t bits, const char* op) {
@@ -109,19 +113,8 @@ std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, 
   Tensor codes = torch::stable::new_empty(in, code_sizes, ScalarType::Char);
   Tensor params = torch::stable::new_empty(in, {groups, symmetric ? 1 : 2}, ScalarType::Float);
   const QuantJob job = make_job(dtype, in.numel(), groups, bits, symmetric);
-  auto* code_ptr = static_cast<int8_t*>(codes.mutable_data_ptr());
-  auto* param_ptr = static_cast<float*>(params.mutable_data_ptr());
-  if (in.is_cuda()) {
-#ifdef QKIT_WITH_CUDA
-    torch::stable::accelerator::DeviceGuard guard(in.get_device_index());
-    Tensor workspace = cuda_workspace(in, job);
-    check_cuda(cuda::quantize(job, in.const_data_ptr(), code_ptr, param_ptr, workspace.mutable_data_ptr(),
-                              current_cuda_stream(in.get_device_index())),
-               op);
-#endif
-  } else {
-    cpu::quantize(job, in.const_data_ptr(), code_ptr, param_ptr);
-  }
+  quantize_into(in, job, static_cast<int8_t*>(codes.mutable_data_ptr()), static_cast<float*>(params.mutable_data_ptr()),
+                op);
   return std::make_tuple(codes, params);
 }
 
@@ -161,16 +154,11 @@ Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool sy
   const QuantJob job = make_job(out_dtype, numel, groups, bits, symmetric);
   const auto* code_ptr = static_cast<const int8_t*>(codes.const_data_ptr());
   const auto* param_ptr = static_cast<const float*>(p.const_data_ptr());
-  if (codes.is_cuda()) {
-#ifdef QKIT_WITH_CUDA
-    torch::stable::accelerator::DeviceGuard guard(codes.get_device_index());
-    check_cuda(cuda::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr(),
-                                current_cuda_stream(codes.get_device_index())),
-               op);
-#endif
-  } else {
-    cpu::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr());
-  }
+  on_device(
+      codes, op, [&] { cpu::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr()); },
+      [&](void* stream) {
+        return QKIT_CUDA_CALL(cuda::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr(), stream));
+      });
   return out;
 }
 

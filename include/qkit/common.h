@@ -122,4 +122,14 @@ QKIT_HD half_t from_float<half_t>(float v) { return float_to_half(v); }
 template <>
 QKIT_HD bf16_t from_float<bf16_t>(float v) { return float_to_bf16(v); }
 
+// Calls f with a value of the storage type that `dtype` names (host code only).
+template <typename F>
+void dispatch_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float16: f(half_t{}); break;
+    case DType::BFloat16: f(bf16_t{}); break;
+  }
+}
+
 }  // namespace qkit

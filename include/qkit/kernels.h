@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "qkit/common.h"
+#include "qkit/zeropp.h"
 
 namespace qkit {
 
@@ -40,6 +41,24 @@ void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params)
 // out (job.dtype) from codes and params; job.numel counts output elements.
 void dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out);
 
+// ZeRO++ building blocks (OPS.md §3). Codes/params are for job.groups groups of
+// job.numel / job.groups elements, `job.bits` wide.
+// Moves every group's codes and params to its swizzled slot.
+void swizzle_groups(const QuantJob& job, const SwizzleLayout& layout, const int8_t* codes_in, const float* params_in,
+                    int8_t* codes_out, float* params_out);
+// s[a] = x[a] + e[position of a after the swizzle], in fp32; x and e of type job.dtype.
+void add_swizzled_error(const QuantJob& job, const SwizzleLayout& layout, const void* x, const void* error, float* s);
+// LoCo update for every element a (codes/params in natural order):
+// e[pos(a)] <- beta*e + (1-beta)*(s[a] - dequant(code(a))); pos = swizzled position, or a when layout is null.
+void update_error(const QuantJob& job, const SwizzleLayout* layout, const float* s, const int8_t* codes,
+                  const float* params, DType error_dtype, void* error, float beta);
+// out[i] = sum over tensors of the dequantized value i (+ error[i] when not null).
+void dequantize_sum(const ReductionJob& job, const int8_t* codes, const float* params, DType error_dtype,
+                    const void* error, float* out);
+// out[g*group_size + j] (float16) = code / scale[g] + minv[g] for unsigned codes.
+void dequantize_unsigned(const int8_t* data, DType param_dtype, const void* scale, const void* minv, int64_t groups,
+                         int64_t group_size, int bits, half_t* out);
+
 }  // namespace cpu
 
 namespace cuda {
@@ -55,6 +74,18 @@ Status fake_quantize(const QuantJob& job, const void* in, void* out, void* works
 Status quantize(const QuantJob& job, const void* in, int8_t* codes, float* params, void* workspace,
                 void* stream);
 Status dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out, void* stream);
+
+// The ZeRO++ building blocks, as in qkit::cpu, on `stream`.
+Status swizzle_groups(const QuantJob& job, const SwizzleLayout& layout, const int8_t* codes_in, const float* params_in,
+                      int8_t* codes_out, float* params_out, void* stream);
+Status add_swizzled_error(const QuantJob& job, const SwizzleLayout& layout, const void* x, const void* error, float* s,
+                          void* stream);
+Status update_error(const QuantJob& job, const SwizzleLayout* layout, const float* s, const int8_t* codes,
+                    const float* params, DType error_dtype, void* error, float beta, void* stream);
+Status dequantize_sum(const ReductionJob& job, const int8_t* codes, const float* params, DType error_dtype,
+                      const void* error, float* out, void* stream);
+Status dequantize_unsigned(const int8_t* data, DType param_dtype, const void* scale, const void* minv, int64_t groups,
+                           int64_t group_size, int bits, half_t* out, void* stream);
 
 }  // namespace cuda
 }  // namespace qkit

@@ -132,4 +132,11 @@ QKIT_HD int unpack_low(int8_t byte) {
   return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(byte) << 4)) >> 4;
 }
 
+// The signed code of element i of an int8 or packed int4 stream.
+QKIT_HD int code_at(const int8_t* codes, int64_t i, int bits) {
+  if (bits == 8) return codes[i];
+  const int8_t byte = codes[i >> 1];
+  return (i & 1) ? unpack_low(byte) : unpack_high(byte);
+}
+
 }  // namespace qkit

@@ -202,27 +202,17 @@ void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* par
     for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t sb, int64_t se) {
       const float step = job.symmetric ? params[g] : params[2 * g];
       const float offset = job.symmetric ? 0.0f : params[2 * g + 1];
-      if (job.bits == 8) {
+      if (job.bits == 8) {  // the common case, kept free of the nibble logic so it vectorises
         for (int64_t i = sb; i < se; ++i) out[i] = from_float<T>(dequantize_code(codes[i], step, offset));
       } else {
         for (int64_t i = sb; i < se; ++i) {
-          const int8_t byte = codes[i >> 1];
-          const int q = (i & 1) ? unpack_low(byte) : unpack_high(byte);
-          out[i] = from_float<T>(dequantize_code(static_cast<float>(q), step, offset));
+          out[i] = from_float<T>(dequantize_code(static_cast<float>(code_at(codes, i, 4)), step, offset));
         }
       }
     });
   });
 }
 
-template <typename F>
-void dispatch_dtype(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: f(float{}); break;
-    case DType::Float16: f(half_t{}); break;
-    case DType::BFloat16: f(bf16_t{}); break;
-  }
-}
 
 }  // namespace
 

@@ -195,26 +195,11 @@ __global__ void dequantize_kernel(QuantJob job, const int8_t* __restrict__ codes
       }
       const float step = job.symmetric ? params[g] : params[2 * g];
       const float offset = job.symmetric ? 0.0f : params[2 * g + 1];
-      int q;
-      if (job.bits == 8) {
-        q = codes[i];
-      } else {
-        const int8_t byte = codes[i >> 1];
-        q = (i & 1) ? unpack_low(byte) : unpack_high(byte);
-      }
-      out[i] = from_float<T>(dequantize_code(static_cast<float>(q), step, offset));
+      out[i] = from_float<T>(dequantize_code(static_cast<float>(code_at(codes, i, job.bits)), step, offset));
     }
   }
 }
 
-template <typename F>
-void dispatch_dtype(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: f(float{}); break;
-    case DType::Float16: f(half_t{}); break;
-    case DType::BFloat16: f(bf16_t{}); break;
-  }
-}
 
 Status last_status() {
   const cudaError_t err = cudaGetLastError();

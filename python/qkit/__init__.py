@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401 - libtorch must be loaded before qkit._C
 
+from qkit import zeropp_ops  # noqa: F401 - registers the ZeRO++ ops
 from qkit._loader import QkitLoadError
 from qkit.ops import QkitTypeError, QkitValueError, dequantize, fake_quantize, fake_quantize_, quantize
 from qkit.quant_spec import QuantSpec

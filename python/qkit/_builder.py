@@ -22,10 +22,13 @@ CPU_SOURCES = [
     "src/binding_utils.cpp",
     "src/cpu_parallel.cpp",
     "src/quantize_ops.cpp",
+    "src/zeropp_ops.cpp",
     "kernels/cpu/quantize_cpu.cpp",
+    "kernels/cpu/zeropp_cpu.cpp",
 ]
 CUDA_SOURCES = [
     "kernels/cuda/quantize_cuda.cu",
+    "kernels/cuda/zeropp_cuda.cu",
 ]
 INCLUDE_DIRS = ["include"]
 

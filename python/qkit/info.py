@@ -34,7 +34,7 @@ def _op_names() -> list[str]:
     """Every ``qkit::`` op the dispatcher knows (so ops added later are listed too)."""
     list_ops = getattr(torch._C, "_dispatch_get_all_op_names", None)
     if list_ops is None:
-        return [f"qkit::{name}" for name in ops.OP_NAMES]
+        return [f"qkit::{name}" for name in ops.DEFINED_OPS]
     return sorted(name for name in list_ops() if name.startswith("qkit::"))
 
 
@@ -42,7 +42,7 @@ def kernel_keys(loaded: bool) -> dict[str, list[str]]:
     """``{"qkit::op": [dispatch keys with a kernel]}`` for every qkit op.
 
     Without ``_C`` the CPU/CUDA slots hold only stubs that raise the load error
-    (see ``ops._register_load_failure``), so those are not reported as kernels.
+    (see ``ops.define``), so those are not reported as kernels.
     """
     report = {}
     for name in _op_names():

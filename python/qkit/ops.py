@@ -16,12 +16,28 @@ from qkit import _loader
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
+_loader.load()
 _lib = torch.library.Library("qkit", "DEF")
 
 
-def _define(schema: str, *, seeded: bool = False) -> None:
+#: Names of every op qkit defines, in definition order.
+DEFINED_OPS: list[str] = []
+
+
+def define(schema: str, *, seeded: bool = False) -> None:
+    """Define ``qkit::<schema>``; without ``_C`` its CPU/CUDA calls raise the load diagnosis."""
     tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
     _lib.define(schema, tags=tags)
+    name = schema.split("(", 1)[0]
+    DEFINED_OPS.append(name)
+    error = _loader.load_error()
+    if error is not None:
+
+        def raiser(*args, **kwargs):
+            raise error
+
+        for key in ("CPU", "CUDA"):
+            _lib.impl(name, raiser, key)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -83,11 +99,11 @@ def _code_shape(shape: torch.Size, bits: int) -> list[int]:
 
 # ---------------------------------------------------------------- fake_quantize
 
-_define(
+define(
     "fake_quantize(Tensor input, int groups, int bits, bool symmetric=True, bool stochastic=False) -> Tensor",
     seeded=True,
 )
-_define(
+define(
     "fake_quantize_(Tensor(a!) input, int groups, int bits, bool symmetric=True, bool stochastic=False) -> ()",
     seeded=True,
 )
@@ -211,8 +227,8 @@ def fake_quantize_(
 
 # ---------------------------------------------------------------- quantize / dequantize
 
-_define("quantize(Tensor input, int groups, int bits, bool symmetric=True) -> (Tensor, Tensor)")
-_define(
+define("quantize(Tensor input, int groups, int bits, bool symmetric=True) -> (Tensor, Tensor)")
+define(
     "dequantize(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, ScalarType? dtype=None) -> Tensor"
 )
 
@@ -306,22 +322,3 @@ def dequantize(
     if groups is None:
         groups = params.shape[0] if params.dim() > 0 else 1
     return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
-
-
-OP_NAMES = ("fake_quantize", "fake_quantize_", "quantize", "dequantize")
-
-
-def _register_load_failure(error: Exception) -> None:
-    """Without ``_C``, make every op's CPU/CUDA call raise the load diagnosis."""
-
-    def raiser(*args, **kwargs):
-        raise error
-
-    for name in OP_NAMES:
-        for key in ("CPU", "CUDA"):
-            _lib.impl(name, raiser, key)
-
-
-_loader.load()
-if _loader.load_error() is not None:
-    _register_load_failure(_loader.load_error())

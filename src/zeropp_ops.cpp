@@ -1,0 +1,265 @@
+// Bindings of the ZeRO++ ops (OPS.md §3): swizzle_quantize, quantized_reduction,
+// their LoCo variants and dequantize_unsigned. Each op is composed from the core
+// quantizer and the small kernels of kernels/*/zeropp_*, on the input's device
+// and current stream; schemas live in python/qkit/zeropp_ops.py.
+#include <tuple>
+
+#include "quantize_ops.h"
+
+namespace qkit::binding {
+namespace {
+
+int64_t params_per_group(bool symmetric) { return symmetric ? 1 : 2; }
+
+SwizzleLayout check_layout(int64_t groups, int64_t pipeline, int64_t nodes, int64_t devices, const char* op) {
+  QKIT_CHECK(pipeline >= 1, op, "`pipeline` must be >= 1, got ", pipeline);
+  QKIT_CHECK(nodes >= 1, op, "`nodes` must be >= 1, got ", nodes);
+  QKIT_CHECK(devices >= 1, op, "`devices_per_node` must be >= 1, got ", devices);
+  QKIT_CHECK(groups % (nodes * devices * pipeline) == 0, op, "`groups` (", groups,
+             ") must be a multiple of nodes * devices_per_node * pipeline (", nodes * devices * pipeline, ")");
+  return SwizzleLayout{groups, pipeline, nodes, devices};
+}
+
+void check_swizzle_input(const Tensor& input, int64_t groups, int64_t bits, const char* op) {
+  float_dtype(input, op, "input");
+  check_storage_bits(bits, op);
+  check_groups(input.numel(), groups, op, "input");
+  QKIT_CHECK(bits == 8 || (input.numel() / groups) % 2 == 0, op,
+             "4-bit swizzling moves whole bytes: the group size (", input.numel() / groups, ") must be even");
+}
+
+// The error buffer a LoCo op updates in place: a float tensor of `numel` elements
+// on `like`'s device (of `like`'s dtype when `same_dtype`).
+void check_error_feedback(const Tensor& error, const Tensor& like, int64_t numel, bool same_dtype, const char* op) {
+  float_dtype(error, op, "error_feedback");
+  check_same_device(like, "input", error, "error_feedback", op);
+  QKIT_CHECK(error.numel() == numel, op, "`error_feedback` must have ", numel, " elements, got ", error.numel());
+  QKIT_CHECK(!same_dtype || error.scalar_type() == like.scalar_type(), op,
+             "`error_feedback` must have the dtype of `input` (", dtype_name(like.scalar_type()), "), got ",
+             dtype_name(error.scalar_type()));
+}
+
+void check_beta(double beta, const char* op) {
+  QKIT_CHECK(beta >= 0.0 && beta <= 1.0, op, "`err_beta` must be in [0, 1], got ", beta);
+}
+
+// Runs `update(contiguous error)` and writes the result back if `error` was not contiguous.
+template <typename F>
+void update_in_place(Tensor& error, const F& update) {
+  if (error.is_contiguous()) {
+    update(error);
+    return;
+  }
+  Tensor work = torch::stable::contiguous(error);
+  update(work);
+  torch::stable::copy_(error, work);
+}
+
+std::tuple<Tensor, Tensor> new_outputs(const Tensor& like, std::vector<int64_t> code_sizes, int64_t groups,
+                                       bool symmetric) {
+  return {torch::stable::new_empty(like, code_sizes, ScalarType::Char),
+          torch::stable::new_empty(like, {groups, params_per_group(symmetric)}, ScalarType::Float)};
+}
+
+void swizzle_on_device(const Tensor& like, const QuantJob& job, const SwizzleLayout& layout, const Tensor& codes_in,
+                       const Tensor& params_in, Tensor& codes_out, Tensor& params_out, const char* op) {
+  const auto* ci = static_cast<const int8_t*>(codes_in.const_data_ptr());
+  const auto* pi = static_cast<const float*>(params_in.const_data_ptr());
+  auto* co = static_cast<int8_t*>(codes_out.mutable_data_ptr());
+  auto* po = static_cast<float*>(params_out.mutable_data_ptr());
+  on_device(
+      like, op, [&] { cpu::swizzle_groups(job, layout, ci, pi, co, po); },
+      [&](void* stream) { return QKIT_CUDA_CALL(cuda::swizzle_groups(job, layout, ci, pi, co, po, stream)); });
+}
+
+void update_error_on_device(const Tensor& like, const QuantJob& job, const SwizzleLayout* layout, const Tensor& s,
+                            const Tensor& codes, const Tensor& params, Tensor& error, double beta, const char* op) {
+  const auto* sv = static_cast<const float*>(s.const_data_ptr());
+  const auto* cv = static_cast<const int8_t*>(codes.const_data_ptr());
+  const auto* pv = static_cast<const float*>(params.const_data_ptr());
+  const DType edt = float_dtype(error, op, "error_feedback");
+  const auto b = static_cast<float>(beta);
+  update_in_place(error, [&](Tensor& e) {
+    on_device(
+        like, op, [&] { cpu::update_error(job, layout, sv, cv, pv, edt, e.mutable_data_ptr(), b); },
+        [&](void* stream) {
+          return QKIT_CUDA_CALL(cuda::update_error(job, layout, sv, cv, pv, edt, e.mutable_data_ptr(), b, stream));
+        });
+  });
+}
+
+std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Tensor> error, double beta, int64_t groups,
+                                          int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
+                                          int64_t devices, const char* op) {
+  check_swizzle_input(input, groups, bits, op);
+  const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices, op);
+  const Tensor in = torch::stable::contiguous(input);
+  const int64_t numel = in.numel();
+  auto [codes, params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
+  auto [natural_codes, natural_params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
+  QuantJob job = make_job(float_dtype(in, op, "input"), numel, groups, bits, symmetric);
+  if (!error.has_value()) {
+    quantize_into(in, job, static_cast<int8_t*>(natural_codes.mutable_data_ptr()),
+                  static_cast<float*>(natural_params.mutable_data_ptr()), op);
+  } else {
+    // s = x + e (e read at the swizzled position), quantize s, then e <- update(e, s, dequant).
+    check_error_feedback(*error, in, numel, true, op);
+    check_beta(beta, op);
+    const Tensor e_in = torch::stable::contiguous(*error);
+    Tensor s = torch::stable::new_empty(in, {numel}, ScalarType::Float);
+    auto* sv = static_cast<float*>(s.mutable_data_ptr());
+    on_device(
+        in, op, [&] { cpu::add_swizzled_error(job, layout, in.const_data_ptr(), e_in.const_data_ptr(), sv); },
+        [&](void* stream) {
+          return QKIT_CUDA_CALL(
+              cuda::add_swizzled_error(job, layout, in.const_data_ptr(), e_in.const_data_ptr(), sv, stream));
+        });
+    job.dtype = DType::Float32;
+    quantize_into(s, job, static_cast<int8_t*>(natural_codes.mutable_data_ptr()),
+                  static_cast<float*>(natural_params.mutable_data_ptr()), op);
+    update_error_on_device(in, job, &layout, s, natural_codes, natural_params, *error, beta, op);
+  }
+  swizzle_on_device(in, job, layout, natural_codes, natural_params, codes, params, op);
+  return std::make_tuple(codes, params);
+}
+
+std::tuple<Tensor, Tensor> swizzle_quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric,
+                                            int64_t pipeline, int64_t nodes, int64_t devices_per_node) {
+  return swizzle_common(input, std::nullopt, 0.0, groups, bits, symmetric, pipeline, nodes, devices_per_node,
+                        "swizzle_quantize");
+}
+
+std::tuple<Tensor, Tensor> loco_swizzle_quantize(Tensor input, Tensor error_feedback, double err_beta, int64_t groups,
+                                                 int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
+                                                 int64_t devices_per_node) {
+  return swizzle_common(input, error_feedback, err_beta, groups, bits, symmetric, pipeline, nodes, devices_per_node,
+                        "loco_swizzle_quantize");
+}
+
+std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& params, std::optional<Tensor> error,
+                                            double beta, int64_t in_groups, int64_t out_groups, int64_t bits,
+                                            bool symmetric, int64_t devices, const char* op) {
+  QKIT_CHECK(q.scalar_type() == ScalarType::Char, op, "`q` must be int8, got ", dtype_name(q.scalar_type()));
+  QKIT_CHECK(params.scalar_type() == ScalarType::Float, op, "`params` must be float32, got ",
+             dtype_name(params.scalar_type()));
+  check_same_device(q, "q", params, "params", op);
+  check_storage_bits(bits, op);
+  QKIT_CHECK(devices >= 1, op, "`devices_per_node` must be >= 1, got ", devices);
+  QKIT_CHECK(q.dim() >= 1 && q.sizes()[q.dim() - 1] % devices == 0, op,
+             "the last dimension of `q` must split into devices_per_node (", devices, ") equal tensors");
+  QKIT_CHECK(in_groups >= 1 && in_groups % devices == 0, op, "`in_groups` (", in_groups,
+             ") must be a positive multiple of devices_per_node (", devices, ")");
+  const int64_t values = q.numel() * (8 / bits) / devices;
+  QKIT_CHECK(values % (in_groups / devices) == 0, op, "`in_groups` / devices_per_node (", in_groups / devices,
+             ") must divide the values per tensor (", values, ")");
+  check_groups(values, out_groups, op, "the reduced output");
+  const int64_t per_group = params_per_group(symmetric);
+  QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == in_groups && params.sizes()[1] == per_group, op,
+             "`params` must have shape [in_groups, ", per_group, "] = [", in_groups, ", ", per_group, "]");
+
+  const Tensor codes_in = torch::stable::contiguous(q);
+  const Tensor params_in = torch::stable::contiguous(params);
+  std::vector<int64_t> out_sizes = sizes_of(codes_in);
+  out_sizes.back() /= devices;
+  auto [codes, params_out] = new_outputs(codes_in, out_sizes, out_groups, symmetric);
+
+  // S = sum_j dequant_j (+ e), in fp32; then the core quantizer on S.
+  const ReductionJob rjob{values, devices, in_groups, static_cast<int>(bits), symmetric};
+  Tensor sum = torch::stable::new_empty(codes_in, {values}, ScalarType::Float);
+  std::optional<Tensor> e_in;
+  DType edt = DType::Float32;
+  if (error.has_value()) {
+    check_error_feedback(*error, codes_in, values, false, op);
+    check_beta(beta, op);
+    e_in = torch::stable::contiguous(*error);
+    edt = float_dtype(*error, op, "error_feedback");
+  }
+  const void* ev = e_in.has_value() ? e_in->const_data_ptr() : nullptr;
+  const auto* cv = static_cast<const int8_t*>(codes_in.const_data_ptr());
+  const auto* pv = static_cast<const float*>(params_in.const_data_ptr());
+  auto* sv = static_cast<float*>(sum.mutable_data_ptr());
+  on_device(
+      codes_in, op, [&] { cpu::dequantize_sum(rjob, cv, pv, edt, ev, sv); },
+      [&](void* stream) { return QKIT_CUDA_CALL(cuda::dequantize_sum(rjob, cv, pv, edt, ev, sv, stream)); });
+  const QuantJob job = make_job(DType::Float32, values, out_groups, bits, symmetric);
+  quantize_into(sum, job, static_cast<int8_t*>(codes.mutable_data_ptr()),
+                static_cast<float*>(params_out.mutable_data_ptr()), op);
+  if (error.has_value()) update_error_on_device(codes_in, job, nullptr, sum, codes, params_out, *error, beta, op);
+  return std::make_tuple(codes, params_out);
+}
+
+std::tuple<Tensor, Tensor> quantized_reduction(Tensor q, Tensor params, int64_t in_groups, int64_t out_groups,
+                                               int64_t bits, bool symmetric, int64_t devices_per_node) {
+  return reduction_common(q, params, std::nullopt, 0.0, in_groups, out_groups, bits, symmetric, devices_per_node,
+                          "quantized_reduction");
+}
+
+std::tuple<Tensor, Tensor> loco_quantized_reduction(Tensor q, Tensor params, Tensor error_feedback, double err_beta,
+                                                    int64_t in_groups, int64_t out_groups, int64_t bits,
+                                                    bool symmetric, int64_t devices_per_node) {
+  return reduction_common(q, params, error_feedback, err_beta, in_groups, out_groups, bits, symmetric,
+                          devices_per_node, "loco_quantized_reduction");
+}
+
+Tensor dequantize_unsigned(Tensor data, Tensor scale, Tensor minv, int64_t num_groups, int64_t group_size,
+                           int64_t bits) {
+  const char* op = "dequantize_unsigned";
+  QKIT_CHECK(data.scalar_type() == ScalarType::Char || data.scalar_type() == ScalarType::Byte, op,
+             "`data` must be int8 or uint8 (raw bytes), got ", dtype_name(data.scalar_type()));
+  check_storage_bits(bits, op);
+  QKIT_CHECK(num_groups >= 0, op, "`num_groups` must be >= 0, got ", num_groups);
+  QKIT_CHECK(group_size >= 1, op, "`group_size` must be >= 1, got ", group_size);
+  const int64_t numel = num_groups * group_size;
+  QKIT_CHECK(bits == 8 || numel % 2 == 0, op, "4-bit codes come in pairs: num_groups * group_size (", numel,
+             ") must be even");
+  QKIT_CHECK(data.numel() == numel * bits / 8, op, "`data` must hold num_groups * group_size * bits / 8 = ",
+             numel * bits / 8, " bytes, got ", data.numel());
+  const DType pdt = float_dtype(scale, op, "scale");
+  QKIT_CHECK(minv.scalar_type() == scale.scalar_type(), op, "`minv` must have the dtype of `scale`");
+  QKIT_CHECK(scale.numel() == num_groups, op, "`scale` must have num_groups (", num_groups, ") elements, got ",
+             scale.numel());
+  QKIT_CHECK(minv.numel() == num_groups, op, "`minv` must have num_groups (", num_groups, ") elements, got ",
+             minv.numel());
+  check_same_device(data, "data", scale, "scale", op);
+  check_same_device(data, "data", minv, "minv", op);
+
+  const Tensor d = torch::stable::contiguous(data);
+  const Tensor s = torch::stable::contiguous(scale);
+  const Tensor m = torch::stable::contiguous(minv);
+  Tensor out = torch::stable::new_empty(d, {num_groups, group_size}, ScalarType::Half);
+  const auto* dv = static_cast<const int8_t*>(d.const_data_ptr());
+  auto* ov = static_cast<half_t*>(out.mutable_data_ptr());
+  on_device(
+      d, op,
+      [&] {
+        cpu::dequantize_unsigned(dv, pdt, s.const_data_ptr(), m.const_data_ptr(), num_groups, group_size,
+                                 static_cast<int>(bits), ov);
+      },
+      [&](void* stream) {
+        return QKIT_CUDA_CALL(cuda::dequantize_unsigned(dv, pdt, s.const_data_ptr(), m.const_data_ptr(), num_groups,
+                                                        group_size, static_cast<int>(bits), ov, stream));
+      });
+  return out;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) {
+  m.impl("swizzle_quantize", TORCH_BOX(&swizzle_quantize));
+  m.impl("loco_swizzle_quantize", TORCH_BOX(&loco_swizzle_quantize));
+  m.impl("quantized_reduction", TORCH_BOX(&quantized_reduction));
+  m.impl("loco_quantized_reduction", TORCH_BOX(&loco_quantized_reduction));
+  m.impl("dequantize_unsigned", TORCH_BOX(&dequantize_unsigned));
+}
+
+#ifdef QKIT_WITH_CUDA
+STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) {
+  m.impl("swizzle_quantize", TORCH_BOX(&swizzle_quantize));
+  m.impl("loco_swizzle_quantize", TORCH_BOX(&loco_swizzle_quantize));
+  m.impl("quantized_reduction", TORCH_BOX(&quantized_reduction));
+  m.impl("loco_quantized_reduction", TORCH_BOX(&loco_quantized_reduction));
+  m.impl("dequantize_unsigned", TORCH_BOX(&dequantize_unsigned));
+}
+#endif
+
+}  // namespace qkit::binding
