@@ -149,17 +149,19 @@ class QuantSpec:
             return 1
         return tuple(shape)[self.ch_axis]
 
-    def _moved(self) -> bool:
+    @property
+    def moves_axis(self) -> bool:
+        """Whether the op layout differs from the tensor's (per channel on an axis other than 0)."""
         return self.group_size is None and self.ch_axis not in (None, 0)
 
     def to_op_layout(self, x: Tensor) -> Tensor:
         """``x`` arranged so that every group is a contiguous run (channel axis first)."""
         self.check_shape(x.shape)
-        return x.movedim(self.ch_axis, 0) if self._moved() else x
+        return x.movedim(self.ch_axis, 0) if self.moves_axis else x
 
     def from_op_layout(self, x: Tensor) -> Tensor:
         """Inverse of :meth:`to_op_layout`."""
-        return x.movedim(0, self.ch_axis) if self._moved() else x
+        return x.movedim(0, self.ch_axis) if self.moves_axis else x
 
     def _op_groups(self, x: Tensor) -> int:
         # For a per-channel tensor with 0 elements in its other dims the op still needs G | M.
@@ -175,10 +177,12 @@ class QuantSpec:
             x: float32/float16/bfloat16 tensor; see :meth:`check_shape`.
 
         Returns:
-            A tensor of ``x``'s shape and dtype; gradients pass straight through.
+            A new contiguous tensor of ``x``'s shape and dtype; gradients pass straight through.
         """
         y = ops.fake_quantize(self.to_op_layout(x), self._op_groups(x), self.bits, self.symmetric, self.stochastic)
-        return self.from_op_layout(y)
+        # Contiguous like the op's own output: a moved-back (transposed) weight would
+        # send matmuls down another summation order than the float model's.
+        return self.from_op_layout(y).contiguous()
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``x`` as int8 codes (4 bits: two per byte) and float32 params.
@@ -242,6 +246,11 @@ class QuantSpec:
         quantization (zero point 0, codes ``[quant_min, quant_max]``).
         """
         return 1.0 / self._scale_offset(x)[0]
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(steps, offsets)`` of ``x``, float32 ``[G]`` each (offsets: the midpoints; 0 if symmetric)."""
+        scale, offset = self._scale_offset(x)
+        return 1.0 / scale, offset
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unpacked int8 codes and params of ``x``, for any ``bits`` up to 8.
