@@ -1,0 +1,310 @@
+"""The modules ``prepare_pt2e`` / ``prepare_qat_pt2e`` insert, and how each is converted.
+
+Both modules fake-quantize with ``torch.ops.qkit.fake_quantize`` (a
+:class:`~qkit.QuantSpec` decides groups, bits and rounding), so a prepared model
+already computes what the converted one will. Each also records the per-group
+steps of the last tensor it saw (:meth:`calculate_qparams`).
+
+``convert_pt2e`` calls :meth:`convert` on each of them (torchao's hook for
+observers that build their own nodes):
+
+- symmetric per-tensor / per-channel weights become PyTorch's standard
+  ``quantized_decomposed.quantize_per_{tensor,channel}`` ->
+  ``dequantize_per_{tensor,channel}`` pair with ``scale`` = qkit's step
+  (``2·absmax / 2^b``), zero point 0 and codes ``[-2^(b-1), 2^(b-1) - 1]``: the
+  same numbers as qkit, bit for bit (see :mod:`qkit.pt2e.quantizer`);
+  ``convert_pt2e(fold_quantize=True)`` then stores the int8 codes;
+- group-wise and asymmetric weights, which those ops cannot express (many steps
+  per channel; a real-valued midpoint instead of an integer zero point), are
+  quantized once by ``torch.ops.qkit.quantize`` at conversion and the graph keeps
+  their codes and params as buffers and a ``torch.ops.qkit.dequantize`` node;
+- activations are quantized per call, as qkit always does (the range comes from
+  the tensor itself): a ``torch.ops.qkit.quantize`` -> ``dequantize`` pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Literal
+
+import torch
+import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed
+from torch import Tensor
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+
+from qkit.quant_spec import QuantSpec
+
+Role = Literal["weight", "activation"]
+ROLES = ("weight", "activation")
+
+
+def torch_qscheme(spec: QuantSpec) -> torch.qscheme | None:
+    """The ``torch.qscheme`` closest to ``spec`` (``None`` for group-wise, which has none)."""
+    if spec.granularity == "per_group":
+        return None
+    if spec.granularity == "per_channel":
+        return torch.per_channel_symmetric if spec.symmetric else torch.per_channel_affine
+    return torch.per_tensor_symmetric if spec.symmetric else torch.per_tensor_affine
+
+
+def uses_standard_ops(spec: QuantSpec) -> bool:
+    """Whether a weight with ``spec`` converts to PyTorch's standard quantize/dequantize ops."""
+    return spec.symmetric and spec.granularity != "per_group"
+
+
+class _QkitQuantMixin:
+    """What :class:`QkitObserver` and :class:`QkitFakeQuantize` share (state, qparams, convert)."""
+
+    spec: QuantSpec
+    role: Role
+    training: bool
+
+    def _setup(self, spec: QuantSpec, role: Role) -> None:
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"{type(self).__name__}: `spec` must be a qkit.QuantSpec, got {type(spec).__name__}")
+        if role not in ROLES:
+            raise ValueError(f"{type(self).__name__}: `role` must be one of {ROLES}, got {role!r}")
+        self.spec = spec
+        self.role = role
+        # The attributes torchao's observers expose, derived from the one description.
+        self.quant_min = spec.quant_min
+        self.quant_max = spec.quant_max
+        self.qscheme = torch_qscheme(spec)
+        self.ch_axis = spec.ch_axis if spec.granularity == "per_channel" else None
+        self._nearest = dataclasses.replace(spec, rounding="nearest")
+        self._last_qparams: tuple[Tensor, Tensor] | None = None
+
+    def _record(self, x: Tensor) -> None:
+        with torch.no_grad():
+            self._last_qparams = self.spec.qparams(x)
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        """``(steps, offsets)`` of the last tensor seen, float32 ``[G]`` each.
+
+        ``steps`` is torch's ``scale`` for symmetric schemes (zero point 0);
+        ``offsets`` are qkit's group midpoints (zeros when symmetric), not integer
+        zero points.
+        """
+        if self._last_qparams is None:
+            raise RuntimeError(f"{type(self).__name__}: nothing observed yet - run the prepared model first")
+        return self._last_qparams
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}, spec={self.spec!r}"
+
+    def convert(self, model: GraphModule, node: Node) -> None:
+        """Replace this module's call ``node`` in ``model`` by quantize/dequantize nodes (module docstring)."""
+        convert_node(self.spec, self.role, model, node)
+
+
+class QkitObserver(_QkitQuantMixin, ObserverBase):
+    """PTQ observer: records qkit's per-group steps and passes on the fake-quantized tensor.
+
+    Passing on ``spec.fake_quantize(x)`` (always round-to-nearest here) lets
+    calibration and evaluation see what the converted model will compute.
+
+    Args:
+        spec: the scheme.
+        role: ``"weight"`` (converted once, stored as codes) or ``"activation"``
+            (quantized per call).
+        dtype, quant_min, quant_max, qscheme, ch_axis, is_dynamic: what torchao's
+            ``prepare`` passes from the ``QuantizationSpec``; ``spec`` is authoritative.
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        role: Role = "weight",
+        dtype: torch.dtype = torch.int8,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        qscheme: torch.qscheme | None = None,
+        ch_axis: int | None = None,
+        is_dynamic: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        self._setup(spec, role)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` (float, any shape) -> fake-quantized ``x``, same shape and dtype; gradients pass straight through."""
+        self._record(x)
+        return self._nearest.fake_quantize(x)
+
+
+class QkitFakeQuantize(_QkitQuantMixin, FakeQuantizeBase):
+    """QAT fake quantization with ``torch.ops.qkit.fake_quantize`` (straight-through gradients).
+
+    Any width 2-8, per tensor / channel / group, nearest or stochastic rounding
+    (stochastic only while the module is in training mode). The usual switches
+    work: ``disable_fake_quant()`` passes tensors through unchanged,
+    ``disable_observer()`` stops recording steps.
+
+    Args: as :class:`QkitObserver`.
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        role: Role = "weight",
+        dtype: torch.dtype = torch.int8,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        qscheme: torch.qscheme | None = None,
+        ch_axis: int | None = None,
+        is_dynamic: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.is_dynamic = is_dynamic
+        self._setup(spec, role)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` (float, any shape) -> fake-quantized ``x``, same shape and dtype."""
+        if self.observer_enabled[0] == 1:
+            self._record(x)
+        if self.fake_quant_enabled[0] == 0:
+            return x
+        return (self.spec if self.training else self._nearest).fake_quantize(x)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _get_attr(model: torch.nn.Module, target: str) -> Tensor:
+    obj: object = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, Tensor):
+        raise TypeError(f"qkit.pt2e: `{target}` is not a tensor")
+    return obj
+
+
+def _add_constant(model: GraphModule, stem: str, value: Tensor) -> Node:
+    """Register ``value`` as a buffer of ``model`` under a fresh name; return a ``get_attr`` node for it."""
+    stem = stem.replace(".", "_")
+    name, i = stem, 0
+    while hasattr(model, name):
+        i += 1
+        name = f"{stem}_{i}"
+    model.register_buffer(name, value)
+    return model.graph.get_attr(name)
+
+
+def _drop_unused_attr(model: GraphModule, node: Node) -> None:
+    """Erase a ``get_attr`` node nobody uses any more, and its tensor if no other node reads it."""
+    if node.op != "get_attr" or node.users:
+        return
+    target = str(node.target)
+    model.graph.erase_node(node)
+    if any(n.op == "get_attr" and n.target == target for n in model.graph.nodes):
+        return
+    owner_path, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    if hasattr(owner, attr):
+        delattr(owner, attr)
+
+
+def _out_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # The decomposed dequantize ops return float32 unless told otherwise.
+    return {} if dtype == torch.float32 else {"out_dtype": dtype}
+
+
+def _convert_weight_standard(spec: QuantSpec, model: GraphModule, src: Node, w: Tensor) -> Node:
+    graph = model.graph
+    qd = torch.ops.quantized_decomposed
+    steps = spec.steps(w)  # fp32: torch's 1/scale then equals qkit's scale exactly
+    if spec.granularity == "per_channel":
+        scale = _add_constant(model, f"{src.name}_qkit_scale", steps)
+        zero_point = _add_constant(model, f"{src.name}_qkit_zero_point", torch.zeros_like(steps, dtype=torch.int64))
+        args = (scale, zero_point, spec.ch_axis, spec.quant_min, spec.quant_max, torch.int8)
+        q = graph.call_function(qd.quantize_per_channel.default, (src, *args))
+        return graph.call_function(qd.dequantize_per_channel.default, (q, *args), _out_dtype_kwargs(w.dtype))
+    args = (float(steps[0]), 0, spec.quant_min, spec.quant_max, torch.int8)
+    q = graph.call_function(qd.quantize_per_tensor.default, (src, *args))
+    return graph.call_function(qd.dequantize_per_tensor.default, (q, *args), _out_dtype_kwargs(w.dtype))
+
+
+def _convert_weight_qkit(spec: QuantSpec, model: GraphModule, src: Node, w: Tensor) -> Node:
+    graph = model.graph
+    groups = spec.num_groups(w.shape)
+    w_op = spec.to_op_layout(w.detach())
+    if spec.storable and (spec.bits == 8 or (w_op.dim() > 0 and w_op.shape[-1] % 2 == 0)):
+        with torch.no_grad():
+            q, params = torch.ops.qkit.quantize.default(w_op, groups, spec.bits, spec.symmetric)
+        storage_bits = spec.bits
+    else:
+        # 2/3/5/6/7 bits (or 4 bits with an odd last dimension): one code per int8;
+        # 8-bit dequantization of those codes is still step * q (+ offset).
+        q, params = spec.codes(w)
+        storage_bits = 8
+    q_node = _add_constant(model, f"{src.name}_qkit_codes", q)
+    p_node = _add_constant(model, f"{src.name}_qkit_params", params)
+    out = graph.call_function(
+        torch.ops.qkit.dequantize.default, (q_node, p_node, groups, storage_bits, spec.symmetric, w.dtype)
+    )
+    if spec.moves_axis:
+        out = graph.call_function(torch.ops.aten.movedim.int, (out, 0, spec.ch_axis))
+    return out
+
+
+def static_shape(node: Node) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """``(shape, dtype)`` of the tensor ``node`` produces, when every size is a plain int."""
+    val = node.meta.get("val")
+    if not isinstance(val, Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return tuple(val.shape), val.dtype
+
+
+def _convert_activation(spec: QuantSpec, model: GraphModule, node: Node, src: Node) -> Node:
+    graph = model.graph
+    known = static_shape(src)
+    if known is None:
+        raise RuntimeError(f"qkit.pt2e: cannot convert `{node.name}`: the shape of `{src.name}` is not static")
+    shape, dtype = known
+    groups = spec.num_groups(shape)
+    x = graph.call_function(torch.ops.aten.movedim.int, (src, spec.ch_axis, 0)) if spec.moves_axis else src
+    qp = graph.call_function(torch.ops.qkit.quantize.default, (x, groups, spec.bits, spec.symmetric))
+    q = graph.call_function(operator.getitem, (qp, 0))
+    params = graph.call_function(operator.getitem, (qp, 1))
+    out = graph.call_function(torch.ops.qkit.dequantize.default, (q, params, groups, spec.bits, spec.symmetric, dtype))
+    if spec.moves_axis:
+        out = graph.call_function(torch.ops.aten.movedim.int, (out, 0, spec.ch_axis))
+    return out
+
+
+def convert_node(spec: QuantSpec, role: Role, model: GraphModule, node: Node) -> None:
+    """Replace the observer/fake-quantize call ``node`` by the nodes that quantize its input for real.
+
+    Args:
+        spec: the scheme.
+        role: ``"weight"``: the input must be a ``get_attr`` (a stored float
+            tensor); ``"activation"``: any node of static shape.
+        model: the graph module being converted (buffers are added to it).
+        node: the ``call_module`` node of a :class:`QkitObserver`/:class:`QkitFakeQuantize`.
+    """
+    graph = model.graph
+    src = node.args[0]
+    if not isinstance(src, Node):
+        raise RuntimeError(f"qkit.pt2e: cannot convert `{node.name}`: its input is not a graph value")
+    with graph.inserting_before(node):
+        if role == "activation":
+            out = _convert_activation(spec, model, node, src)
+        else:
+            if src.op != "get_attr":
+                raise RuntimeError(
+                    f"qkit.pt2e: cannot convert `{node.name}`: its weight `{src.name}` is computed in the graph, "
+                    "not a stored tensor"
+                )
+            w = _get_attr(model, str(src.target))
+            spec.check_shape(w.shape)
+            if uses_standard_ops(spec):
+                out = _convert_weight_standard(spec, model, src, w)
+            else:
+                out = _convert_weight_qkit(spec, model, src, w)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    _drop_unused_attr(model, src)
