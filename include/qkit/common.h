@@ -101,11 +101,10 @@ QKIT_HD float bf16_to_float(bf16_t b) {
 
 QKIT_HD bf16_t float_to_bf16(float f) {
   const uint32_t u = float_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-    return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
-  }
-  const uint32_t rounding = 0x7FFFu + ((u >> 16) & 1u);
-  return bf16_t{static_cast<uint16_t>((u + rounding) >> 16)};
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  // A select, not a branch, so loops over it vectorise.
+  return bf16_t{static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded)};
 }
 
 // load/store of one element as fp32, overloaded on the storage type.

@@ -24,6 +24,9 @@ CPU_SOURCES = [
     "src/quantize_ops.cpp",
     "src/zeropp_ops.cpp",
     "kernels/cpu/quantize_cpu.cpp",
+    "kernels/cpu/quantize_cpu_generic.cpp",
+    "kernels/cpu/quantize_cpu_avx2.cpp",
+    "kernels/cpu/quantize_cpu_avx512.cpp",
     "kernels/cpu/zeropp_cpu.cpp",
 ]
 CUDA_SOURCES = [

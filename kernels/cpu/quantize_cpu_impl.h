@@ -1,0 +1,336 @@
+// The CPU quantizer kernels, written once and compiled once per instruction set
+// (quantize_cpu_{generic,avx2,avx512}.cpp include this file inside their own
+// namespace, under their own target flags). The math is qkit/quant_math.h; this
+// file decides how data is walked: in fp32 tiles that stay in L1, so the inner
+// loops are plain float loops the compiler vectorises, with fp16/bf16 converted
+// at the tile's edges (F16C instructions where the target has them).
+//
+// The including file defines QKIT_CPU_ISA_NS (the namespace to define), and
+// optionally QKIT_CPU_TARGET_PRAGMA (a _Pragma("GCC target(...)")) and
+// QKIT_CPU_HAS_F16C.
+//
+// Every header is included before the target switch, and everything defined
+// after it lives in the ISA namespace, instantiates only ISA-local types and
+// calls no out-of-line std templates: the linker folds identical inline and
+// template functions across translation units, and an AVX-512 copy of a shared
+// one must never be what a generic CPU ends up running.
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "qkit/kernels.h"
+#include "qkit/philox.h"
+#include "qkit/quant_math.h"
+
+#ifndef QKIT_CPU_HAS_F16C
+#define QKIT_CPU_HAS_F16C 0
+#endif
+
+#ifdef QKIT_CPU_TARGET_PRAGMA
+#pragma GCC push_options
+QKIT_CPU_TARGET_PRAGMA
+#endif
+
+namespace qkit::cpu::QKIT_CPU_ISA_NS {
+namespace {
+
+inline int64_t min_of(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max_of(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// ISA-local element types for the scratch vectors (see the note above).
+struct StatsSlot {
+  GroupStats stats;
+};
+struct ParamsSlot {
+  QuantParams params;
+};
+
+constexpr int64_t kTile = 1024;   // fp32 elements converted and processed at a time (4 KiB)
+constexpr int64_t kChunk = 16384;  // elements per task of the statistics / element passes
+// Groups up to this size are done in one sweep each (statistics, then the
+// transform while the group is still in cache), many groups per task.
+constexpr int64_t kFusedGroupLimit = 65536;
+constexpr int kLanes = 16;  // independent accumulators, so the statistics loop vectorises
+
+// ---- conversions of a tile to and from fp32
+
+inline const float* as_float(const float* x, int64_t, float*) { return x; }
+inline const float* as_float(const bf16_t* x, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(x[i]);
+  return buf;
+}
+inline const float* as_float(const half_t* x, int64_t n, float* buf) {
+  int64_t i = 0;
+#if QKIT_CPU_HAS_F16C
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  }
+#endif
+  for (; i < n; ++i) buf[i] = half_to_float(x[i]);
+  return buf;
+}
+
+inline void store(const float* v, int64_t n, float* y) { std::memcpy(y, v, sizeof(float) * n); }
+inline void store(const float* v, int64_t n, bf16_t* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(v[i]);
+}
+inline void store(const float* v, int64_t n, half_t* y) {
+  int64_t i = 0;
+#if QKIT_CPU_HAS_F16C
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; ++i) y[i] = float_to_half(v[i]);
+}
+
+// ---- statistics
+
+GroupStats stats_of_floats(const float* x, int64_t n, bool symmetric) {
+  float hi[kLanes], lo[kLanes], poison[kLanes];
+  const GroupStats init = empty_stats(symmetric);
+  for (int l = 0; l < kLanes; ++l) {
+    hi[l] = init.hi;
+    lo[l] = init.lo;
+    poison[l] = 0.0f;
+  }
+  int64_t i = 0;
+  if (symmetric) {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = x[i + l];
+        const float a = v < 0.0f ? -v : v;
+        hi[l] = a > hi[l] ? a : hi[l];
+        poison[l] += v * 0.0f;
+      }
+    }
+  } else {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = x[i + l];
+        hi[l] = v > hi[l] ? v : hi[l];
+        lo[l] = v < lo[l] ? v : lo[l];
+        poison[l] += v * 0.0f;
+      }
+    }
+  }
+  GroupStats s = init;
+  for (int l = 0; l < kLanes; ++l) s = merge(s, GroupStats{hi[l], lo[l], poison[l]});
+  for (; i < n; ++i) accumulate(s, x[i], symmetric);
+  return s;
+}
+
+template <typename T>
+GroupStats stats_of(const T* x, int64_t n, bool symmetric) {
+  GroupStats s = empty_stats(symmetric);
+  float buf[kTile];
+  for (int64_t b = 0; b < n; b += kTile) {
+    const int64_t m = min_of(kTile, n - b);
+    s = merge(s, stats_of_floats(as_float(x + b, m, buf), m, symmetric));
+  }
+  return s;
+}
+
+// Calls f(group, begin, end) for each piece of [begin, end) that lies in one group.
+template <typename F>
+void for_each_group_segment(int64_t begin, int64_t end, int64_t group_size, const F& f) {
+  int64_t g = begin / group_size;
+  while (begin < end) {
+    const int64_t seg_end = min_of(end, (g + 1) * group_size);
+    f(g, begin, seg_end);
+    begin = seg_end;
+    ++g;
+  }
+}
+
+// Integer codes (as floats) of the fp32 values v[0, n), which are elements
+// [first, first + n) of the tensor (the index keys the stochastic draws).
+void codes_of(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, float* codes) {
+  const float qmin = code_min(job.bits), qmax = code_max(job.bits);
+  if (job.seed == nullptr) {
+    for (int64_t i = 0; i < n; ++i) codes[i] = quantize_nearest(v[i], p, qmin, qmax);
+    return;
+  }
+  const uint64_t seed = static_cast<uint64_t>(*job.seed);
+  Uniform4 u = uniforms_for_block(seed, static_cast<uint64_t>(first) >> 2);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = first + i;
+    if ((e & 3) == 0) u = uniforms_for_block(seed, static_cast<uint64_t>(e) >> 2);
+    codes[i] = quantize_stochastic(v[i], p, qmin, qmax, u.v[e & 3]);
+  }
+}
+
+// What a quantizing pass does with the codes of one segment.
+enum class Sink { Fake, Int8, Int4 };
+
+template <typename T, Sink kSink>
+struct Transform {
+  const QuantJob& job;
+  const T* in;
+  void* out;
+
+  // Elements [begin, end) of one group. For Int4, begin and end must be even.
+  void operator()(const QuantParams& p, int64_t begin, int64_t end) const {
+    float buf[kTile], codes[kTile];
+    for (int64_t b = begin; b < end; b += kTile) {
+      const int64_t n = min_of(kTile, end - b);
+      codes_of(as_float(in + b, n, buf), n, b, p, job, codes);
+      if constexpr (kSink == Sink::Fake) {
+        for (int64_t i = 0; i < n; ++i) codes[i] = dequantize_code(codes[i], p.step, p.offset);
+        store(codes, n, static_cast<T*>(out) + b);
+      } else if constexpr (kSink == Sink::Int8) {
+        int8_t* q = static_cast<int8_t*>(out) + b;
+        for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
+      } else {
+        int8_t* q = static_cast<int8_t*>(out) + b / 2;
+        for (int64_t i = 0; i < n / 2; ++i) {
+          q[i] = pack_nibbles(static_cast<int>(codes[2 * i]), static_cast<int>(codes[2 * i + 1]));
+        }
+      }
+    }
+  }
+};
+
+void store_params(float* params, int64_t g, const QuantParams& p, bool symmetric) {
+  if (params == nullptr) return;
+  if (symmetric) {
+    params[g] = p.step;
+  } else {
+    params[2 * g] = p.step;
+    params[2 * g + 1] = p.offset;
+  }
+}
+
+// Int4 outside the per-group sweep: work is split by byte (pair), never inside
+// one, and each element takes its own group's parameters (pairs straddle groups
+// when the group size is odd).
+template <typename T>
+void quantize_int4_pairs(const QuantJob& job, const T* in, int8_t* q, const std::vector<ParamsSlot>& params) {
+  const int64_t group_size = job.numel / job.groups;
+  parallel_for(0, job.numel / 2, kChunk / 2, [&](int64_t pb, int64_t pe) {
+    float buf[kTile], codes[kTile];
+    for (int64_t p0 = pb; p0 < pe; p0 += kTile / 2) {
+      const int64_t begin = 2 * p0, end = 2 * min_of(pe, p0 + kTile / 2);
+      for_each_group_segment(begin, end, group_size, [&](int64_t g, int64_t b, int64_t e) {
+        codes_of(as_float(in + b, e - b, buf), e - b, b, params[g].params, job, codes + (b - begin));
+      });
+      for (int64_t i = begin; i < end; i += 2) {
+        q[i >> 1] = pack_nibbles(static_cast<int>(codes[i - begin]), static_cast<int>(codes[i - begin + 1]));
+      }
+    }
+  });
+}
+
+template <typename T, Sink kSink>
+void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_out) {
+  if (job.numel == 0) {  // groups without elements still get defined params
+    const QuantParams p = make_params(empty_stats(job.symmetric), job.bits, job.symmetric);
+    for (int64_t g = 0; g < job.groups; ++g) store_params(params_out, g, p, job.symmetric);
+    return;
+  }
+  const int64_t group_size = job.numel / job.groups;
+  const Transform<T, kSink> transform{job, in, out};
+  const bool pairs_straddle = kSink == Sink::Int4 && (group_size & 1);
+
+  if (group_size <= kFusedGroupLimit && !pairs_straddle) {
+    const int64_t grain = max_of(1, kChunk / group_size);
+    parallel_for(0, job.groups, grain, [&](int64_t gb, int64_t ge) {
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t begin = g * group_size;
+        const QuantParams p = make_params(stats_of(in + begin, group_size, job.symmetric), job.bits, job.symmetric);
+        store_params(params_out, g, p, job.symmetric);
+        transform(p, begin, begin + group_size);
+      }
+    });
+    return;
+  }
+
+  // Large groups (or straddling int4 pairs): statistics of every chunk in
+  // parallel, merged per group, then the transform over chunks in parallel.
+  const int64_t chunks_per_group = (group_size + kChunk - 1) / kChunk;
+  std::vector<StatsSlot> partial(static_cast<size_t>(job.groups * chunks_per_group));
+  parallel_for(0, job.groups * chunks_per_group, 1, [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) {
+      const int64_t g = w / chunks_per_group, c = w % chunks_per_group;
+      const int64_t begin = g * group_size + c * kChunk;
+      partial[w].stats = stats_of(in + begin, min_of(kChunk, group_size - c * kChunk), job.symmetric);
+    }
+  });
+  std::vector<ParamsSlot> params(static_cast<size_t>(job.groups));
+  for (int64_t g = 0; g < job.groups; ++g) {
+    GroupStats s = empty_stats(job.symmetric);
+    for (int64_t c = 0; c < chunks_per_group; ++c) s = merge(s, partial[g * chunks_per_group + c].stats);
+    params[g].params = make_params(s, job.bits, job.symmetric);
+    store_params(params_out, g, params[g].params, job.symmetric);
+  }
+  if constexpr (kSink == Sink::Int4) {
+    quantize_int4_pairs(job, in, static_cast<int8_t*>(out), params);
+  } else {
+    parallel_for(0, job.numel, kChunk, [&](int64_t b, int64_t e) {
+      for_each_group_segment(b, e, group_size,
+                             [&](int64_t g, int64_t sb, int64_t se) { transform(params[g].params, sb, se); });
+    });
+  }
+}
+
+template <typename T>
+void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* params, T* out) {
+  const int64_t group_size = job.numel / job.groups;
+  parallel_for(0, job.numel, kChunk, [&](int64_t b, int64_t e) {
+    float buf[kTile];
+    for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t sb, int64_t se) {
+      const float step = job.symmetric ? params[g] : params[2 * g];
+      const float offset = job.symmetric ? 0.0f : params[2 * g + 1];
+      for (int64_t t = sb; t < se; t += kTile) {
+        const int64_t n = min_of(kTile, se - t);
+        if (job.bits == 8) {  // kept free of the nibble logic so it vectorises
+          for (int64_t i = 0; i < n; ++i) buf[i] = dequantize_code(static_cast<float>(codes[t + i]), step, offset);
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            buf[i] = dequantize_code(static_cast<float>(code_at(codes, t + i, 4)), step, offset);
+          }
+        }
+        store(buf, n, out + t);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void fake_quantize(const QuantJob& job, const void* in, void* out) {
+  dispatch_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    run_quantizer<T, Sink::Fake>(job, static_cast<const T*>(in), out, nullptr);
+  });
+}
+
+void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params) {
+  dispatch_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (job.bits == 8) {
+      run_quantizer<T, Sink::Int8>(job, static_cast<const T*>(in), codes, params);
+    } else {
+      run_quantizer<T, Sink::Int4>(job, static_cast<const T*>(in), codes, params);
+    }
+  });
+}
+
+void dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out) {
+  if (job.numel == 0) return;
+  dispatch_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_typed(job, codes, params, static_cast<T*>(out));
+  });
+}
+
+}  // namespace qkit::cpu::QKIT_CPU_ISA_NS
+
+#ifdef QKIT_CPU_TARGET_PRAGMA
+#pragma GCC pop_options
+#endif
