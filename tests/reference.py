@@ -121,3 +121,139 @@ def ref_fake_quantize(x: Tensor, groups: int, bits: int, symmetric: bool = True)
     _, step, offset = ref_params(x, groups, bits, symmetric)
     codes = ref_codes(x, groups, bits, symmetric)
     return dequant_codes(codes, step, offset, x.dtype).reshape(x.shape)
+
+
+# ---------------------------------------------------------------- ZeRO++ ops (OPS.md §3)
+#
+# Built on ref_quantize / ref_dequantize: the swizzle is a permutation of plain
+# per-group quantization, the reduction is dequantize -> fp32 sum -> quantize,
+# LoCo adds the error first and updates it from the dequantized result.
+
+
+def ref_swizzle_slot(g: int, groups: int, pipeline: int, nodes: int, devices: int) -> int:
+    """Output slot of input group ``g``: ``o = (y*P + d*nodes + n)*c + x`` (OPS.md §3)."""
+    partitions = nodes * devices
+    per_partition = groups // partitions
+    per_slice = per_partition // pipeline
+    z, w = divmod(g, per_partition)
+    n, d = divmod(z, devices)
+    y, x = divmod(w, per_slice)
+    return (y * partitions + d * nodes + n) * per_slice + x
+
+
+def ref_swizzle_order(groups: int, pipeline: int, nodes: int, devices: int) -> list[int]:
+    """``order[o]`` = the input group written to output slot ``o``."""
+    order = [-1] * groups
+    for g in range(groups):
+        order[ref_swizzle_slot(g, groups, pipeline, nodes, devices)] = g
+    assert sorted(order) == list(range(groups)), "the swizzle must be a permutation"
+    return order
+
+
+def ref_swizzle(x: Tensor, groups: int, pipeline: int, nodes: int, devices: int) -> Tensor:
+    """x flattened, its groups moved to their swizzled slots; 1-D, x's dtype."""
+    xg = x.detach().cpu().reshape(groups, -1)
+    return xg[ref_swizzle_order(groups, pipeline, nodes, devices)].reshape(-1)
+
+
+def ref_swizzle_quantize(
+    x: Tensor, groups: int, bits: int, symmetric: bool, pipeline: int, nodes: int, devices: int
+) -> tuple[Tensor, Tensor]:
+    """(q int8 1-D, params [G, 1|2]) in swizzled group order: quantize the swizzled groups."""
+    return ref_quantize(ref_swizzle(x, groups, pipeline, nodes, devices), groups, bits, symmetric)
+
+
+def _loco_update(e: Tensor, s: Tensor, d: Tensor, beta: float) -> Tensor:
+    """``beta*e + (1-beta)*(s-d)``, every step one fp32 op; flat, fp32."""
+    b = torch.tensor(beta, dtype=torch.float32)
+    e32 = e.detach().cpu().reshape(-1).to(torch.float32)
+    return b * e32 + (1 - b) * (s - d)
+
+
+def ref_loco_swizzle_quantize(
+    x: Tensor,
+    e: Tensor,
+    beta: float,
+    groups: int,
+    bits: int,
+    symmetric: bool,
+    pipeline: int,
+    nodes: int,
+    devices: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, params, e_new): ``s = swizzled(x) + e`` in fp32 (e indexed by output position),
+    ``s`` quantized, ``e_new = beta*e + (1-beta)*(s - dequant(q))`` in fp32, in e's dtype and shape."""
+    s = ref_swizzle(x, groups, pipeline, nodes, devices).to(torch.float32) + e.detach().cpu().reshape(-1).float()
+    q, params = ref_quantize(s, groups, bits, symmetric)
+    d = ref_dequantize(q, params, groups, bits, symmetric, torch.float32)
+    e_new = _loco_update(e, s, d, beta).to(e.dtype).reshape(e.shape)
+    return q, params, e_new
+
+
+def ref_reduction_sum(q: Tensor, params: Tensor, in_groups: int, bits: int, symmetric: bool, devices: int) -> Tensor:
+    """``S = sum_j dequant_j`` in fp32, tensors added in order j = 0, 1, ... from 0; 1-D ``[V]``.
+
+    Tensor ``j`` is the j-th of ``devices`` equal slices of the flat code stream and
+    dequantizes with its own param rows ``[j*in_groups/L, (j+1)*in_groups/L)``.
+    """
+    codes = codes_of_storage(q, bits).to(torch.float32).reshape(devices, -1)  # [L, V]
+    params = params.detach().cpu().to(torch.float32).reshape(devices, in_groups // devices, -1)
+    total = torch.zeros(codes.shape[1], dtype=torch.float32)
+    for j in range(devices):
+        rows = params[j]  # [g_t, 1|2]
+        step = rows[:, 0:1]
+        offset = torch.zeros_like(step) if symmetric else rows[:, 1:2]
+        deq = dequant_codes(codes[j].reshape(rows.shape[0], -1), step, offset, torch.float32)
+        total = total + deq.reshape(-1)
+    return total
+
+
+def _reduced_shape(q: Tensor, devices: int) -> list[int]:
+    return [*q.shape[:-1], q.shape[-1] // devices]
+
+
+def ref_quantized_reduction(
+    q: Tensor, params: Tensor, in_groups: int, out_groups: int, bits: int, symmetric: bool, devices: int
+) -> tuple[Tensor, Tensor]:
+    """(q, params): the fp32 sum of the ``devices`` dequantized tensors, quantized in
+    ``out_groups`` groups; q shaped like the input with the last dimension divided by L."""
+    total = ref_reduction_sum(q, params, in_groups, bits, symmetric, devices)
+    q_out, p_out = ref_quantize(total, out_groups, bits, symmetric)
+    return q_out.reshape(_reduced_shape(q, devices)), p_out
+
+
+def ref_loco_quantized_reduction(
+    q: Tensor,
+    params: Tensor,
+    e: Tensor,
+    beta: float,
+    in_groups: int,
+    out_groups: int,
+    bits: int,
+    symmetric: bool,
+    devices: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, params, e_new): ``s = S + e`` (fp32), quantized; e updated as in LoCo swizzle."""
+    s = ref_reduction_sum(q, params, in_groups, bits, symmetric, devices) + e.detach().cpu().reshape(-1).float()
+    q_out, p_out = ref_quantize(s, out_groups, bits, symmetric)
+    d = ref_dequantize(q_out, p_out, out_groups, bits, symmetric, torch.float32)
+    e_new = _loco_update(e, s, d, beta).to(e.dtype).reshape(e.shape)
+    return q_out.reshape(_reduced_shape(q, devices)), p_out, e_new
+
+
+def unsigned_codes(data: Tensor, bits: int) -> Tensor:
+    """Flat int32 unsigned codes of raw bytes (4-bit: high nibble = even element)."""
+    b = data.detach().cpu().reshape(-1).view(torch.uint8).to(torch.int32)
+    if bits == 8:
+        return b
+    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)
+
+
+def ref_dequantize_unsigned(
+    data: Tensor, scale: Tensor, minv: Tensor, num_groups: int, group_size: int, bits: int
+) -> Tensor:
+    """fp16 ``[num_groups, group_size]``: ``code / scale[g] + minv[g]`` in fp32, rounded once."""
+    codes = unsigned_codes(data, bits).to(torch.float32).reshape(num_groups, group_size)
+    s = scale.detach().cpu().reshape(-1, 1).to(torch.float32)
+    m = minv.detach().cpu().reshape(-1, 1).to(torch.float32)
+    return (codes / s + m).to(torch.float16)
