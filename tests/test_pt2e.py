@@ -122,6 +122,7 @@ SCHEMES = {
     "w4-per-channel": (QuantSpec(4), None),
     "w3-per-channel-axis1": (QuantSpec(3, ch_axis=1), None),
     "w8-per-tensor": (QuantSpec(8, ch_axis=None), None),
+    "w5-asym-axis1": (QuantSpec(5, symmetric=False, ch_axis=1), None),  # qkit nodes, codes one per int8
     # conv weights end in kw = 3: 4-bit codes cannot pack in pairs, one int8 each
     "w4-group3": (QuantSpec(4, group_size=3), None),
     "w8-asym+a8-per-token": (QuantSpec(8, symmetric=False), QuantSpec(8)),
@@ -350,3 +351,25 @@ def test_converted_model_compiles_fullgraph(ao, fresh_dynamo) -> None:
         eager = converted(x)
         compiled = torch.compile(converted, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "activation", [QuantSpec(8), QuantSpec(4, group_size=8, ch_axis=None), QuantSpec(8, ch_axis=1)], ids=str
+)
+def test_dynamic_batch(ao, activation: QuantSpec) -> None:
+    """Inputs may have a symbolic batch size: the converted graph computes the group count per call."""
+    flow, pt2e = ao
+    torch.manual_seed(0)
+    model = MLP()
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(model, (torch.randn(4, 24),), dynamic_shapes=({0: batch},)).module()
+    prepared = flow.prepare_pt2e(exported, pt2e.QkitQuantizer(QuantSpec(4), activation))
+    fq_w = {name: QuantSpec(4).fake_quantize for name in _layers(model)}
+    xs = [torch.randn(n, 24) for n in (3, 7)]
+    with torch.no_grad():
+        want = [model.reference(x, fq_w, activation.fake_quantize) for x in xs]
+        for x, y in zip(xs, want, strict=True):
+            _assert_equal(prepared(x), y, f"prepared, batch {len(x)}")
+        converted = flow.convert_pt2e(prepared)
+        for x, y in zip(xs, want, strict=True):
+            _assert_equal(converted(x), y, f"converted, batch {len(x)}")

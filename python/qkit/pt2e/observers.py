@@ -246,33 +246,73 @@ def _convert_weight_qkit(spec: QuantSpec, model: GraphModule, src: Node, w: Tens
     out = graph.call_function(
         torch.ops.qkit.dequantize.default, (q_node, p_node, groups, storage_bits, spec.symmetric, w.dtype)
     )
-    if spec.moves_axis:
+    if spec.moves_axis:  # back to the original layout, contiguous as QuantSpec.fake_quantize returns it
         out = graph.call_function(torch.ops.aten.movedim.int, (out, 0, spec.ch_axis))
+        out = graph.call_function(torch.ops.aten.contiguous.default, (out,))
     return out
 
 
-def static_shape(node: Node) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """``(shape, dtype)`` of the tensor ``node`` produces, when every size is a plain int."""
+def value_of(node: Node) -> Tensor | None:
+    """The (fake) tensor recorded for ``node`` by export, if any; its sizes may be symbolic."""
     val = node.meta.get("val")
-    if not isinstance(val, Tensor) or not all(isinstance(s, int) for s in val.shape):
-        return None
-    return tuple(val.shape), val.dtype
+    return val if isinstance(val, Tensor) else None
+
+
+def activation_problem(spec: QuantSpec, shape: tuple[object, ...]) -> str | None:
+    """Why an activation of ``shape`` (sizes int or symbolic) cannot take ``spec``; ``None`` if it can.
+
+    Only sizes that decide the layout must be static: the last one for group-wise
+    or 4-bit schemes (4-bit codes pack pairs along it, in the op layout).
+    """
+    rank = len(shape)
+    if spec.granularity == "per_channel" and spec.ch_axis >= rank:
+        return f"`ch_axis` ({spec.ch_axis}) is out of range for a tensor of rank {rank}"
+    if rank == 0 and spec.granularity == "per_group":
+        return "group-wise quantization needs at least one dimension"
+    op_shape = list(shape)
+    if spec.moves_axis:
+        op_shape.insert(0, op_shape.pop(spec.ch_axis))
+    last = op_shape[-1] if op_shape else 1
+    if spec.group_size is not None or spec.bits == 4:
+        if not isinstance(last, int):
+            return f"its last dimension ({last}) must be static for this scheme"
+        if spec.group_size is not None and last % spec.group_size:
+            return f"`group_size` ({spec.group_size}) must divide the last dimension ({last})"
+        if spec.bits == 4 and last % 2:
+            return f"4-bit codes pack pairs along the last dimension, which must be even (got {last})"
+    return None
+
+
+def _groups_arg(spec: QuantSpec, graph: torch.fx.Graph, x: Node, shape: tuple[object, ...]) -> int | Node:
+    """``G`` for an activation: an int when the sizes it depends on are static, else a node computing it."""
+    if spec.granularity == "per_tensor":
+        return 1
+    if all(isinstance(s, int) for s in shape):
+        return spec.num_groups(tuple(shape))  # type: ignore[arg-type]
+    # Symbolic sizes (e.g. a dynamic batch): let the graph compute G per call.
+    if spec.granularity == "per_channel":
+        return graph.call_function(torch.ops.aten.sym_size.int, (x, spec.ch_axis))
+    numel = graph.call_function(torch.ops.aten.sym_numel.default, (x,))
+    return graph.call_function(operator.floordiv, (numel, spec.group_size))
 
 
 def _convert_activation(spec: QuantSpec, model: GraphModule, node: Node, src: Node) -> Node:
     graph = model.graph
-    known = static_shape(src)
-    if known is None:
-        raise RuntimeError(f"qkit.pt2e: cannot convert `{node.name}`: the shape of `{src.name}` is not static")
-    shape, dtype = known
-    groups = spec.num_groups(shape)
+    val = value_of(src)
+    problem = "its shape is unknown" if val is None else activation_problem(spec, tuple(val.shape))
+    if problem is not None:
+        raise RuntimeError(f"qkit.pt2e: cannot convert `{node.name}` (input `{src.name}`): {problem}")
+    groups = _groups_arg(spec, graph, src, tuple(val.shape))
     x = graph.call_function(torch.ops.aten.movedim.int, (src, spec.ch_axis, 0)) if spec.moves_axis else src
     qp = graph.call_function(torch.ops.qkit.quantize.default, (x, groups, spec.bits, spec.symmetric))
     q = graph.call_function(operator.getitem, (qp, 0))
     params = graph.call_function(operator.getitem, (qp, 1))
-    out = graph.call_function(torch.ops.qkit.dequantize.default, (q, params, groups, spec.bits, spec.symmetric, dtype))
-    if spec.moves_axis:
+    out = graph.call_function(
+        torch.ops.qkit.dequantize.default, (q, params, groups, spec.bits, spec.symmetric, val.dtype)
+    )
+    if spec.moves_axis:  # back to the original layout, contiguous as QuantSpec.fake_quantize returns it
         out = graph.call_function(torch.ops.aten.movedim.int, (out, 0, spec.ch_axis))
+        out = graph.call_function(torch.ops.aten.contiguous.default, (out,))
     return out
 
 
@@ -282,7 +322,8 @@ def convert_node(spec: QuantSpec, role: Role, model: GraphModule, node: Node) ->
     Args:
         spec: the scheme.
         role: ``"weight"``: the input must be a ``get_attr`` (a stored float
-            tensor); ``"activation"``: any node of static shape.
+            tensor); ``"activation"``: any tensor the scheme fits
+            (:func:`activation_problem`); sizes may be symbolic.
         model: the graph module being converted (buffers are added to it).
         node: the ``call_module`` node of a :class:`QkitObserver`/:class:`QkitFakeQuantize`.
     """

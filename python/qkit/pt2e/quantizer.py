@@ -21,7 +21,7 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-from qkit.pt2e.observers import QkitFakeQuantize, QkitObserver, Role, static_shape, torch_qscheme
+from qkit.pt2e.observers import QkitFakeQuantize, QkitObserver, Role, activation_problem, torch_qscheme, value_of
 from qkit.quant_spec import QuantSpec
 
 _aten = torch.ops.aten
@@ -192,12 +192,13 @@ class QkitQuantizer(Quantizer):
     def validate(self, model: GraphModule) -> None:
         """Raise ``ValueError`` naming the first annotated node that cannot be converted as asked.
 
-        Refused: a weight that is computed in the graph rather than stored, or is not
-        float32/float16/bfloat16; a weight or activation shape the scheme does not
-        fit (``ch_axis`` out of range, ``group_size`` not dividing the last
-        dimension, an odd last dimension for 4-bit activations); an activation of
-        non-static shape; in QAT, a conv followed by a batch norm (its weight would
-        be rescaled in the graph and no longer be a stored tensor).
+        Refused: a weight that is computed in the graph rather than stored, or a
+        weight or input that is not float32/float16/bfloat16; a shape the scheme
+        does not fit (``ch_axis`` out of range, ``group_size`` not dividing the
+        last dimension, an odd last dimension for 4-bit inputs, a symbolic last
+        dimension where it decides the layout; other sizes of an input, such as
+        a dynamic batch, may be symbolic); in QAT, a conv followed by a batch
+        norm (its weight would be rescaled in the graph, no longer stored).
         """
         for node in model.graph.nodes:
             marked = node.meta.get(META_KEY)
@@ -209,22 +210,16 @@ class QkitQuantizer(Quantizer):
             if not isinstance(w, Node) or w.op != "get_attr":
                 name = w.name if isinstance(w, Node) else repr(w)
                 raise ValueError(f"{where}: its weight `{name}` is computed in the graph, not a stored parameter")
-            self._check_value(where, "weight", w, weight)
+            self._check_weight(where, w, weight)
             if activation is not None:
                 x = node.args[0]
-                if not isinstance(x, Node):
-                    raise ValueError(f"{where}: its input is not a graph value")
-                self._check_value(where, "input", x, activation)
-                shape, _ = static_shape(x) or ((), None)
-                if activation.bits == 4:
-                    op_shape = list(shape)
-                    if activation.moves_axis:
-                        op_shape.insert(0, op_shape.pop(activation.ch_axis))
-                    if not op_shape or op_shape[-1] % 2:
-                        raise ValueError(
-                            f"{where}: 4-bit activations pack pairs along the last dimension, "
-                            f"which must be even (input shape {list(shape)})"
-                        )
+                val = value_of(x) if isinstance(x, Node) else None
+                if val is None:
+                    raise ValueError(f"{where}: its input is not a tensor of known rank")
+                self._check_dtype(where, "input", x, val.dtype)
+                problem = activation_problem(activation, tuple(val.shape))
+                if problem is not None:
+                    raise ValueError(f"{where}: its input `{x.name}` does not fit the activation scheme: {problem}")
             if is_qat and node.target in OP_TARGETS["conv"]:
                 for user in node.users:
                     if user.target in _BATCH_NORM:
@@ -234,14 +229,17 @@ class QkitQuantizer(Quantizer):
                         )
 
     @staticmethod
-    def _check_value(where: str, what: str, node: Node, spec: QuantSpec) -> None:
-        known = static_shape(node)
-        if known is None:
-            raise ValueError(f"{where}: the shape of its {what} `{node.name}` is not static")
-        shape, dtype = known
+    def _check_dtype(where: str, what: str, node: Node, dtype: torch.dtype) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{where}: its {what} `{node.name}` is {dtype}, not float32, float16 or bfloat16")
+
+    @classmethod
+    def _check_weight(cls, where: str, node: Node, spec: QuantSpec) -> None:
+        val = value_of(node)
+        if val is None or not all(isinstance(s, int) for s in val.shape):
+            raise ValueError(f"{where}: the shape of its weight `{node.name}` is not static")
+        cls._check_dtype(where, "weight", node, val.dtype)
         try:
-            spec.check_shape(shape)
+            spec.check_shape(tuple(val.shape))
         except ValueError as exc:
-            raise ValueError(f"{where}: its {what} `{node.name}` does not fit the scheme: {exc}") from None
+            raise ValueError(f"{where}: its weight `{node.name}` does not fit the scheme: {exc}") from None
