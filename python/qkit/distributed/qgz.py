@@ -1,0 +1,183 @@
+"""ZeRO++ qgZ: the hierarchical 4-bit quantized gradient reduce-scatter (OPS.md §4).
+
+For ``W = N * L`` ranks (``r = n * L + d``) and a gradient ``T`` of ``M`` elements in
+``G`` groups, every rank:
+
+1. ``swizzle_quantize(T, G, 4, sym, 1, N, L)``: 4-bit codes ``[M/2]`` + params ``[G, 1]``
+   laid out ``[L][N][G/W]`` groups, so chunk ``d'`` holds what node-peer ``d'`` reduces;
+2. ``all_to_all`` inside the node (``local_{n}``);
+3. ``quantized_reduction(·, ·, G, G/L, 4, sym, L)``: fp32 sum of the ``L`` received
+   tensors, re-quantized: codes ``[M/(2L)]`` + params ``[G/L, 1]`` laid out ``[N][G/W]``;
+4. ``all_to_all`` across nodes (``global_{d}``);
+5. ``dequantize`` to fp32 ``[N, M/W]``; 6. sum over the ``N`` nodes and divide by ``W``.
+
+Rank ``r`` ends with the ``r``-th contiguous ``1/W`` slice of the flattened mean over
+all ``W`` ranks, in the input's dtype — the slice an averaging ``reduce_scatter`` gives.
+Codes and params of all tensors in a call travel together: two collectives per call.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qkit import ops
+from qkit.distributed import comm
+from qkit.distributed.fallback import mean_reduce_scatter
+from qkit.distributed.groups import Topology, topology
+from qkit.distributed.plan import QgzPlan, plan_qgz, warn_fallback
+from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
+
+__all__ = ["all_to_all_quant_reduce", "check_same_shapes", "reduce"]
+
+# (index in the call, tensor, G) -> (codes, params)
+Stage = Callable[[int, Tensor, int], tuple[Tensor, Tensor]]
+# (index, received codes of L tensors, their params, G) -> (codes of the sum, params)
+ReduceStage = Callable[[int, Tensor, Tensor, int], tuple[Tensor, Tensor]]
+
+
+def _as_bytes(codes: Tensor, params: Tensor, peers: int) -> tuple[Tensor, Tensor]:
+    """Codes and params as int8 ``[peers, ·]`` blocks (row ``k`` goes to peer ``k``)."""
+    return codes.reshape(peers, -1), params.contiguous().view(torch.int8).reshape(peers, -1)
+
+
+def _exchange(blocks: list[tuple[Tensor, Tensor]], peers: int, group: Any) -> list[tuple[Tensor, Tensor]]:
+    """One ``all_to_all`` of every tensor's (codes, params) blocks; returns the received
+    blocks, each ``[peers, ·]`` with row ``k`` from peer ``k``."""
+    flat = [b for pair in blocks for b in pair]
+    send = torch.cat(flat, dim=1)
+    recv = torch.empty_like(send)
+    comm.all_to_all(recv, send, group)
+    out, col = [], 0
+    for codes, params in blocks:
+        c, p = codes.shape[1], params.shape[1]
+        out.append((recv[:, col : col + c], recv[:, col + c : col + c + p]))
+        col += c + p
+    return out
+
+
+def _params_of(raw: Tensor, rows: int) -> Tensor:
+    """Received param bytes ``[peers, ·]`` -> float32 ``[rows, 1]``."""
+    return raw.contiguous().view(torch.float32).reshape(rows, 1)
+
+
+def reduce(
+    tensors: Sequence[Tensor],
+    plans: Sequence[QgzPlan],
+    topo: Topology,
+    stage1: Stage,
+    stage3: ReduceStage,
+) -> list[Tensor]:
+    """The qgZ pipeline for tensors whose plans are quantized (steps 1-6 of the module doc),
+    with the quantizers of steps 1 and 3 supplied (plain or LoCo)."""
+    if not tensors:
+        return []
+    n_nodes, local, world = topo.nodes, topo.local, topo.world
+    first = []
+    for i, (t, p) in enumerate(zip(tensors, plans, strict=True)):
+        codes, params = stage1(i, t, p.groups)
+        first.append(_as_bytes(codes, params, local))
+    second = []
+    for i, (codes, raw) in enumerate(_exchange(first, local, topo.local_group)):
+        g = plans[i].groups
+        q, params = stage3(i, codes.reshape(-1), _params_of(raw, g), g)
+        second.append(_as_bytes(q, params, n_nodes))
+    out = []
+    for (codes, raw), t, p in zip(_exchange(second, n_nodes, topo.global_group), tensors, plans, strict=True):
+        g = p.groups // local
+        values = ops.dequantize(codes.reshape(-1), _params_of(raw, g), g, 4, True, torch.float32)
+        out.append(values.view(n_nodes, p.numel // world).sum(dim=0).div_(world).to(t.dtype))
+    return out
+
+
+def check_same_shapes(tensors: Sequence[Tensor], fn: str) -> None:
+    """Collective: raise on every rank unless every rank passed the same shapes and dtypes."""
+    sig = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
+    device = tensors[0].device if tensors else torch.device("cpu")
+    mine = torch.tensor([zlib.crc32(sig)], dtype=torch.int64, device=device)
+    world = torch.distributed.get_world_size()
+    every = torch.empty(world, dtype=torch.int64, device=device)
+    comm.all_gather(every, mine)
+    if not bool((every == every[0]).all()):
+        differ = [r for r in range(world) if int(every[r]) != int(every[0])]
+        raise ValueError(
+            f"qkit.distributed.{fn}: ranks passed different tensor shapes/dtypes (ranks {differ} differ from "
+            f"rank 0); every rank must reduce the same list of shapes"
+        )
+
+
+def run(
+    tensors: Sequence[Tensor],
+    groups: dict[str, Any],
+    fn: str,
+    stage1: Callable[[Topology], Stage],
+    stage3: Callable[[Topology], ReduceStage],
+    validate: bool,
+) -> tuple[list[Tensor], list[QgzPlan]]:
+    """Plan every tensor, run the quantized ones through :func:`reduce` and the others through
+    the fallback; results in input order. ``stage1``/``stage3`` build the stages, which
+    receive each tensor's index in ``tensors``."""
+    topo = topology(groups, fn)
+    tensors = list(tensors)
+    if any(t.device != tensors[0].device for t in tensors):
+        raise ValueError(f"qkit.distributed.{fn}: all tensors of one call must be on one device")
+    if validate:
+        check_same_shapes(tensors, fn)
+    plans = [plan_qgz(tuple(t.shape), t.dtype, topo.world) for t in tensors]
+    main = [i for i, p in enumerate(plans) if p.quantized]
+    rest = [i for i, p in enumerate(plans) if not p.quantized]
+    for i in rest:
+        warn_fallback(plans[i])
+    out: list[Tensor | None] = [None] * len(tensors)
+    with torch.no_grad():
+        s1, s3 = stage1(topo), stage3(topo)
+        reduced = reduce(
+            [tensors[i] for i in main],
+            [plans[i] for i in main],
+            topo,
+            lambda j, t, g: s1(main[j], t, g),
+            lambda j, q, p, g: s3(main[j], q, p, g),
+        )
+        for i, r in zip(main, reduced, strict=True):
+            out[i] = r
+        for i, r in zip(rest, mean_reduce_scatter([tensors[i] for i in rest], topo.world, topo.rank), strict=True):
+            out[i] = r
+    return [o for o in out if o is not None], plans
+
+
+def all_to_all_quant_reduce(
+    tensors: Sequence[Tensor], groups: dict[str, Any], *, validate: bool = False
+) -> list[Tensor]:
+    """ZeRO++ qgZ: averaging reduce-scatter of gradients at 4 bits on the wire (collective).
+
+    Args:
+        tensors: gradients, float32/float16/bfloat16, on one device (CPU with gloo, CUDA with
+            NCCL); every rank passes the same shapes in the same order.
+        groups: from :func:`qkit.distributed.hierarchical_groups` (``N`` and ``L`` are read
+            from its keys).
+        validate: first check (one tiny all-gather) that every rank passed the same shapes
+            and dtypes, raising the same error on every rank if not.
+
+    Returns:
+        One 1-D tensor per input in its dtype: with ``c = ceil(M / W)``, elements
+        ``[r*c, min((r+1)*c, M))`` of the flattened **mean** over all ``W`` ranks (``M / W``
+        elements when ``W`` divides ``M``, always the case on the quantized path).
+
+    Tensors of fewer than 2 dimensions, with ``M % (2W) != 0``, empty, or float64 take a
+    full-precision averaging reduce-scatter instead (fp32 sums; fp64 for float64), with one
+    :class:`QgzFallbackWarning` per reason per process; the decision depends only on shapes
+    and dtypes, so all ranks agree.
+    Bytes on the wire: :func:`qkit.distributed.wire_bytes` and ``docs/distributed.md``.
+    """
+
+    def stage1(topo: Topology) -> Stage:
+        return lambda i, t, g: swizzle_quantize(t, g, 4, True, 1, topo.nodes, topo.local)
+
+    def stage3(topo: Topology) -> ReduceStage:
+        return lambda i, q, p, g: quantized_reduction(q, p, g, g // topo.local, 4, True, topo.local)
+
+    return run(tensors, groups, "all_to_all_quant_reduce", stage1, stage3, validate)[0]
