@@ -447,3 +447,197 @@ def test_import_without_compiled_module() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------- ZeRO++ communication ops
+
+ZEROPP = [
+    "swizzle_quant",
+    "quantized_reduction",
+    "loco_swizzle_quant",
+    "loco_quantized_reduction",
+    "dequantize_int4_to_half_experimental",
+    "dequantize_int8_to_half_experimental",
+]
+# nodes=2, devices_per_node=4, pipeline_size=2: G = 16 groups of 6 values
+GROUPS, PIPELINE, NODES, DEVICES = 16, 2, 2, 4
+
+
+def test_module_has_zeropp_names() -> None:
+    module = QuantizerBuilder().load()
+    for name in ZEROPP:
+        assert callable(getattr(module, name)), name
+        assert name in qop.__all__, name
+
+
+def _same(got: list[Tensor], want: tuple[Tensor, ...]) -> None:
+    assert isinstance(got, list) and len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=repr)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swizzle_quant_equals_op(qtype: QuantizationType | int, bits: int, dtype: torch.dtype) -> None:
+    symmetric = int(qtype) == 0
+    x = _data((GROUPS, 6), dtype)
+    got = qop.swizzle_quant(x, GROUPS, bits, qtype, PIPELINE, NODES, DEVICES)
+    want = qkit.zeropp_ops.swizzle_quantize(
+        x, groups=GROUPS, bits=bits, symmetric=symmetric, pipeline=PIPELINE, nodes=NODES, devices_per_node=DEVICES
+    )
+    _same(got, want)
+    # DeepSpeed's order is (..., pipeline_size, nodes, devices_per_node): swapping the last two differs
+    swapped = qop.swizzle_quant(x, GROUPS, bits, qtype, PIPELINE, DEVICES, NODES)
+    assert not torch.equal(swapped[1], got[1])
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=repr)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_reduction_equals_op(qtype: QuantizationType | int, bits: int) -> None:
+    symmetric = int(qtype) == 0
+    q, params = qop.swizzle_quant(_data((GROUPS, 6), torch.float16), GROUPS, bits, qtype, 1, NODES, DEVICES)
+    got = qop.quantized_reduction(q, params, GROUPS, GROUPS // DEVICES, bits, qtype, DEVICES)
+    want = qkit.zeropp_ops.quantized_reduction(
+        q,
+        params,
+        in_groups=GROUPS,
+        out_groups=GROUPS // DEVICES,
+        bits=bits,
+        symmetric=symmetric,
+        devices_per_node=DEVICES,
+    )
+    _same(got, want)
+    assert got[0].numel() == q.numel() // DEVICES
+
+
+def test_quantized_reduction_deepspeed_example() -> None:
+    """deepspeed-behaviour.md §7, through the drop-in: L=2, 8-bit symmetric."""
+    q0 = [64, -32, 16, -128, 0, 48, 127, -96]
+    q1 = [127] * 4 + [-128] * 4
+    q = torch.tensor(q0 + q1, dtype=torch.int8)
+    params = torch.tensor([[1 / 64], [1 / 256]])
+    out, scales = qop.quantized_reduction(q, params, 2, 1, 8, QuantizationType.Symmetric, 2)
+    assert out.tolist() == [96, 0, 48, -96, -32, 16, 95, -128]
+    assert scales.tolist() == [[1 / 64]]
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=repr)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loco_swizzle_quant_equals_op_and_updates_in_place(
+    qtype: QuantizationType | int, bits: int, dtype: torch.dtype
+) -> None:
+    symmetric = int(qtype) == 0
+    x = _data((GROUPS, 6), dtype)
+    error = _data((GROUPS * 6,), dtype, seed=1) * 0.01
+    mine, theirs = error.clone(), error.clone()
+    got = qop.loco_swizzle_quant(x, mine, 0.5, GROUPS, bits, qtype, PIPELINE, NODES, DEVICES)
+    want = qkit.zeropp_ops.loco_swizzle_quantize(
+        x,
+        theirs,
+        err_beta=0.5,
+        groups=GROUPS,
+        bits=bits,
+        symmetric=symmetric,
+        pipeline=PIPELINE,
+        nodes=NODES,
+        devices_per_node=DEVICES,
+    )
+    _same(got, want)
+    assert torch.equal(mine, theirs)
+    assert not torch.equal(mine, error), "error_feedback is updated in place"
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=repr)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("e_dtype", DTYPES, ids=str)
+def test_loco_quantized_reduction_equals_op_and_updates_in_place(
+    qtype: QuantizationType | int, bits: int, e_dtype: torch.dtype
+) -> None:
+    symmetric = int(qtype) == 0
+    q, params = qop.swizzle_quant(_data((GROUPS, 6), torch.float16), GROUPS, bits, qtype, 1, NODES, DEVICES)
+    error = _data((GROUPS * 6 // DEVICES,), e_dtype, seed=2) * 0.01
+    mine, theirs = error.clone(), error.clone()
+    got = qop.loco_quantized_reduction(q, params, mine, 0.5, GROUPS, GROUPS // DEVICES, bits, qtype, DEVICES)
+    want = qkit.zeropp_ops.loco_quantized_reduction(
+        q,
+        params,
+        theirs,
+        err_beta=0.5,
+        in_groups=GROUPS,
+        out_groups=GROUPS // DEVICES,
+        bits=bits,
+        symmetric=symmetric,
+        devices_per_node=DEVICES,
+    )
+    _same(got, want)
+    assert torch.equal(mine, theirs)
+    assert not torch.equal(mine, error), "error_feedback is updated in place"
+
+
+def test_loco_beta_zero_as_int() -> None:
+    """err_beta given as the int 0 (a float argument) works and means beta = 0."""
+    x = _data((8, 4), torch.float32)
+    mine, theirs = torch.ones(32), torch.ones(32)
+    got = qop.loco_swizzle_quant(x, mine, 0, 8, 8, 0, 1, 2, 2)
+    _same(got, qkit.zeropp_ops.loco_swizzle_quantize(x, theirs, 0.0, 8, 8, True, 1, 2, 2))
+    assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("num_groups", [1, 2, 3, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_experimental_equals_op(bits: int, num_groups: int, dtype: torch.dtype) -> None:
+    """Any number of groups (DeepSpeed launched nothing below 32); fp16 out."""
+    fn = getattr(qop, f"dequantize_int{bits}_to_half_experimental")
+    gen = torch.Generator().manual_seed(num_groups)
+    group_size = 10
+    data = torch.randint(0, 256, (num_groups * group_size * bits // 8,), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(num_groups, 1, generator=gen) * 10 + 1).to(dtype)
+    minv = torch.randn(num_groups, 1, generator=gen).to(dtype)
+    for raw in (data, data.view(torch.int8)):
+        got = fn(raw, scale, minv, num_groups, group_size)
+        assert got.dtype == torch.float16 and got.shape == (num_groups, group_size)
+        assert torch.equal(got, qkit.zeropp_ops.dequantize_unsigned(raw, scale, minv, num_groups, group_size, bits))
+
+
+def test_dequantize_int4_high_nibble_first() -> None:
+    data = torch.tensor([0xF0, 0x1E], dtype=torch.uint8)
+    one = torch.tensor([2.0], dtype=torch.float16)
+    y = qop.dequantize_int4_to_half_experimental(data, one, -one / 2, 1, 4)
+    assert y.tolist() == [[6.5, -1.0, -0.5, 6.0]]  # codes 15, 0, 1, 14
+    y8 = qop.dequantize_int8_to_half_experimental(data, one, -one / 2, 1, 2)
+    assert y8.tolist() == [[119.0, 14.0]]  # codes 240, 30
+
+
+def _zeropp_call(name: str, qtype: object) -> object:
+    x = torch.randn(8, 4)
+    q, params = qop.swizzle_quant(x, 8, 8, 0, 1, 2, 2)
+    return {
+        "swizzle_quant": lambda: qop.swizzle_quant(x, 8, 8, qtype, 1, 2, 2),
+        "quantized_reduction": lambda: qop.quantized_reduction(q, params, 8, 4, 8, qtype, 2),
+        "loco_swizzle_quant": lambda: qop.loco_swizzle_quant(x, torch.zeros(32), 0.5, 8, 8, qtype, 1, 2, 2),
+        "loco_quantized_reduction": lambda: qop.loco_quantized_reduction(
+            q, params, torch.zeros(16), 0.5, 8, 4, 8, qtype, 2
+        ),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ZEROPP[:4])
+def test_zeropp_qtype_validation(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}.*qtype"):
+        _zeropp_call(name, 2)
+    with pytest.raises(TypeError, match=f"{name}.*qtype"):
+        _zeropp_call(name, True)
+    with pytest.raises(TypeError, match=f"{name}.*qtype"):
+        _zeropp_call(name, None)
+
+
+def test_zeropp_bad_layout_is_an_error() -> None:
+    """DeepSpeed left groups uninitialized when G % (nodes*devices*pipeline) != 0; here: an error."""
+    with pytest.raises(RuntimeError, match=r"swizzle_quantize:.*`groups`"):
+        qop.swizzle_quant(torch.randn(12, 4), 12, 8, qop.Symmetric, 1, 2, 4)
+    with pytest.raises(RuntimeError, match=r"loco_swizzle_quantize:.*`groups`"):
+        qop.loco_swizzle_quant(torch.randn(12, 4), torch.zeros(48), 0.5, 12, 8, qop.Asymmetric, 1, 5, 1)

@@ -10,7 +10,12 @@ behaviour is qkit's (``OPS.md``), which fixes DeepSpeed's defects:
 - the fp32 variants return ``q * step``, not that value rounded to an integer;
 - the asymmetric variants have ``2^b`` levels, and ``ds_sr_quantize_asym_*`` is
   really asymmetric;
-- ``quantize`` / ``dequantize`` accept any float input and any group size.
+- ``quantize`` / ``dequantize`` accept any float input and any group size;
+- the ZeRO++ ops (``swizzle_quant``, ``quantized_reduction``, their ``loco_``
+  variants) take fp32/fp16/bf16 and any group size, accumulate the reduction in
+  fp32, read the right asymmetric params for every tensor, and reject bad layouts
+  with an error; ``dequantize_int{4,8}_to_half_experimental`` work for any number
+  of groups (DeepSpeed launched nothing below 32).
 
 Importing this module does not need the compiled kernels; calling an op without
 them raises :class:`qkit.QkitLoadError` with the diagnosis.
@@ -24,7 +29,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
-from qkit import ops
+from qkit import ops, zeropp_ops
 
 __all__ = [
     "Asymmetric",
@@ -32,6 +37,8 @@ __all__ = [
     "Symmetric",
     "dequantize",
     "dequantize_fp32",
+    "dequantize_int4_to_half_experimental",
+    "dequantize_int8_to_half_experimental",
     "ds_quantize_asym_fp16",
     "ds_quantize_asym_fp32",
     "ds_quantize_fp16",
@@ -40,7 +47,11 @@ __all__ = [
     "ds_sr_quantize_asym_fp32",
     "ds_sr_quantize_fp16",
     "ds_sr_quantize_fp32",
+    "loco_quantized_reduction",
+    "loco_swizzle_quant",
     "quantize",
+    "quantized_reduction",
+    "swizzle_quant",
 ]
 
 
@@ -199,5 +210,128 @@ def dequantize_fp32(q: Tensor, params: Tensor, groups: int, bits: int, qtype: Qu
     return ops.dequantize(q, params, groups, bits, symmetric, torch.float32)
 
 
-# DeepSpeed's communication ops (swizzle_quant, quantized_reduction, loco_*) and
-# dequantize_int{4,8}_to_half_experimental join this module with their qkit ops.
+# ---------------------------------------------------------------- ZeRO++ communication ops (OPS.md §3)
+
+
+def swizzle_quant(
+    x: Tensor,
+    groups: int,
+    bits: int,
+    qtype: QuantizationType | int,
+    pipeline_size: int,
+    nodes: int,
+    devices_per_node: int,
+) -> list[Tensor]:
+    """Quantize ``x`` group-wise, groups laid out for the ZeRO++ all-to-all (qkit ``swizzle_quantize``).
+
+    Args:
+        x: fp16 (as DeepSpeed), fp32 or bf16; ``M`` elements in ``groups`` contiguous groups.
+        groups: ``G``, a multiple of ``nodes * devices_per_node * pipeline_size``.
+        bits: 4 or 8 (4-bit needs an even group size).
+        qtype: :class:`QuantizationType` or its int value.
+        pipeline_size, nodes, devices_per_node: the layout (OPS.md §3).
+
+    Returns:
+        ``[q, params]``: int8 1-D ``[M*bits/8]`` codes and float32 ``[G, 1|2]`` params, both
+        in swizzled group order.
+    """
+    symmetric = _is_symmetric(qtype, "swizzle_quant")
+    q, params = zeropp_ops.swizzle_quantize(x, groups, bits, symmetric, pipeline_size, nodes, devices_per_node)
+    return [q, params]
+
+
+def quantized_reduction(
+    q: Tensor,
+    params: Tensor,
+    in_groups: int,
+    out_groups: int,
+    bits: int,
+    qtype: QuantizationType | int,
+    devices_per_node: int,
+) -> list[Tensor]:
+    """Dequantize the ``devices_per_node`` tensors concatenated in ``q``, sum them in fp32
+    and requantize the sum in ``out_groups`` groups (qkit ``quantized_reduction``).
+
+    Returns:
+        ``[q, params]``: codes shaped like ``q`` with the last dimension divided by
+        ``devices_per_node``, and float32 ``[out_groups, 1|2]`` params. The sum, not the mean.
+    """
+    symmetric = _is_symmetric(qtype, "quantized_reduction")
+    q_out, params_out = zeropp_ops.quantized_reduction(
+        q, params, in_groups, out_groups, bits, symmetric, devices_per_node
+    )
+    return [q_out, params_out]
+
+
+def loco_swizzle_quant(
+    x: Tensor,
+    error_feedback: Tensor,
+    err_beta: float,
+    groups: int,
+    bits: int,
+    qtype: QuantizationType | int,
+    pipeline_size: int,
+    nodes: int,
+    devices_per_node: int,
+) -> list[Tensor]:
+    """:func:`swizzle_quant` of ``x + error_feedback`` with LoCo error feedback.
+
+    ``error_feedback`` (``M`` elements of ``x``'s dtype, indexed by swizzled position) is
+    updated in place: ``e <- err_beta*e + (1-err_beta)*(s - dequant(q))``.
+
+    Returns:
+        ``[q, params]`` as :func:`swizzle_quant`.
+    """
+    symmetric = _is_symmetric(qtype, "loco_swizzle_quant")
+    q, params = zeropp_ops.loco_swizzle_quantize(
+        x, error_feedback, err_beta, groups, bits, symmetric, pipeline_size, nodes, devices_per_node
+    )
+    return [q, params]
+
+
+def loco_quantized_reduction(
+    q: Tensor,
+    params: Tensor,
+    error_feedback: Tensor,
+    err_beta: float,
+    in_groups: int,
+    out_groups: int,
+    bits: int,
+    qtype: QuantizationType | int,
+    devices_per_node: int,
+) -> list[Tensor]:
+    """:func:`quantized_reduction` of the sum plus ``error_feedback`` (one value per output
+    value, any float dtype, natural order), which is updated in place as in :func:`loco_swizzle_quant`.
+
+    Returns:
+        ``[q, params]`` as :func:`quantized_reduction`.
+    """
+    symmetric = _is_symmetric(qtype, "loco_quantized_reduction")
+    q_out, params_out = zeropp_ops.loco_quantized_reduction(
+        q, params, error_feedback, err_beta, in_groups, out_groups, bits, symmetric, devices_per_node
+    )
+    return [q_out, params_out]
+
+
+def dequantize_int4_to_half_experimental(
+    data: Tensor, scale: Tensor, minv: Tensor, num_groups: int, group_size: int
+) -> Tensor:
+    """DeepSpeed's inference dequantizer for unsigned 4-bit codes (even element in the high nibble).
+
+    Args:
+        data: raw bytes (uint8/int8), ``num_groups * group_size / 2`` of them.
+        scale, minv: ``num_groups`` values each: the forward scale and the group minimum.
+        num_groups, group_size: any (DeepSpeed launched nothing below 32 groups).
+
+    Returns:
+        float16 ``[num_groups, group_size]``: ``code / scale[g] + minv[g]``, computed in fp32
+        and rounded once.
+    """
+    return zeropp_ops.dequantize_unsigned(data, scale, minv, num_groups, group_size, 4)
+
+
+def dequantize_int8_to_half_experimental(
+    data: Tensor, scale: Tensor, minv: Tensor, num_groups: int, group_size: int
+) -> Tensor:
+    """:func:`dequantize_int4_to_half_experimental` for unsigned 8-bit codes (one byte each)."""
+    return zeropp_ops.dequantize_unsigned(data, scale, minv, num_groups, group_size, 8)
