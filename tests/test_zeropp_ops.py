@@ -603,6 +603,28 @@ def test_loco_bumps_version_counter(device):
     assert e2._version > v, "loco_quantized_reduction"
 
 
+@pytest.mark.parametrize("op", ["loco_swizzle_quantize", "loco_quantized_reduction"])
+def test_loco_error_feedback_requiring_grad(device, op):
+    """Like fake_quantize_ (and aten's in-place ops on a leaf that requires grad), the LoCo ops
+    refuse to overwrite an error buffer that requires grad, naming it; under no_grad they may."""
+    x = make_input((4, 8), torch.float32, seed=1).to(device)
+    q, p = ops.quantize(x, 4, 8, True)
+
+    def call(e):
+        if op == "loco_swizzle_quantize":
+            return ops.loco_swizzle_quantize(x, e, 0.5, 4, 8, True, 1, 2, 2)
+        return ops.loco_quantized_reduction(q, p, e, 0.5, 4, 2, 8, True, 2)
+
+    numel = 32 if op == "loco_swizzle_quantize" else 16
+    e = torch.zeros(numel, device=device, requires_grad=True)
+    with pytest.raises((RuntimeError, ValueError), match=rf"qkit\.{op}:.*`error_feedback`"):
+        call(e)
+    assert bool((e == 0).all()), "refused before writing"
+    with torch.no_grad():
+        call(e)
+    assert not bool((e == 0).all())
+
+
 # ------------------------------------------------------------------ dequantize_unsigned
 
 
