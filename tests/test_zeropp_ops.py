@@ -581,6 +581,8 @@ def test_loco_reduction_non_contiguous_error(device, symmetric):
     untouched = torch.ones(144, dtype=torch.bool)
     untouched[1::3] = False
     assert_same(storage[untouched], before[untouched], "neighbours untouched")
+    # a transposed 2-D buffer: indexed in logical (row-major) order like every qkit tensor
+    check_loco_reduction(q, params, before[:48].reshape(8, 6).t(), 0.5, 8, 6, 4, symmetric, 2, device)
 
 
 @SYM
