@@ -204,7 +204,8 @@ def _check_errors(rank: int, groups: dict, local: int) -> dict:
     return {"errors": errs, "validated": ok}
 
 
-def worker(world: int, local: int, port: int, outdir: str, rank: int) -> None:
+def worker(world: int, local: int, port: int, outdir: str, rank: int, only: tuple[str, ...] = ()) -> None:
+    """One rank: every check (or those in ``only``), results to ``rank{r}.pt``."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo",
@@ -230,6 +231,8 @@ def worker(world: int, local: int, port: int, outdir: str, rank: int) -> None:
             "errors": lambda: _check_errors(rank, groups, local),
         }
         for name, fn in checks.items():
+            if only and name not in only:
+                continue
             start = time.perf_counter()
             try:
                 results[name] = fn()
@@ -251,7 +254,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_rank(world: int, local: int, port: int, outdir: str, rank: int) -> None:
+def _run_rank(world: int, local: int, port: int, outdir: str, rank: int, only: tuple[str, ...]) -> None:
     """Entry point of a spawned rank: output to ``rank{r}.log``, then :func:`worker`."""
     log = os.open(Path(outdir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
@@ -259,16 +262,16 @@ def _run_rank(world: int, local: int, port: int, outdir: str, rank: int) -> None
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13's renamed collectives
     if Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # 127.0.0.1 only, whatever the hostname resolves to
-    worker(world, local, port, outdir, rank)
+    worker(world, local, port, outdir, rank, only)
 
 
-def _spawn(world: int, local: int, outdir: Path) -> list[dict]:
+def _spawn(world: int, local: int, outdir: Path, only: tuple[str, ...] = ()) -> list[dict]:
     """Run ``world`` ranks from a forkserver that imported torch and qkit once (fresh interpreters
     would import them ``world`` times on this 2-core machine), bounded by SPAWN_TIMEOUT_S."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "qkit", "qkit.distributed", "pytest"])
     port = _free_port()
-    procs = [ctx.Process(target=_run_rank, args=(world, local, port, str(outdir), r)) for r in range(world)]
+    procs = [ctx.Process(target=_run_rank, args=(world, local, port, str(outdir), r, only)) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
@@ -352,6 +355,11 @@ def test_groups_have_the_node_major_layout(world: dict) -> None:
 def test_slices_paths_and_values(world: dict) -> None:
     """Each rank's slice of every case: shape/dtype contract, bit-exact against the simulation on the
     quantized path, within the 4-bit bound of the exact mean; the fallback is the exact mean."""
+    assert _assert_slices(world) == ["2d_f32", "2d_bf16", "3d_f16", "odd_rows"]
+
+
+def _assert_slices(world: dict) -> list[str]:
+    """The checks of test_slices_paths_and_values; returns the cases that took the 4-bit path."""
     w, nodes, local = world["world"], world["nodes"], world["local"]
     res = _check(world, "main")
     quantized = []
@@ -378,7 +386,7 @@ def test_slices_paths_and_values(world: dict) -> None:
                     acc = torch.float64 if dtype == torch.float64 else torch.float32
                     want = mean[start:stop].to(acc).to(dtype)
                     torch.testing.assert_close(got, want, rtol=4 * torch.finfo(acc).eps, atol=1e-7)
-    assert quantized == ["2d_f32", "2d_bf16", "3d_f16", "odd_rows"]
+    return quantized
 
 
 def test_fallback_warns_once_per_reason(world: dict) -> None:
@@ -513,7 +521,7 @@ def test_all_gather_quantized(world: dict) -> None:
             assert got.dtype == dtype and got.shape == (w * shape[0], *shape[1:]), (name, got.shape)
             assert torch.equal(got, want), (name, rank)
             assert nbytes == wire_bytes("qwz", shape, world_size=w, bits=bits, groups=ngroups)
-        if name == "big_f32_8b":
+        if name == "big_f32_8b" and w > 1:
             ratio = nbytes / wire_bytes("all_gather", shape, world_size=w)
             assert 0.25 <= ratio < 0.251, ratio
     for rank in range(w):
@@ -548,6 +556,16 @@ def test_timings(world: dict) -> None:
         f"\nworld {world['world']}: spawn+run {world['spawn_s']:.1f}s; "
         + ", ".join(f"{k} {v:.2f}s" for k, v in times.items())
     )
+
+
+@pytest.mark.parametrize(("w", "local"), [(1, 1), (2, 2), (2, 1)], ids=["1x1", "1x2", "2x1"])
+def test_degenerate_topologies(w: int, local: int, tmp_path: Path) -> None:
+    """One rank, one node, one rank per node: the groups of size 1 copy instead of communicating."""
+    ranks = _spawn(w, local, tmp_path, only=("main", "loco", "qwz"))
+    world = {"world": w, "local": local, "nodes": w // local, "ranks": ranks}
+    assert _assert_slices(world) == [name for name, shape, dt in CASES if plan_qgz(shape, dt, w).quantized]
+    _check(world, "loco")
+    test_all_gather_quantized(world)
 
 
 # ---------------------------------------------------------------- single process, no process group

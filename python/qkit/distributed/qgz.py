@@ -61,8 +61,9 @@ def _exchange(blocks: list[tuple[Tensor, Tensor]], peers: int, group: Any) -> li
 
 
 def _params_of(raw: Tensor, rows: int) -> Tensor:
-    """Received param bytes ``[peers, ·]`` -> float32 ``[rows, 1]``."""
-    return raw.contiguous().view(torch.float32).reshape(rows, 1)
+    """Received param bytes ``[peers, ·]`` -> float32 ``[rows, 1]`` (a fresh, aligned copy: the
+    slice may start at any byte and, with one peer, keep its parent's row stride)."""
+    return raw.flatten().clone().view(torch.float32).reshape(rows, 1)
 
 
 def reduce(

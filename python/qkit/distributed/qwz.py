@@ -101,7 +101,7 @@ def all_gather_quantized(
         send = torch.cat([params.view(torch.int8).reshape(-1), codes])
         recv = torch.empty(k * send.numel(), dtype=torch.int8, device=tensor.device).view(k, -1)
         comm.all_gather(recv.view(-1), send, group)
-        all_params = recv[:, : 4 * g].contiguous().view(torch.float32).reshape(k * g, 1)
+        all_params = recv[:, : 4 * g].flatten().clone().view(torch.float32).reshape(k * g, 1)
         all_codes = recv[:, 4 * g :].reshape(-1)
         values = ops.dequantize(all_codes, all_params, k * g, bits, True, tensor.dtype).view(shape)
     if out is None:
