@@ -3,5 +3,6 @@
 #define QKIT_CPU_ISA_NS avx2
 #define QKIT_CPU_TARGET_PRAGMA _Pragma("GCC target(\"avx2,f16c\")")
 #define QKIT_CPU_HAS_F16C 1
+#define QKIT_CPU_VEC_BYTES 32
 #include "quantize_cpu_impl.h"
 #endif
