@@ -5,8 +5,9 @@ re-quantized between steps): ``intra`` (``M`` elements, swizzled order) for the
 4-bit quantization before the node all-to-all, and ``inter`` (``M / L`` elements) for
 the re-quantization after the node reduction. Both follow
 ``e <- err_beta * e + (1 - err_beta) * (s - dequant(q))`` with ``s = value + e``; with
-``err_beta = 0`` this is classic error feedback, and the sum of the results over steps
-stays within one quantization error of the sum of the exact means.
+``err_beta = 0`` this is classic error feedback: the sum of the results over steps differs
+from the sum of the exact means only by the errors still held in the buffers (the last
+step's), instead of accumulating every step's.
 
 Every parameter counts its own steps and starts from zero error every ``reset_T`` of them
 (DeepSpeed kept one counter for all parameters and stored the buffers at 8 bits).
