@@ -33,10 +33,20 @@ DType float_dtype(const Tensor& t, const char* op, const char* arg) {
   }
 }
 
-void check_groups(int64_t numel, int64_t groups, const char* op, const char* numel_of) {
-  QKIT_CHECK(groups >= 1, op, "`groups` must be >= 1, got ", groups);
-  QKIT_CHECK(numel % groups == 0, op, "`groups` (", groups, ") must divide the number of elements of `", numel_of,
+void check_groups(int64_t numel, int64_t groups, const char* op, const char* numel_of, const char* name) {
+  QKIT_CHECK(groups >= 1, op, "`", name, "` must be >= 1, got ", groups);
+  QKIT_CHECK(numel % groups == 0, op, "`", name, "` (", groups, ") must divide the number of elements of `", numel_of,
              "` (", numel, ")");
+}
+
+void check_no_self_overlap(const Tensor& t, const char* op, const char* arg) {
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    QKIT_CHECK(!(strides[d] == 0 && sizes[d] > 1), op, "`", arg,
+               "` has elements that share memory (an expanded view); in-place writes would collide - pass a tensor "
+               "that owns its elements (e.g. .clone())");
+  }
 }
 
 void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op) {

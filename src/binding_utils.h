@@ -42,7 +42,9 @@ const char* dtype_name(ScalarType t);
 // The kernels' element type for a float tensor; errors for anything else.
 DType float_dtype(const Tensor& t, const char* op, const char* arg);
 
-void check_groups(int64_t numel, int64_t groups, const char* op, const char* numel_of);
+void check_groups(int64_t numel, int64_t groups, const char* op, const char* numel_of, const char* name = "groups");
+// A tensor written in place must not have elements that share memory (expanded views).
+void check_no_self_overlap(const Tensor& t, const char* op, const char* arg);
 void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op);
 
 std::vector<int64_t> sizes_of(const Tensor& t);

@@ -84,13 +84,7 @@ Tensor fake_quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric,
 void fake_quantize_(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool stochastic) {
   const char* op = "fake_quantize_";
   check_fake_args(input, groups, bits, op);
-  const auto sizes = input.sizes();
-  const auto strides = input.strides();
-  for (int64_t d = 0; d < input.dim(); ++d) {
-    QKIT_CHECK(!(strides[d] == 0 && sizes[d] > 1), op,
-               "`input` has elements that share memory (an expanded view); in-place writes would collide - pass a "
-               "tensor that owns its elements (e.g. .clone())");
-  }
+  check_no_self_overlap(input, op, "input");
   if (input.is_contiguous()) {
     fake_quantize_into(input, input, groups, bits, symmetric, stochastic, op);
     return;

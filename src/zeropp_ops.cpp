@@ -25,7 +25,7 @@ void check_swizzle_input(const Tensor& input, int64_t groups, int64_t bits, cons
   check_storage_bits(bits, op);
   check_groups(input.numel(), groups, op, "input");
   QKIT_CHECK(bits == 8 || (input.numel() / groups) % 2 == 0, op,
-             "4-bit swizzling moves whole bytes: the group size (", input.numel() / groups, ") must be even");
+             "4-bit swizzling moves whole bytes: `groups` must leave an even group size, got ", input.numel() / groups);
 }
 
 // The error buffer a LoCo op updates in place: a float tensor of `numel` elements
@@ -37,6 +37,7 @@ void check_error_feedback(const Tensor& error, const Tensor& like, int64_t numel
   QKIT_CHECK(!same_dtype || error.scalar_type() == like.scalar_type(), op,
              "`error_feedback` must have the dtype of `input` (", dtype_name(like.scalar_type()), "), got ",
              dtype_name(error.scalar_type()));
+  check_no_self_overlap(error, op, "error_feedback");
 }
 
 void check_beta(double beta, const char* op) {
@@ -152,7 +153,7 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
   const int64_t values = q.numel() * (8 / bits) / devices;
   QKIT_CHECK(values % (in_groups / devices) == 0, op, "`in_groups` / devices_per_node (", in_groups / devices,
              ") must divide the values per tensor (", values, ")");
-  check_groups(values, out_groups, op, "the reduced output");
+  check_groups(values, out_groups, op, "the reduced output", "out_groups");
   const int64_t per_group = params_per_group(symmetric);
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == in_groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [in_groups, ", per_group, "] = [", in_groups, ", ", per_group, "]");
@@ -210,7 +211,7 @@ Tensor dequantize_unsigned(Tensor data, Tensor scale, Tensor minv, int64_t num_g
   QKIT_CHECK(num_groups >= 0, op, "`num_groups` must be >= 0, got ", num_groups);
   QKIT_CHECK(group_size >= 1, op, "`group_size` must be >= 1, got ", group_size);
   const int64_t numel = num_groups * group_size;
-  QKIT_CHECK(bits == 8 || numel % 2 == 0, op, "4-bit codes come in pairs: num_groups * group_size (", numel,
+  QKIT_CHECK(bits == 8 || numel % 2 == 0, op, "4-bit codes come in pairs: `num_groups` * `group_size` (", numel,
              ") must be even");
   QKIT_CHECK(data.numel() == numel * bits / 8, op, "`data` must hold num_groups * group_size * bits / 8 = ",
              numel * bits / 8, " bytes, got ", data.numel());

@@ -277,3 +277,26 @@ def test_stochastic_cuda_graph_replay():
     assert not torch.equal(a, b), "replays must draw afresh"
     assert_unbiased(a, x.cpu(), 8, 4, True)
     assert_unbiased(b, x.cpu(), 8, 4, True)
+
+
+def test_quantize_outputs_carry_no_gradient_and_no_warning(device):
+    """quantize is not differentiable: its outputs are plain tensors (no autograd graph,
+    no 'autograd kernel was not registered' warning)."""
+    import warnings
+
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, p = torch.ops.qkit.quantize(x, 4, 8, True)
+    assert not q.requires_grad and not p.requires_grad and p.grad_fn is None
+
+
+def test_dequantize_refuses_params_that_require_grad(device):
+    """A gradient w.r.t. params would silently be missing: say so instead."""
+    q, p = torch.ops.qkit.quantize(torch.randn(4, 8, device=device), 4, 8, True)
+    p.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"qkit\.dequantize: `params` requires grad"):
+        torch.ops.qkit.dequantize(q, p, 4, 8, True, torch.float32)
+    with torch.no_grad():
+        torch.ops.qkit.dequantize(q, p, 4, 8, True, torch.float32)
+    torch.ops.qkit.dequantize(q, p.detach(), 4, 8, True, torch.float32)

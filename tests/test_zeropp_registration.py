@@ -515,15 +515,17 @@ def test_expanded_error_feedback_refused(mode, op):
     a clear error naming `error_feedback`, as fake_quantize_ does for its `input`."""
     q, p = torch.zeros(2, 24, dtype=torch.int8), torch.ones(4, 1)
 
-    def call(e96, e24):
-        if op == "loco_swizzle_quantize":
-            return ops.loco_swizzle_quantize(torch.randn(8, 12), e96, 0.5, 8, 8, True, 1, 2, 2)
-        return ops.loco_quantized_reduction(q, p, e24, 0.5, 4, 2, 8, True, 2)
+    x = torch.randn(8, 12)
 
-    e96, e24 = torch.zeros(1).expand(96), torch.zeros(1).expand(24)
+    def call(convert):
+        e96, e24 = convert(torch.zeros(1).expand(96)), convert(torch.zeros(1).expand(24))
+        if op == "loco_swizzle_quantize":
+            return ops.loco_swizzle_quantize(convert(x), e96, 0.5, 8, 8, True, 1, 2, 2)
+        return ops.loco_quantized_reduction(convert(q), convert(p), e24, 0.5, 4, 2, 8, True, 2)
+
     with pytest.raises(ERRORS, match=re.escape(f"qkit.{op}:") + ".*`error_feedback`"):
         if mode == "fake":
             with FakeTensorMode() as fake_mode:
-                call(fake_mode.from_tensor(e96), fake_mode.from_tensor(e24))
+                call(fake_mode.from_tensor)
         else:
-            call(e96, e24)
+            call(lambda t: t)

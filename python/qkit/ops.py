@@ -40,6 +40,46 @@ def define(schema: str, *, seeded: bool = False) -> None:
             _lib.impl(name, raiser, key)
 
 
+def register_autograd_rules(
+    name: str, *, mutates: str | None = None, no_grad_for: tuple[str, ...] = (), hint: str = ""
+) -> None:
+    """How autograd treats ``qkit::<name>``, an op with no derivative formula.
+
+    Its outputs carry no gradient. Arguments in ``no_grad_for`` and the mutated
+    argument ``mutates`` must not require grad while grad mode is on (a clear error
+    instead of a gradient that silently stops or goes wrong), and the mutated
+    argument's version counter is bumped, as every aten in-place op does, so
+    autograd notices when a saved tensor was overwritten.
+    """
+    op = getattr(torch.ops.qkit, name).default
+    names = [a.name for a in op._schema.arguments]
+    guarded = [*no_grad_for, *([mutates] if mutates else [])]
+
+    def arg(args: tuple, kwargs: dict, arg_name: str) -> Tensor:
+        index = names.index(arg_name)
+        return args[index] if index < len(args) else kwargs[arg_name]
+
+    def autograd_kernel(keyset: torch._C.DispatchKeySet, *args, **kwargs):
+        if torch.is_grad_enabled():
+            for arg_name in guarded:
+                if arg(args, kwargs, arg_name).requires_grad:
+                    raise QkitValueError(
+                        f"qkit.{name}: `{arg_name}` requires grad, but {name} has no gradient - {hint}"
+                    )
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+
+    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    if mutates is None:
+        return
+
+    def version_bump_kernel(keyset: torch._C.DispatchKeySet, *args, **kwargs):
+        torch.autograd.graph.increment_version(arg(args, kwargs, mutates))
+        return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+
+    _lib.impl(name, version_bump_kernel, "ADInplaceOrView", with_keyset=True)
+
+
 # ---------------------------------------------------------------- argument checks
 # The C++ bindings make the same checks with the same words; these run where the
 # kernels do not (FakeTensor, meta, torch.compile tracing). The kernels can only
@@ -64,12 +104,12 @@ def check_float_input(t: Tensor, op: str, arg: str = "input") -> None:
         raise QkitTypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
 
 
-def check_groups(numel: int, groups: int, op: str, numel_of: str = "input") -> None:
+def check_groups(numel: int, groups: int, op: str, numel_of: str = "input", name: str = "groups") -> None:
     if groups < 1:
-        raise QkitValueError(f"qkit.{op}: `groups` must be >= 1, got {groups}")
+        raise QkitValueError(f"qkit.{op}: `{name}` must be >= 1, got {groups}")
     if numel % groups != 0:
         raise QkitValueError(
-            f"qkit.{op}: `groups` ({groups}) must divide the number of elements of `{numel_of}` ({numel})"
+            f"qkit.{op}: `{name}` ({groups}) must divide the number of elements of `{numel_of}` ({numel})"
         )
 
 
@@ -115,10 +155,10 @@ def _check_fake_args(input: Tensor, groups: int, bits: int, op: str) -> None:
     check_groups(input.numel(), groups, op)
 
 
-def check_no_self_overlap(t: Tensor, op: str) -> None:
+def check_no_self_overlap(t: Tensor, op: str, arg: str = "input") -> None:
     if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True)):
         raise QkitValueError(
-            f"qkit.{op}: `input` has elements that share memory (an expanded view); in-place writes "
+            f"qkit.{op}: `{arg}` has elements that share memory (an expanded view); in-place writes "
             "would collide - pass a tensor that owns its elements (e.g. .clone())"
         )
 
@@ -139,44 +179,11 @@ def _fake_quantize_inplace_fake(
     check_no_self_overlap(input, "fake_quantize_")
 
 
-def _fake_quantize_inplace_autograd(
-    keyset: torch._C.DispatchKeySet,
-    input: Tensor,
-    groups: int,
-    bits: int,
-    symmetric: bool = True,
-    stochastic: bool = False,
-) -> None:
-    # In-place fake quantization has no gradient; refuse rather than let autograd
-    # differentiate through a value it never saw change.
-    if torch.is_grad_enabled() and input.requires_grad:
-        raise QkitValueError(
-            "qkit.fake_quantize_: `input` requires grad; in-place fake quantization has no gradient - "
-            "use qkit.fake_quantize (straight-through) or run under torch.no_grad()"
-        )
-    torch.ops.qkit.fake_quantize_.default.redispatch(
-        keyset & torch._C._after_autograd_keyset, input, groups, bits, symmetric, stochastic
-    )
-
-
-def _fake_quantize_inplace_version_bump(
-    keyset: torch._C.DispatchKeySet,
-    input: Tensor,
-    groups: int,
-    bits: int,
-    symmetric: bool = True,
-    stochastic: bool = False,
-) -> None:
-    # Tell autograd that `input` changed, so saved tensors that alias it are
-    # detected as modified (what every aten in-place op does).
-    torch.autograd.graph.increment_version(input)
-    torch.ops.qkit.fake_quantize_.default.redispatch(
-        keyset & torch._C._after_ADInplaceOrView_keyset, input, groups, bits, symmetric, stochastic
-    )
-
-
-_lib.impl("fake_quantize_", _fake_quantize_inplace_autograd, "Autograd", with_keyset=True)
-_lib.impl("fake_quantize_", _fake_quantize_inplace_version_bump, "ADInplaceOrView", with_keyset=True)
+register_autograd_rules(
+    "fake_quantize_",
+    mutates="input",
+    hint="use qkit.fake_quantize (straight-through) or run under torch.no_grad()",
+)
 
 
 def _fake_quantize_setup(ctx, inputs, output) -> None:
@@ -280,6 +287,12 @@ def _dequantize_fake(
     if bits == 4:
         shape[-1] *= 2
     return q.new_empty(shape, dtype=dtype or torch.float16)
+
+
+register_autograd_rules("quantize")
+register_autograd_rules(
+    "dequantize", no_grad_for=("params",), hint="detach `params`, or train with qkit.fake_quantize (straight-through)"
+)
 
 
 def quantize(input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = True) -> tuple[Tensor, Tensor]:

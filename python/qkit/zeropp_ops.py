@@ -17,8 +17,10 @@ from qkit.ops import (
     QkitValueError,
     check_float_input,
     check_groups,
+    check_no_self_overlap,
     check_storage_bits,
     define,
+    register_autograd_rules,
 )
 
 define(
@@ -42,6 +44,13 @@ define(
 )
 
 
+_NO_GRADIENT = "use them on detached tensors (they are communication ops, not differentiable)"
+for _name in ("swizzle_quantize", "quantized_reduction", "dequantize_unsigned"):
+    register_autograd_rules(_name)
+for _name in ("loco_swizzle_quantize", "loco_quantized_reduction"):
+    register_autograd_rules(_name, mutates="error_feedback", hint=_NO_GRADIENT)
+
+
 # ---------------------------------------------------------------- checks (mirror src/zeropp_ops.cpp)
 
 
@@ -58,7 +67,8 @@ def _check_swizzle(
     check_groups(input.numel(), groups, op)
     if bits == 4 and (input.numel() // groups) % 2 != 0:
         raise QkitValueError(
-            f"qkit.{op}: 4-bit swizzling moves whole bytes: the group size ({input.numel() // groups}) must be even"
+            f"qkit.{op}: 4-bit swizzling moves whole bytes: `groups` must leave an even group size, "
+            f"got {input.numel() // groups}"
         )
     _check_positive(pipeline, "pipeline", op)
     _check_positive(nodes, "nodes", op)
@@ -80,6 +90,7 @@ def _check_error_feedback(error: Tensor, like: Tensor, numel: int, same_dtype: b
         raise QkitTypeError(f"qkit.{op}: `error_feedback` must have the dtype of `input` ({like.dtype})")
     if not 0.0 <= beta <= 1.0:
         raise QkitValueError(f"qkit.{op}: `err_beta` must be in [0, 1], got {beta}")
+    check_no_self_overlap(error, op, "error_feedback")
 
 
 def _check_reduction(
@@ -108,7 +119,7 @@ def _check_reduction(
             f"qkit.{op}: `in_groups` / devices_per_node ({in_groups // devices}) must divide the values per "
             f"tensor ({values})"
         )
-    check_groups(values, out_groups, op, "the reduced output")
+    check_groups(values, out_groups, op, "the reduced output", name="out_groups")
     per_group = 1 if symmetric else 2
     if params.dim() != 2 or tuple(params.shape) != (in_groups, per_group):
         raise QkitValueError(
@@ -198,7 +209,9 @@ def _dequantize_unsigned_fake(
     _check_positive(group_size, "group_size", op)
     numel = num_groups * group_size
     if bits == 4 and numel % 2 != 0:
-        raise QkitValueError(f"qkit.{op}: 4-bit codes come in pairs: num_groups * group_size ({numel}) must be even")
+        raise QkitValueError(
+            f"qkit.{op}: 4-bit codes come in pairs: `num_groups` * `group_size` ({numel}) must be even"
+        )
     if data.numel() != numel * bits // 8:
         raise QkitValueError(
             f"qkit.{op}: `data` must hold num_groups * group_size * bits / 8 = {numel * bits // 8} bytes, "
