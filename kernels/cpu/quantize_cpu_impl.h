@@ -189,24 +189,31 @@ struct Transform {
   const T* in;
   void* out;
 
-  // Elements [begin, end) of one group. For Int4, begin and end must be even.
+  // Writes the output of elements [first, first + n) of one group, whose fp32
+  // values are v[0, n) (n <= kTile). For Int4, first and n must be even.
+  void write(const QuantParams& p, const float* v, int64_t first, int64_t n) const {
+    float codes[kTile];
+    codes_of(v, n, first, p, job, codes);
+    if constexpr (kSink == Sink::Fake) {
+      for (int64_t i = 0; i < n; ++i) codes[i] = dequantize_code(codes[i], p.step, p.offset);
+      store(codes, n, static_cast<T*>(out) + first);
+    } else if constexpr (kSink == Sink::Int8) {
+      int8_t* q = static_cast<int8_t*>(out) + first;
+      for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
+    } else {
+      int8_t* q = static_cast<int8_t*>(out) + first / 2;
+      for (int64_t i = 0; i < n / 2; ++i) {
+        q[i] = pack_nibbles(static_cast<int>(codes[2 * i]), static_cast<int>(codes[2 * i + 1]));
+      }
+    }
+  }
+
+  // Elements [begin, end) of one group, read from the input tile by tile.
   void operator()(const QuantParams& p, int64_t begin, int64_t end) const {
-    float buf[kTile], codes[kTile];
+    float buf[kTile];
     for (int64_t b = begin; b < end; b += kTile) {
       const int64_t n = min_of(kTile, end - b);
-      codes_of(as_float(in + b, n, buf), n, b, p, job, codes);
-      if constexpr (kSink == Sink::Fake) {
-        for (int64_t i = 0; i < n; ++i) codes[i] = dequantize_code(codes[i], p.step, p.offset);
-        store(codes, n, static_cast<T*>(out) + b);
-      } else if constexpr (kSink == Sink::Int8) {
-        int8_t* q = static_cast<int8_t*>(out) + b;
-        for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
-      } else {
-        int8_t* q = static_cast<int8_t*>(out) + b / 2;
-        for (int64_t i = 0; i < n / 2; ++i) {
-          q[i] = pack_nibbles(static_cast<int>(codes[2 * i]), static_cast<int>(codes[2 * i + 1]));
-        }
-      }
+      write(p, as_float(in + b, n, buf), b, n);
     }
   }
 };
@@ -255,8 +262,16 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
   if (group_size <= kFusedGroupLimit && !pairs_straddle) {
     const int64_t grain = max_of(1, kChunk / group_size);
     parallel_for(0, job.groups, grain, [&](int64_t gb, int64_t ge) {
+      float buf[kTile];
       for (int64_t g = gb; g < ge; ++g) {
         const int64_t begin = g * group_size;
+        if (group_size <= kTile) {  // one tile: convert once for both passes
+          const float* v = as_float(in + begin, group_size, buf);
+          const QuantParams p = make_params(stats_of_floats(v, group_size, job.symmetric), job.bits, job.symmetric);
+          store_params(params_out, g, p, job.symmetric);
+          transform.write(p, v, begin, group_size);
+          continue;
+        }
         const QuantParams p = make_params(stats_of(in + begin, group_size, job.symmetric), job.bits, job.symmetric);
         store_params(params_out, g, p, job.symmetric);
         transform(p, begin, begin + group_size);
