@@ -75,8 +75,37 @@ void update_error(const QuantJob& job, const SwizzleLayout* layout, const float*
 
 void dequantize_sum(const ReductionJob& job, const int8_t* codes, const float* params, DType error_dtype,
                     const void* error, float* out) {
+  // Same sum as qkit::dequantized_sum (0 + d_0 + d_1 + ... in tensor order), walked
+  // one input group at a time so each tensor's step/offset is loaded once and the
+  // inner loops vectorise.
+  const int64_t groups_per_tensor = job.in_groups / job.tensors;
+  const int64_t group_size = job.values / groups_per_tensor;
   parallel_for(0, job.values, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) out[i] = dequantized_sum(job, codes, params, i);
+    for_each_group_piece(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
+      float* acc = out + pb;
+      const int64_t n = pe - pb;
+      for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
+      for (int64_t j = 0; j < job.tensors; ++j) {
+        const int64_t row = j * groups_per_tensor + g;
+        const float step = job.symmetric ? params[row] : params[2 * row];
+        const float offset = job.symmetric ? 0.0f : params[2 * row + 1];
+        const int64_t first = j * job.values + pb;
+        if (job.bits == 8) {
+          const int8_t* c = codes + first;
+          for (int64_t i = 0; i < n; ++i) acc[i] += dequantize_code(static_cast<float>(c[i]), step, offset);
+        } else if (((first | n) & 1) == 0) {  // whole bytes: decode both nibbles of each
+          const int8_t* c = codes + first / 2;
+          for (int64_t k = 0; k < n / 2; ++k) {
+            acc[2 * k] += dequantize_code(static_cast<float>(unpack_high(c[k])), step, offset);
+            acc[2 * k + 1] += dequantize_code(static_cast<float>(unpack_low(c[k])), step, offset);
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            acc[i] += dequantize_code(static_cast<float>(code_at(codes, first + i, 4)), step, offset);
+          }
+        }
+      }
+    });
     if (error == nullptr) return;
     dispatch_dtype(error_dtype, [&](auto tag) {
       using E = decltype(tag);
