@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 
 # torch is a build and run requirement; a CPU wheel is enough to build the CUDA kernels.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q ninja "setuptools>=77" wheel "pytest>=8" "hypothesis>=6" numpy ruff
+"$PY" -m pip install -q ninja "setuptools>=77" wheel build "pytest>=8" "hypothesis>=6" numpy ruff
 # Rebuild only when a source is newer than the last build's record (or the
 # record is missing, or the module does not import).
 record=python/qkit/_build_info.json
