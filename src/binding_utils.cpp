@@ -73,18 +73,23 @@ Tensor draw_seed(const Tensor& like) {
 }
 
 #ifdef QKIT_WITH_CUDA
-// The C shim that knows the current stream lives in libtorch_cuda.so, which a
+// The C shim that knows the current stream lives in torch's GPU library, which a
 // CPU-only torch does not ship. Resolving it at first use (instead of linking
 // it) keeps one binary loadable under both CPU and CUDA builds of torch.
+// ROCm builds of torch name that library libtorch_hip.so (same shim function).
+#ifdef QKIT_ROCM
+#define QKIT_TORCH_GPU_LIBRARY "libtorch_hip.so"
+#else
+#define QKIT_TORCH_GPU_LIBRARY "libtorch_cuda.so"
+#endif
 void* current_cuda_stream(int32_t device_index) {
   using GetStream = AOTITorchError (*)(int32_t, void**);
   static GetStream get_stream = []() -> GetStream {
-    void* lib = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD);
+    void* lib = dlopen(QKIT_TORCH_GPU_LIBRARY, RTLD_NOW | RTLD_NOLOAD);
     return lib == nullptr ? nullptr : reinterpret_cast<GetStream>(dlsym(lib, "aoti_torch_get_current_cuda_stream"));
   }();
-  STD_TORCH_CHECK(get_stream != nullptr,
-                  "qkit: a CUDA tensor reached qkit, but libtorch_cuda.so (aoti_torch_get_current_cuda_stream) "
-                  "is not loaded in this process");
+  STD_TORCH_CHECK(get_stream != nullptr, "qkit: a GPU tensor reached qkit, but " QKIT_TORCH_GPU_LIBRARY
+                                         " (aoti_torch_get_current_cuda_stream) is not loaded in this process");
   void* stream = nullptr;
   STD_TORCH_CHECK(get_stream(device_index, &stream) == 0, "qkit: could not read the current CUDA stream");
   return stream;

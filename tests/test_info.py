@@ -29,6 +29,10 @@ BUILT: dict[str, Any] = {
     "cuda_version": "13.0",
     "cuda_arch_list": "8.0;8.6;9.0;10.0;12.0+PTX",
     "rocm_arch_list": None,
+    "cuda_runtime": "static",
+    "machine": "x86_64",
+    "build_libc": "glibc 2.28",
+    "git_revision": "0123456789abcdef0123456789abcdef01234567",
     "built_at": "2026-01-01T00:00:00+00:00",
 }
 RUNNING: dict[str, Any] = {
@@ -40,6 +44,7 @@ RUNNING: dict[str, Any] = {
     "torch_hip": None,
     "cuda_available": True,
     "gpus": ["GPU"],
+    "gpu_capabilities": ["9.0"],
 }
 KERNELS = {name: ["CPU", "CUDA", "Meta"] for name in CORE_OPS}
 
@@ -162,3 +167,34 @@ def test_advise_missing_build_record_and_stale_module() -> None:
 )
 def test_arch_covers(capability: tuple[int, int], arch_list: str, expected: bool | None) -> None:
     assert info.arch_covers(capability, arch_list) is expected
+
+
+# ---------------------------------------------------------------- GPUs against the compiled archs
+
+
+def test_gpu_report_and_its_lines() -> None:
+    running = {
+        **RUNNING,
+        "gpus": ["NVIDIA H100", "Tesla T4", "NVIDIA B300", "future GPU"],
+        "gpu_capabilities": ["9.0", "7.5", "10.3", "13.0"],
+    }
+    gpus = info.gpu_report(BUILT, running)
+    assert [g["capability"] for g in gpus] == ["9.0", "7.5", "10.3", "13.0"]
+    assert gpus[0]["runs"] == "the sm_90 cubin"
+    assert gpus[1]["runs"] is None
+    assert gpus[2]["runs"] == "the sm_100 cubin"
+    assert gpus[3]["runs"].startswith("the compute_120 PTX")
+    report = {**info.collect(), "build": BUILT, "runtime": running, "gpus": gpus}
+    text = info.format_report(report)
+    assert "NVIDIA H100, compute capability 9.0 -> the sm_90 cubin" in text
+    assert "Tesla T4, compute capability 7.5 -> NOTHING: no compiled arch covers it" in text
+    assert "git revision" in text and "CUDA runtime       static" in text
+    cpu_only = info.gpu_report({**BUILT, "cuda_kernels": False}, running)
+    assert all(g["runs"] is None for g in cpu_only)
+
+
+def test_runtime_lists_capabilities() -> None:
+    running = qkit._loader.runtime_record()
+    assert len(running["gpu_capabilities"]) == len(running["gpus"])
+    report = info.collect()
+    assert report["skipped"] is False and len(report["gpus"]) == len(running["gpus"])

@@ -54,7 +54,7 @@ Scratch carve(const QuantJob& job, void* workspace) {
 
 unsigned grid_for(int64_t work_items, int64_t items_per_block) {
   const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxBlocks)));
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks)));
 }
 
 __device__ GroupStats warp_merge(GroupStats s) {

@@ -3,13 +3,17 @@
 If the compiled module cannot be loaded, ``import qkit`` still succeeds (so
 ``python -m qkit.info`` and the pure-Python parts work) and the first op call
 raises :class:`QkitLoadError` saying what was built, what is running, and what
-to do about it.
+to do about it. ``QKIT_SKIP_EXTENSION=1`` skips loading on purpose (the same
+error then says so).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import platform
+import re
 import sys
 from importlib import resources
 from types import ModuleType
@@ -17,9 +21,17 @@ from typing import Any
 
 import torch
 
+#: Set to 1 to import qkit without loading ``qkit._C`` (ops then raise QkitLoadError).
+SKIP_ENV = "QKIT_SKIP_EXTENSION"
+
 
 class QkitLoadError(RuntimeError):
     """The compiled kernels (``qkit._C``) could not be loaded in this process."""
+
+
+def skip_requested() -> bool:
+    """Whether ``QKIT_SKIP_EXTENSION`` asks not to load ``qkit._C``."""
+    return os.environ.get(SKIP_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def build_record() -> dict[str, Any] | None:
@@ -34,6 +46,7 @@ def build_record() -> dict[str, Any] | None:
 def runtime_record() -> dict[str, Any]:
     """What this process has: Python, torch, its CUDA/ROCm, the GPUs it sees."""
     cuda_ok = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda_ok else 0
     return {
         "python": platform.python_version(),
         "platform": sys.platform,
@@ -42,8 +55,57 @@ def runtime_record() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "torch_hip": getattr(torch.version, "hip", None),
         "cuda_available": cuda_ok,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_ok else [],
+        "gpus": [torch.cuda.get_device_name(i) for i in range(count)],
+        "gpu_capabilities": [".".join(map(str, torch.cuda.get_device_capability(i))) for i in range(count)],
     }
+
+
+def _hint(error: BaseException, built: dict[str, Any] | None) -> str:
+    """What to do about one load failure: the specific cause where the message shows it."""
+    text = str(error)
+    reinstall = (
+        "reinstall qkit (pip install --force-reinstall qkit), or build it here: pip install --no-build-isolation ."
+    )
+    if built is not None:
+        target = tuple(int(p) for p in built["torch_target"].split("."))
+        have = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+        if have < target:
+            return f"upgrade torch to >= {built['torch_target']} (this build's stable-ABI floor)"
+        if built["platform"] != sys.platform or built.get("machine", platform.machine()) != platform.machine():
+            here = f"{sys.platform}/{platform.machine()}"
+            return f"this build is for {built['platform']}/{built.get('machine', '?')}; install the wheel for {here}"
+    glibc = re.search(r"GLIBC(?:XX)?_[\d.]+", text)
+    if glibc:
+        libc = " ".join(platform.libc_ver()).strip() or "an older C library"
+        return (
+            f"_C needs {glibc.group(0)} but this system has {libc}: install the manylinux wheel (built against "
+            "glibc 2.28), or build from source on this machine: pip install --no-build-isolation ."
+        )
+    missing_lib = re.search(r"(lib[\w.+-]+\.so[.\d]*): cannot open shared object file", text)
+    if missing_lib:
+        lib = missing_lib.group(1)
+        if lib.startswith(("libcuda", "libcurand", "libc10_cuda", "libtorch_cuda")):
+            return (
+                f"this _C was linked against {lib}, which qkit's own builds never are (they link the CUDA runtime "
+                f"statically): it was built by something else; {reinstall}"
+            )
+        if lib.startswith(("libtorch", "libc10")):
+            return f"{lib} is torch's: import torch first (import qkit does), and check torch imports on its own"
+        return f"{lib} is missing on this system; {reinstall}"
+    if "undefined symbol" in text:
+        return (
+            "_C refers to a symbol this torch/Python does not export: it was not built against the stable ABI "
+            f"(torch >= {built['torch_target'] if built else '2.10'}, CPython >= 3.10 abi3) or is corrupt; {reinstall}"
+        )
+    if isinstance(error, ModuleNotFoundError):
+        return (
+            "_C is not there: in a source checkout build it (pip install --no-build-isolation -e .), else " + reinstall
+        )
+    if "ELF" in text or "wrong ELF class" in text:
+        return f"_C is not a library for this machine ({platform.machine()}) or is damaged; {reinstall}"
+    if "qkit::" in text or "registration" in text.lower():
+        return "the op registrations clash: another copy of qkit._C is loaded in this process; import only one qkit"
+    return reinstall
 
 
 def _diagnose(error: BaseException) -> str:
@@ -62,15 +124,7 @@ def _diagnose(error: BaseException) -> str:
             **running
         )
     )
-    hint = "reinstall the wheel that matches this platform, or build from source: pip install --no-build-isolation ."
-    if built is not None:
-        target = tuple(int(p) for p in built["torch_target"].split("."))
-        have = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-        if have < target:
-            hint = f"upgrade torch to >= {built['torch_target']} (this build's stable-ABI floor)"
-        elif built["platform"] != sys.platform:
-            hint = f"this build is for {built['platform']}; install the wheel for {sys.platform}"
-    lines.append(f"what to do: {hint}; `python -m qkit.info` prints the full record")
+    lines.append(f"what to do: {_hint(error, built)}; `python -m qkit.info` prints the full record")
     return "\n".join(lines)
 
 
@@ -83,13 +137,23 @@ def load() -> ModuleType | None:
     global _module, _error
     if _module is not None or _error is not None:
         return _module
+    if skip_requested():
+        _error = QkitLoadError(
+            f"qkit's compiled kernels (qkit._C) were not loaded: {SKIP_ENV}={os.environ[SKIP_ENV]} is set "
+            f"(on purpose); unset it to use the kernels"
+        )
+        return None
     try:
-        from qkit import _C
-
-        _module = _C
-    except (ImportError, OSError) as exc:
+        _module = importlib.import_module("qkit._C")
+    except Exception as exc:  # a broken _C must never break `import qkit`
         _error = QkitLoadError(_diagnose(exc))
     return _module
+
+
+def skipped() -> bool:
+    """Whether loading was skipped on purpose (``QKIT_SKIP_EXTENSION``)."""
+    load()
+    return _module is None and skip_requested()
 
 
 def load_error() -> QkitLoadError | None:

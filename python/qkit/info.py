@@ -51,29 +51,53 @@ def kernel_keys(loaded: bool) -> dict[str, list[str]]:
     return report
 
 
-def arch_covers(capability: tuple[int, int], arch_list: str) -> bool | None:
-    """Whether a GPU of ``capability`` can run kernels built for ``arch_list`` (TORCH_CUDA_ARCH_LIST form).
-
-    A cubin for ``X.Y`` runs on ``X.Z`` with ``Z >= Y``; PTX for ``X.Y`` is JIT-compiled on
-    any newer GPU. Returns None when the list has entries this does not understand
-    (e.g. names like 'Ampere'), rather than guess.
-    """
-    covered = False
+def _arch_entries(arch_list: str) -> list[tuple[tuple[int, int], str, bool]] | None:
+    """``[((major, minor), suffix, ptx)]`` of a TORCH_CUDA_ARCH_LIST, or None if an entry is not understood."""
+    entries = []
     for entry in re.split(r"[;,\s]+", arch_list.strip()):
         if not entry:
             continue
         found = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
         if found is None:
             return None
-        arch = (int(found.group(1)), int(found.group(2)))
-        suffix, ptx = found.group(3), bool(found.group(4))
-        if suffix == "a":
-            # Architecture-specific ('9.0a'): that exact chip only.
-            covered |= arch == capability
-        else:
-            same_family = arch[0] == capability[0] and arch[1] <= capability[1]
-            covered |= same_family or (ptx and not suffix and arch <= capability)
-    return covered
+        entries.append(((int(found.group(1)), int(found.group(2))), found.group(3), bool(found.group(4))))
+    return entries
+
+
+def arch_match(capability: tuple[int, int], arch_list: str) -> str | None:
+    """Which compiled code a GPU of ``capability`` runs, in words; None when nothing in ``arch_list`` runs on it.
+
+    A cubin for ``X.Y`` runs on ``X.Z`` with ``Z >= Y`` (an ``a``-suffixed one on ``X.Y`` only);
+    PTX for ``X.Y`` is JIT-compiled by the driver on any newer GPU. Returns ``"unknown"``
+    when the list has entries this does not understand (e.g. names like 'Ampere').
+    """
+    entries = _arch_entries(arch_list)
+    if entries is None:
+        return "unknown"
+
+    def cubin_runs(arch: tuple[int, int], suffix: str) -> bool:
+        if suffix == "a":  # architecture-specific ('9.0a'): that exact chip only
+            return arch == capability
+        return arch[0] == capability[0] and arch[1] <= capability[1]
+
+    cubins = [(arch, suffix) for arch, suffix, _ in entries if cubin_runs(arch, suffix)]
+    if cubins:
+        arch, suffix = max(cubins)
+        return f"the sm_{arch[0]}{arch[1]}{suffix} cubin"
+    ptx = [arch for arch, suffix, has_ptx in entries if has_ptx and not suffix and arch <= capability]
+    if ptx:
+        arch = max(ptx)
+        return f"the compute_{arch[0]}{arch[1]} PTX, JIT-compiled by the driver on first use"
+    return None
+
+
+def arch_covers(capability: tuple[int, int], arch_list: str) -> bool | None:
+    """Whether a GPU of ``capability`` can run kernels built for ``arch_list`` (TORCH_CUDA_ARCH_LIST form).
+
+    None when the list has entries this does not understand (e.g. names like 'Ampere'), rather than guess.
+    """
+    match = arch_match(capability, arch_list)
+    return None if match == "unknown" else match is not None
 
 
 def advise(
@@ -149,7 +173,11 @@ def advise(
     return advice
 
 
-def _verdict(loaded: bool, running: dict[str, Any], kernels: dict[str, list[str]], advice: list[str]) -> str:
+def _verdict(
+    loaded: bool, running: dict[str, Any], kernels: dict[str, list[str]], advice: list[str], skipped: bool = False
+) -> str:
+    if skipped:
+        return f"NOT LOADED on purpose: {_loader.SKIP_ENV} is set; unset it to use the kernels"
     if not loaded:
         return "NOT USABLE: qkit._C could not be loaded (see the load error for what to do)"
     devices = ["CPU"]
@@ -159,11 +187,25 @@ def _verdict(loaded: bool, running: dict[str, Any], kernels: dict[str, list[str]
     return f"{usable}, with {len(advice)} warning(s) below" if advice else usable
 
 
+def gpu_report(built: dict[str, Any] | None, running: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per visible GPU: name, compute capability, and which compiled code it runs (None: none)."""
+    arch_list = str((built or {}).get("cuda_arch_list") or "")
+    has_cuda = bool((built or {}).get("cuda_kernels"))
+    report = []
+    for index, (name, cap) in enumerate(zip(running.get("gpus", []), running.get("gpu_capabilities", []), strict=True)):
+        capability = _version_tuple(cap)
+        runs = arch_match(capability, arch_list) if has_cuda and capability else None
+        report.append({"index": index, "name": name, "capability": cap, "runs": runs})
+    return report
+
+
 def collect() -> dict[str, Any]:
     """Everything ``python -m qkit.info`` reports, as a JSON-serialisable dict.
 
     Keys: ``qkit_version``; ``build`` (the build record or None); ``runtime``; ``loaded``
-    (bool); ``load_error`` (the diagnosis, or None); ``kernels`` (``{"qkit::op": [keys]}``);
+    (bool); ``skipped`` (bool: ``QKIT_SKIP_EXTENSION`` kept ``_C`` unloaded); ``load_error``
+    (the diagnosis, or None); ``kernels`` (``{"qkit::op": [keys]}``); ``gpus`` (per GPU:
+    ``index``, ``name``, ``capability``, ``runs``: the compiled code it runs, None if none);
     ``usable`` (bool: the kernels loaded); ``verdict`` (one line); ``advice`` (list of
     what does not fit and what to do about it).
     """
@@ -171,20 +213,21 @@ def collect() -> dict[str, Any]:
     running = _loader.runtime_record()
     error = _loader.load_error()
     loaded = error is None
+    skipped = not loaded and _loader.skip_requested()
     kernels = kernel_keys(loaded)
-    capabilities = []
-    if running.get("cuda_available"):
-        capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    capabilities = [c for c in (_version_tuple(cap) for cap in running.get("gpu_capabilities", [])) if c]
     advice = advise(built, running, loaded, kernels, capabilities)
     return {
         "qkit_version": qkit.__version__,
         "build": built,
         "runtime": running,
         "loaded": loaded,
+        "skipped": skipped,
         "load_error": None if error is None else str(error),
         "kernels": kernels,
+        "gpus": gpu_report(built, running),
         "usable": loaded,
-        "verdict": _verdict(loaded, running, kernels, advice),
+        "verdict": _verdict(loaded, running, kernels, advice, skipped),
         "advice": advice,
     }
 
@@ -214,6 +257,10 @@ def format_report(info: dict[str, Any]) -> str:
             ),
             f"  ROCm kernels       {_yes_no(built.get('rocm_kernels'))}"
             + (f" (archs {built.get('rocm_arch_list')})" if built.get("rocm_kernels") else ""),
+            f"  CUDA runtime       {built.get('cuda_runtime') or '-'}"
+            + (" (linked into _C: no libcudart needed)" if built.get("cuda_runtime") == "static" else ""),
+            f"  built on           {built.get('machine', '?')}, {built.get('build_libc') or 'unknown libc'}",
+            f"  git revision       {built.get('git_revision') or 'unknown'}",
             f"  built at           {built.get('built_at')}",
         ]
     running = info["runtime"]
@@ -224,6 +271,16 @@ def format_report(info: dict[str, Any]) -> str:
         f"  torch              {running['torch']} (CUDA {running['torch_cuda']}, HIP {running['torch_hip']})",
         f"  CUDA available     {_yes_no(running['cuda_available'])}",
         f"  GPUs               {', '.join(running['gpus']) or 'none'}",
+    ]
+    for gpu in info.get("gpus", []):
+        runs = gpu["runs"] or (
+            "NOTHING: no compiled arch covers it"
+            if (built or {}).get("cuda_kernels")
+            else "nothing: qkit was built without CUDA kernels"
+        )
+        gpu_line = f"{gpu['name']}, compute capability {gpu['capability']} -> {runs}"
+        lines.append(f"  GPU {gpu['index']:<14} {gpu_line}")
+    lines += [
         "",
         f"qkit._C loaded:      {_yes_no(info['loaded'])}",
     ]
