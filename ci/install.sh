@@ -13,6 +13,8 @@ PY=${PYTHON:-python3}
 # Optional integrations the test suite covers: torchao for qkit.pt2e (--no-deps:
 # it declares no requirements, and must never replace the torch above).
 "$PY" -m pip install -q --no-deps "torchao==0.18.0"
+# The demo's extra (qkit[demo]): its end-to-end test and `qkit demo` need it.
+"$PY" -m pip install -q scikit-learn matplotlib tqdm
 # Rebuild only when a source is newer than the last build's record (or the
 # record is missing, or the module does not import).
 record=python/qkit/_build_info.json
