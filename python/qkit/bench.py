@@ -102,6 +102,24 @@ def run(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], repeat: i
     return rows
 
 
+def run_inplace(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], repeat: int, device: str) -> None:
+    """The kernel without the output allocation: ``fake_quantize_`` in place vs a copy into
+    an existing buffer (a fresh 32M-element output costs more than either)."""
+    print(f"{'dtype':<10}{'group':>7}{'copy':>8}{'in place':>10}{'of copy':>9}   (GB/s)")
+    for dtype in dtypes:
+        x = torch.randn(numel, device=device).to(dtype)
+        y, out = x.clone(), torch.empty_like(x)
+        nbytes = 2 * numel * x.element_size()
+        copy_gbps = nbytes / _median_seconds(lambda x=x, out=out: out.copy_(x), repeat) / 1e9
+        for group_size in group_sizes:
+            t = _median_seconds(lambda y=y, g=numel // group_size: qkit.fake_quantize_(y, g, 8), repeat)
+            gbps = nbytes / t / 1e9
+            print(
+                f"{str(dtype).removeprefix('torch.'):<10}{group_size:>7}{copy_gbps:>8.1f}{gbps:>10.1f}"
+                f"{gbps / copy_gbps:>9.0%}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qkit bench", description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=int, default=32 * 2**20)
@@ -110,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--inplace", action="store_true", help="time fake_quantize_ in place (no allocation)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         f"qkit {qkit.__version__}, torch {torch.__version__}, device {args.device}, "
         f"{torch.get_num_threads()} threads, {args.numel / 2**20:.0f}M elements"
     )
+    if args.inplace:
+        run_inplace(args.numel, dtypes, sizes, args.repeat, args.device)
+        return 0
     print(
         f"{'op':<18}{'dtype':<10}{'group':>7}{'copy':>8}{'eager':>8}{'compile':>9}{'qkit':>8}"
         f"{'qkit/copy':>11}{'vs eager':>10}{'vs compile':>11}   (GB/s)"
