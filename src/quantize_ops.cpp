@@ -36,6 +36,14 @@ void check_storage_bits(int64_t bits, const char* op) {
   QKIT_CHECK(bits == 4 || bits == 8, op, "`bits` must be 4 or 8, got ", bits);
 }
 
+void check_codes_and_params(const Tensor& q, const Tensor& params, int64_t bits, const char* op) {
+  QKIT_CHECK(q.scalar_type() == ScalarType::Char, op, "`q` must be int8, got ", dtype_name(q.scalar_type()));
+  QKIT_CHECK(params.scalar_type() == ScalarType::Float, op, "`params` must be float32, got ",
+             dtype_name(params.scalar_type()));
+  check_same_device(q, "q", params, "params", op);
+  check_storage_bits(bits, op);
+}
+
 namespace {
 
 void check_fake_bits(int64_t bits, const char* op) {
@@ -125,11 +133,7 @@ DType output_dtype(std::optional<ScalarType> dtype, const char* op) {
 Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric,
                   std::optional<ScalarType> dtype) {
   const char* op = "dequantize";
-  QKIT_CHECK(q.scalar_type() == ScalarType::Char, op, "`q` must be int8, got ", dtype_name(q.scalar_type()));
-  QKIT_CHECK(params.scalar_type() == ScalarType::Float, op, "`params` must be float32, got ",
-             dtype_name(params.scalar_type()));
-  check_same_device(q, "q", params, "params", op);
-  check_storage_bits(bits, op);
+  check_codes_and_params(q, params, bits, op);
   QKIT_CHECK(bits == 8 || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
   const DType out_dtype = output_dtype(dtype, op);
   const int64_t numel = bits == 4 ? 2 * q.numel() : q.numel();
@@ -156,22 +160,19 @@ Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool sy
   return out;
 }
 
+void register_kernels(torch::stable::detail::StableLibrary& m) {
+  m.impl("fake_quantize", TORCH_BOX(&fake_quantize));
+  m.impl("fake_quantize_", TORCH_BOX(&fake_quantize_));
+  m.impl("quantize", TORCH_BOX(&quantize));
+  m.impl("dequantize", TORCH_BOX(&dequantize));
+}
+
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) {
-  m.impl("fake_quantize", TORCH_BOX(&fake_quantize));
-  m.impl("fake_quantize_", TORCH_BOX(&fake_quantize_));
-  m.impl("quantize", TORCH_BOX(&quantize));
-  m.impl("dequantize", TORCH_BOX(&dequantize));
-}
-
+// One kernel per op serves both devices (it dispatches on the input's device).
+STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) { register_kernels(m); }
 #ifdef QKIT_WITH_CUDA
-STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) {
-  m.impl("fake_quantize", TORCH_BOX(&fake_quantize));
-  m.impl("fake_quantize_", TORCH_BOX(&fake_quantize_));
-  m.impl("quantize", TORCH_BOX(&quantize));
-  m.impl("dequantize", TORCH_BOX(&dequantize));
-}
+STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace qkit::binding

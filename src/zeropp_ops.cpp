@@ -140,11 +140,7 @@ std::tuple<Tensor, Tensor> loco_swizzle_quantize(Tensor input, Tensor error_feed
 std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& params, std::optional<Tensor> error,
                                             double beta, int64_t in_groups, int64_t out_groups, int64_t bits,
                                             bool symmetric, int64_t devices, const char* op) {
-  QKIT_CHECK(q.scalar_type() == ScalarType::Char, op, "`q` must be int8, got ", dtype_name(q.scalar_type()));
-  QKIT_CHECK(params.scalar_type() == ScalarType::Float, op, "`params` must be float32, got ",
-             dtype_name(params.scalar_type()));
-  check_same_device(q, "q", params, "params", op);
-  check_storage_bits(bits, op);
+  check_codes_and_params(q, params, bits, op);
   QKIT_CHECK(devices >= 1, op, "`devices_per_node` must be >= 1, got ", devices);
   QKIT_CHECK(q.dim() >= 1 && q.sizes()[q.dim() - 1] % devices == 0, op,
              "the last dimension of `q` must split into devices_per_node (", devices, ") equal tensors");
@@ -243,24 +239,19 @@ Tensor dequantize_unsigned(Tensor data, Tensor scale, Tensor minv, int64_t num_g
   return out;
 }
 
+void register_kernels(torch::stable::detail::StableLibrary& m) {
+  m.impl("swizzle_quantize", TORCH_BOX(&swizzle_quantize));
+  m.impl("loco_swizzle_quantize", TORCH_BOX(&loco_swizzle_quantize));
+  m.impl("quantized_reduction", TORCH_BOX(&quantized_reduction));
+  m.impl("loco_quantized_reduction", TORCH_BOX(&loco_quantized_reduction));
+  m.impl("dequantize_unsigned", TORCH_BOX(&dequantize_unsigned));
+}
+
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) {
-  m.impl("swizzle_quantize", TORCH_BOX(&swizzle_quantize));
-  m.impl("loco_swizzle_quantize", TORCH_BOX(&loco_swizzle_quantize));
-  m.impl("quantized_reduction", TORCH_BOX(&quantized_reduction));
-  m.impl("loco_quantized_reduction", TORCH_BOX(&loco_quantized_reduction));
-  m.impl("dequantize_unsigned", TORCH_BOX(&dequantize_unsigned));
-}
-
+STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) { register_kernels(m); }
 #ifdef QKIT_WITH_CUDA
-STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) {
-  m.impl("swizzle_quantize", TORCH_BOX(&swizzle_quantize));
-  m.impl("loco_swizzle_quantize", TORCH_BOX(&loco_swizzle_quantize));
-  m.impl("quantized_reduction", TORCH_BOX(&quantized_reduction));
-  m.impl("loco_quantized_reduction", TORCH_BOX(&loco_quantized_reduction));
-  m.impl("dequantize_unsigned", TORCH_BOX(&dequantize_unsigned));
-}
+STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace qkit::binding

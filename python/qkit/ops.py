@@ -252,10 +252,8 @@ def _quantize_fake(input: Tensor, groups: int, bits: int, symmetric: bool = True
     return codes, params
 
 
-def check_dequantize_args(
-    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool, dtype: torch.dtype | None
-) -> None:
-    op = "dequantize"
+def check_codes_and_params(q: Tensor, params: Tensor, bits: int, op: str) -> None:
+    """Quantized input of an op: int8 codes, float32 params on the codes' device, 4 or 8 bits."""
     if q.dtype != torch.int8:
         raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {_dtype_name(q.dtype)}")
     if params.dtype != torch.float32:
@@ -263,6 +261,13 @@ def check_dequantize_args(
     if params.device != q.device:
         raise QkitValueError(f"qkit.{op}: `params` must be on the same device as `q`")
     check_storage_bits(bits, op)
+
+
+def check_dequantize_args(
+    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool, dtype: torch.dtype | None
+) -> None:
+    op = "dequantize"
+    check_codes_and_params(q, params, bits, op)
     if bits == 4 and q.dim() == 0:
         raise QkitValueError(f"qkit.{op}: 4-bit `q` must have at least one dimension")
     if dtype is not None and dtype not in FLOAT_DTYPES:

@@ -15,6 +15,7 @@ from torch import Tensor
 from qkit.ops import (
     QkitTypeError,
     QkitValueError,
+    check_codes_and_params,
     check_float_input,
     check_groups,
     check_no_self_overlap,
@@ -97,13 +98,7 @@ def _check_reduction(
     q: Tensor, params: Tensor, in_groups: int, out_groups: int, bits: int, symmetric: bool, devices: int, op: str
 ) -> int:
     """Checks and returns V, the number of values per input tensor."""
-    if q.dtype != torch.int8:
-        raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {q.dtype}")
-    if params.dtype != torch.float32:
-        raise QkitTypeError(f"qkit.{op}: `params` must be float32, got {params.dtype}")
-    if params.device != q.device:
-        raise QkitValueError(f"qkit.{op}: `params` must be on the same device as `q`")
-    check_storage_bits(bits, op)
+    check_codes_and_params(q, params, bits, op)
     _check_positive(devices, "devices_per_node", op)
     if q.dim() == 0 or q.shape[-1] % devices != 0:
         raise QkitValueError(
