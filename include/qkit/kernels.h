@@ -34,9 +34,6 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   });
 }
 
-// The instruction set whose kernels this process runs: "avx512", "avx2" or "generic".
-const char* isa_name();
-
 // out = dequantize(quantize(in)), same dtype as in.
 void fake_quantize(const QuantJob& job, const void* in, void* out);
 // codes: int8 (bits 8) or packed int4 (bits 4); params: float32 [groups, 1|2].

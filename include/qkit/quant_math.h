@@ -123,6 +123,25 @@ QKIT_HD float quantize_stochastic(float x, const QuantParams& p, float qmin, flo
 
 QKIT_HD float dequantize_code(float q, float step, float offset) { return step * q + offset; }
 
+// Params storage (OPS.md §2): row g is [step] (symmetric) or [step, offset].
+struct StoredParams {
+  float step;
+  float offset;
+};
+
+QKIT_HD StoredParams load_params(const float* params, int64_t g, bool symmetric) {
+  return symmetric ? StoredParams{params[g], 0.0f} : StoredParams{params[2 * g], params[2 * g + 1]};
+}
+
+QKIT_HD void store_params(float* params, int64_t g, const QuantParams& p, bool symmetric) {
+  if (symmetric) {
+    params[g] = p.step;
+  } else {
+    params[2 * g] = p.step;
+    params[2 * g + 1] = p.offset;
+  }
+}
+
 // 4-bit storage: the even element of a pair in the high nibble (OPS.md §2).
 QKIT_HD int8_t pack_nibbles(int even, int odd) {
   return static_cast<int8_t>(static_cast<uint8_t>(((even & 0xF) << 4) | (odd & 0xF)));

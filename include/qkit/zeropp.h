@@ -52,10 +52,8 @@ QKIT_HD float dequantized_sum(const ReductionJob& r, const int8_t* codes, const 
   const int64_t group_in_tensor = i / group_size;
   float acc = 0.0f;
   for (int64_t j = 0; j < r.tensors; ++j) {
-    const int64_t row = j * groups_per_tensor + group_in_tensor;
-    const float step = r.symmetric ? params[row] : params[2 * row];
-    const float offset = r.symmetric ? 0.0f : params[2 * row + 1];
-    acc += dequantize_code(static_cast<float>(code_at(codes, j * r.values + i, r.bits)), step, offset);
+    const StoredParams p = load_params(params, j * groups_per_tensor + group_in_tensor, r.symmetric);
+    acc += dequantize_code(static_cast<float>(code_at(codes, j * r.values + i, r.bits)), p.step, p.offset);
   }
   return acc;
 }

@@ -58,15 +58,6 @@ Isa isa() {
 
 }  // namespace
 
-const char* isa_name() {
-  switch (isa()) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    case Isa::Generic: break;
-  }
-  return "generic";
-}
-
 #if defined(__x86_64__)
 #define QKIT_DISPATCH(call)                    \
   switch (isa()) {                             \

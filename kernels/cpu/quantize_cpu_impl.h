@@ -218,14 +218,9 @@ struct Transform {
   }
 };
 
-void store_params(float* params, int64_t g, const QuantParams& p, bool symmetric) {
-  if (params == nullptr) return;
-  if (symmetric) {
-    params[g] = p.step;
-  } else {
-    params[2 * g] = p.step;
-    params[2 * g + 1] = p.offset;
-  }
+// Params output of a quantizing pass (absent for fake quantization).
+void maybe_store_params(float* params, int64_t g, const QuantParams& p, bool symmetric) {
+  if (params != nullptr) store_params(params, g, p, symmetric);
 }
 
 // Int4 outside the per-group sweep: work is split by byte (pair), never inside
@@ -252,7 +247,7 @@ template <typename T, Sink kSink>
 void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_out) {
   if (job.numel == 0) {  // groups without elements still get defined params
     const QuantParams p = make_params(empty_stats(job.symmetric), job.bits, job.symmetric);
-    for (int64_t g = 0; g < job.groups; ++g) store_params(params_out, g, p, job.symmetric);
+    for (int64_t g = 0; g < job.groups; ++g) maybe_store_params(params_out, g, p, job.symmetric);
     return;
   }
   const int64_t group_size = job.numel / job.groups;
@@ -268,12 +263,12 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
         if (group_size <= kTile) {  // one tile: convert once for both passes
           const float* v = as_float(in + begin, group_size, buf);
           const QuantParams p = make_params(stats_of_floats(v, group_size, job.symmetric), job.bits, job.symmetric);
-          store_params(params_out, g, p, job.symmetric);
+          maybe_store_params(params_out, g, p, job.symmetric);
           transform.write(p, v, begin, group_size);
           continue;
         }
         const QuantParams p = make_params(stats_of(in + begin, group_size, job.symmetric), job.bits, job.symmetric);
-        store_params(params_out, g, p, job.symmetric);
+        maybe_store_params(params_out, g, p, job.symmetric);
         transform(p, begin, begin + group_size);
       }
     });
@@ -296,7 +291,7 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
     GroupStats s = empty_stats(job.symmetric);
     for (int64_t c = 0; c < chunks_per_group; ++c) s = merge(s, partial[g * chunks_per_group + c].stats);
     params[g].params = make_params(s, job.bits, job.symmetric);
-    store_params(params_out, g, params[g].params, job.symmetric);
+    maybe_store_params(params_out, g, params[g].params, job.symmetric);
   }
   if constexpr (kSink == Sink::Int4) {
     quantize_int4_pairs(job, in, static_cast<int8_t*>(out), params);
@@ -314,8 +309,7 @@ void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* par
   parallel_for(0, job.numel, kChunk, [&](int64_t b, int64_t e) {
     float buf[kTile];
     for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t sb, int64_t se) {
-      const float step = job.symmetric ? params[g] : params[2 * g];
-      const float offset = job.symmetric ? 0.0f : params[2 * g + 1];
+      const auto [step, offset] = load_params(params, g, job.symmetric);
       for (int64_t t = sb; t < se; t += kTile) {
         const int64_t n = min_of(kTile, se - t);
         if (job.bits == 8) {  // kept free of the nibble logic so it vectorises

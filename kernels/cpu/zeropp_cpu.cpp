@@ -61,8 +61,7 @@ void update_error(const QuantJob& job, const SwizzleLayout* layout, const float*
     E* ev = static_cast<E*>(error);
     parallel_for(0, job.numel, kGrain, [&](int64_t b, int64_t e) {
       for_each_group_piece(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
-        const float step = job.symmetric ? params[g] : params[2 * g];
-        const float offset = job.symmetric ? 0.0f : params[2 * g + 1];
+        const auto [step, offset] = load_params(params, g, job.symmetric);
         const int64_t shift = layout == nullptr ? 0 : (swizzled_slot(g, *layout) - g) * group_size;
         for (int64_t a = pb; a < pe; ++a) {
           const float d = dequantize_code(static_cast<float>(code_at(codes, a, job.bits)), step, offset);
@@ -86,9 +85,7 @@ void dequantize_sum(const ReductionJob& job, const int8_t* codes, const float* p
       const int64_t n = pe - pb;
       for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
       for (int64_t j = 0; j < job.tensors; ++j) {
-        const int64_t row = j * groups_per_tensor + g;
-        const float step = job.symmetric ? params[row] : params[2 * row];
-        const float offset = job.symmetric ? 0.0f : params[2 * row + 1];
+        const auto [step, offset] = load_params(params, j * groups_per_tensor + g, job.symmetric);
         const int64_t first = j * job.values + pb;
         if (job.bits == 8) {
           const int8_t* c = codes + first;

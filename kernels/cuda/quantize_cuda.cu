@@ -118,14 +118,7 @@ __global__ void group_params_kernel(QuantJob job, const GroupStats* __restrict__
     if (lane == 0) {
       const QuantParams p = make_params(s, job.bits, job.symmetric);
       if (params != nullptr) params[g] = p;
-      if (params_out != nullptr) {
-        if (job.symmetric) {
-          params_out[g] = p.step;
-        } else {
-          params_out[2 * g] = p.step;
-          params_out[2 * g + 1] = p.offset;
-        }
-      }
+      if (params_out != nullptr) store_params(params_out, g, p, job.symmetric);
     }
   }
 }
@@ -193,13 +186,11 @@ __global__ void dequantize_kernel(QuantJob job, const int8_t* __restrict__ codes
         ++g;
         next_boundary += group_size;
       }
-      const float step = job.symmetric ? params[g] : params[2 * g];
-      const float offset = job.symmetric ? 0.0f : params[2 * g + 1];
-      out[i] = from_float<T>(dequantize_code(static_cast<float>(code_at(codes, i, job.bits)), step, offset));
+      const StoredParams p = load_params(params, g, job.symmetric);
+      out[i] = from_float<T>(dequantize_code(static_cast<float>(code_at(codes, i, job.bits)), p.step, p.offset));
     }
   }
 }
-
 
 Status last_status() {
   const cudaError_t err = cudaGetLastError();
