@@ -40,16 +40,27 @@ def eager_dequantize(q: Tensor, params: Tensor, groups: int, dtype: torch.dtype)
     return (q.reshape(groups, -1).float() * params).to(dtype).reshape(q.shape)
 
 
-def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up (and compilation)
+def time_seconds(
+    fn: Callable[[], object],
+    repeat: int,
+    device: str = "cpu",
+    reduce: Callable[[list[float]], float] = statistics.median,
+) -> float:
+    """``reduce`` (median by default, ``min`` for best-of) over ``repeat`` timed calls of
+    ``fn`` after one warm-up call (which also compiles), synchronizing a CUDA device."""
+
+    def call() -> None:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    call()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        call()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def run(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], repeat: int, device: str) -> list[dict]:
@@ -58,7 +69,7 @@ def run(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], repeat: i
         x = torch.randn(numel, device=device).to(dtype)
         out = torch.empty_like(x)
         esize = x.element_size()
-        copy_s = _median_seconds(lambda x=x, out=out: out.copy_(x), repeat)
+        copy_s = time_seconds(lambda x=x, out=out: out.copy_(x), repeat, device)
         copy_gbps = 2 * numel * esize / copy_s / 1e9
         for group_size in group_sizes:
             groups = numel // group_size
@@ -87,7 +98,7 @@ def run(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], repeat: i
                 ),
             }
             for name, (nbytes, eager, compiled, ours) in cases.items():
-                t_eager, t_compiled, t_qkit = (_median_seconds(f, repeat) for f in (eager, compiled, ours))
+                t_eager, t_compiled, t_qkit = (time_seconds(f, repeat, device) for f in (eager, compiled, ours))
                 rows.append(
                     {
                         "op": name,
@@ -110,9 +121,9 @@ def run_inplace(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], r
         x = torch.randn(numel, device=device).to(dtype)
         y, out = x.clone(), torch.empty_like(x)
         nbytes = 2 * numel * x.element_size()
-        copy_gbps = nbytes / _median_seconds(lambda x=x, out=out: out.copy_(x), repeat) / 1e9
+        copy_gbps = nbytes / time_seconds(lambda x=x, out=out: out.copy_(x), repeat, device) / 1e9
         for group_size in group_sizes:
-            t = _median_seconds(lambda y=y, g=numel // group_size: qkit.fake_quantize_(y, g, 8), repeat)
+            t = time_seconds(lambda y=y, g=numel // group_size: qkit.fake_quantize_(y, g, 8), repeat, device)
             gbps = nbytes / t / 1e9
             print(
                 f"{str(dtype).removeprefix('torch.'):<10}{group_size:>7}{copy_gbps:>8.1f}{gbps:>10.1f}"

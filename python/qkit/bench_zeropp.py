@@ -20,13 +20,13 @@ import argparse
 import datetime
 import multiprocessing
 import socket
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 import qkit
+from qkit.bench import time_seconds
 from qkit.distributed.plan import plan_qgz
 from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize, quantized_reduction, swizzle_quantize
 
@@ -96,22 +96,9 @@ def eager_loco_stage3(
 # ---------------------------------------------------------------- timing
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _best_ms(fn: Callable[[], object], repeat: int, device: str) -> float:
     """Best of ``repeat`` timed calls after a warm-up, in ms (robust on a shared machine)."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * time_seconds(fn, repeat, device, reduce=min)
 
 
 def _deq4(q: Tensor, p: Tensor) -> Tensor:
