@@ -60,6 +60,37 @@ def runtime_record() -> dict[str, Any]:
     }
 
 
+def version_tuple(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version string such as ``2.13.0+cpu``, or None."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def build_mismatches(built: dict[str, Any], running: dict[str, Any]) -> list[str]:
+    """Where a build record cannot fit the running process, each with what to do.
+
+    Args:
+        built: :func:`build_record`.
+        running: needs ``torch``, ``platform`` and ``machine`` as in :func:`runtime_record`.
+    """
+    found = []
+    target = version_tuple(str(built.get("torch_target", "")))
+    have = version_tuple(str(running["torch"]))
+    if target and have and have < target:
+        found.append(
+            f"torch {running['torch']} is older than this build's target: upgrade torch to >= "
+            f"{built['torch_target']} (this build's stable-ABI floor)"
+        )
+    built_machine = built.get("machine", running["machine"])
+    if built.get("platform", running["platform"]) != running["platform"] or built_machine != running["machine"]:
+        found.append(
+            f"this build is for {built.get('platform')}/{built_machine}, running on "
+            f"{running['platform']}/{running['machine']}: install the wheel for {running['platform']}/"
+            f"{running['machine']}"
+        )
+    return found
+
+
 def _hint(error: BaseException, built: dict[str, Any] | None) -> str:
     """What to do about one load failure: the specific cause where the message shows it."""
     text = str(error)
@@ -67,13 +98,10 @@ def _hint(error: BaseException, built: dict[str, Any] | None) -> str:
         "reinstall qkit (pip install --force-reinstall qkit), or build it here: pip install --no-build-isolation ."
     )
     if built is not None:
-        target = tuple(int(p) for p in built["torch_target"].split("."))
-        have = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
-        if have < target:
-            return f"upgrade torch to >= {built['torch_target']} (this build's stable-ABI floor)"
-        if built["platform"] != sys.platform or built.get("machine", platform.machine()) != platform.machine():
-            here = f"{sys.platform}/{platform.machine()}"
-            return f"this build is for {built['platform']}/{built.get('machine', '?')}; install the wheel for {here}"
+        here = {"torch": torch.__version__, "platform": sys.platform, "machine": platform.machine()}
+        mismatches = build_mismatches(built, here)
+        if mismatches:
+            return mismatches[0]
     glibc = re.search(r"GLIBC(?:XX)?_[\d.]+", text)
     if glibc:
         libc = " ".join(platform.libc_ver()).strip() or "an older C library"

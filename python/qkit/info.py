@@ -25,11 +25,6 @@ from qkit import _loader, ops
 DISPATCH_KEYS = ("CPU", "CUDA", "Meta")
 
 
-def _version_tuple(version: str) -> tuple[int, int] | None:
-    found = re.match(r"(\d+)\.(\d+)", version)
-    return (int(found.group(1)), int(found.group(2))) if found else None
-
-
 def _op_names() -> list[str]:
     """Every ``qkit::`` op the dispatcher knows (so ops added later are listed too)."""
     list_ops = getattr(torch._C, "_dispatch_get_all_op_names", None)
@@ -123,18 +118,7 @@ def advise(
             "runtime cannot be compared; reinstall it (pip install --no-build-isolation .) to get one"
         )
     else:
-        target = _version_tuple(str(built.get("torch_target", "")))
-        have = _version_tuple(str(running["torch"]))
-        if target and have and have < target:
-            advice.append(
-                f"torch {running['torch']} is older than this build's target {built['torch_target']}: "
-                f"upgrade torch to >= {built['torch_target']}"
-            )
-        if built.get("platform") and built["platform"] != running["platform"]:
-            advice.append(
-                f"this build is for {built['platform']}, running on {running['platform']}: "
-                f"install the wheel for {running['platform']}"
-            )
+        advice.extend(_loader.build_mismatches(built, running))
         if running.get("torch_hip") and not built.get("rocm_kernels"):
             advice.append(
                 f"torch is a ROCm build (HIP {running['torch_hip']}) but qkit has no ROCm kernels: GPU tensors "
@@ -155,8 +139,8 @@ def advise(
                         f"GPU {index} (compute capability {major}.{minor}) is not covered by the built arch "
                         f"list {arch_list!r}: rebuild with TORCH_CUDA_ARCH_LIST='{major}.{minor}'"
                     )
-            built_cuda = _version_tuple(str(built.get("cuda_version") or ""))
-            torch_cuda = _version_tuple(str(running.get("torch_cuda") or ""))
+            built_cuda = _loader.version_tuple(str(built.get("cuda_version") or ""))
+            torch_cuda = _loader.version_tuple(str(running.get("torch_cuda") or ""))
             if built_cuda and torch_cuda and built_cuda[0] > torch_cuda[0]:
                 advice.append(
                     f"qkit's CUDA kernels use the CUDA {built['cuda_version']} runtime (linked statically) while "
@@ -193,7 +177,7 @@ def gpu_report(built: dict[str, Any] | None, running: dict[str, Any]) -> list[di
     has_cuda = bool((built or {}).get("cuda_kernels"))
     report = []
     for index, (name, cap) in enumerate(zip(running.get("gpus", []), running.get("gpu_capabilities", []), strict=True)):
-        capability = _version_tuple(cap)
+        capability = _loader.version_tuple(cap)
         runs = arch_match(capability, arch_list) if has_cuda and capability else None
         report.append({"index": index, "name": name, "capability": cap, "runs": runs})
     return report
@@ -215,7 +199,7 @@ def collect() -> dict[str, Any]:
     loaded = error is None
     skipped = not loaded and _loader.skip_requested()
     kernels = kernel_keys(loaded)
-    capabilities = [c for c in (_version_tuple(cap) for cap in running.get("gpu_capabilities", [])) if c]
+    capabilities = [c for c in (_loader.version_tuple(cap) for cap in running.get("gpu_capabilities", [])) if c]
     advice = advise(built, running, loaded, kernels, capabilities)
     return {
         "qkit_version": qkit.__version__,
