@@ -2,6 +2,9 @@
 
 #include <torch/csrc/stable/c/shim.h>
 
+#include <algorithm>
+#include <utility>
+
 #ifdef QKIT_WITH_CUDA
 #include <dlfcn.h>
 #endif
@@ -51,6 +54,56 @@ void check_no_self_overlap(const Tensor& t, const char* op, const char* arg) {
 
 void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op) {
   QKIT_CHECK(a.device() == b.device(), op, "`", b_name, "` must be on the same device as `", a_name, "`");
+}
+
+namespace {
+template <typename Sizes>
+std::string shape_text(const Sizes& sizes) {
+  std::ostringstream text;
+  const char* separator = "";
+  text << "[";
+  for (int64_t s : sizes) {
+    text << separator << s;
+    separator = ", ";
+  }
+  text << "]";
+  return text.str();
+}
+}  // namespace
+
+void check_out(const Tensor& out, const char* name, ScalarType dtype, const std::vector<int64_t>& sizes,
+               const Tensor& like, const char* like_name, const char* op) {
+  QKIT_CHECK(out.scalar_type() == dtype, op, "`", name, "` must be ", dtype_name(dtype), ", got ",
+             dtype_name(out.scalar_type()));
+  check_same_device(like, like_name, out, name, op);
+  const auto got = out.sizes();
+  QKIT_CHECK(std::equal(got.begin(), got.end(), sizes.begin(), sizes.end()), op, "`", name, "` must have shape ",
+             shape_text(sizes), ", got ", shape_text(got));
+  check_no_self_overlap(out, op, name);
+}
+
+namespace {
+// [first, last) byte addresses a tensor's elements occupy (empty for no elements).
+std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  int64_t last_offset = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last_offset += (t.size(d) - 1) * t.stride(d);
+  return {first, first + static_cast<uintptr_t>(last_offset + 1) * t.element_size()};
+}
+}  // namespace
+
+void check_no_overlap(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op) {
+  const auto [a_first, a_last] = byte_span(a);
+  const auto [b_first, b_last] = byte_span(b);
+  QKIT_CHECK(a_first == a_last || b_first == b_last || a_last <= b_first || b_last <= a_first, op, "`", b_name,
+             "` shares memory with `", a_name, "`; pass a separate buffer");
+}
+
+bool same_view(const Tensor& a, const Tensor& b) {
+  const auto as = a.sizes(), bs = b.sizes(), at = a.strides(), bt = b.strides();
+  return a.const_data_ptr() == b.const_data_ptr() && a.scalar_type() == b.scalar_type() &&
+         std::equal(as.begin(), as.end(), bs.begin(), bs.end()) && std::equal(at.begin(), at.end(), bt.begin(), bt.end());
 }
 
 std::vector<int64_t> sizes_of(const Tensor& t) {

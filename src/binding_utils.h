@@ -83,6 +83,29 @@ void on_device(const Tensor& like, const char* op, const Cpu& cpu, const Cuda& c
 #define QKIT_CUDA_CALL(...) static_cast<const char*>(nullptr)
 #endif
 
+// An `out=` tensor: `dtype`, on `like`'s device, exactly `sizes` (no resizing:
+// a wrong buffer is a bug in the caller), and no expanded dimensions.
+void check_out(const Tensor& out, const char* name, ScalarType dtype, const std::vector<int64_t>& sizes,
+               const Tensor& like, const char* like_name, const char* op);
+// An output must not share bytes with a tensor the op reads or with another output.
+// Compares address ranges, so interleaved views count as overlapping.
+void check_no_overlap(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op);
+// Same memory, sizes and strides: writing one is writing the other in place.
+bool same_view(const Tensor& a, const Tensor& b);
+
+// The kernels write dense memory: `write(dst)` gets `out` itself when it is
+// contiguous, else a contiguous temporary that is copied into `out` afterwards.
+template <typename Write>
+void write_into(Tensor& out, const Write& write) {
+  if (out.is_contiguous()) {
+    write(out);
+    return;
+  }
+  Tensor dense = torch::stable::new_empty(out, sizes_of(out));
+  write(dense);
+  torch::stable::copy_(out, dense);
+}
+
 // A contiguous byte tensor of n bytes on `like`'s device (kernel scratch).
 Tensor scratch_bytes(const Tensor& like, int64_t n);
 

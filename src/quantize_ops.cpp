@@ -89,9 +89,8 @@ Tensor fake_quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric,
   return out;
 }
 
-void fake_quantize_(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool stochastic) {
-  const char* op = "fake_quantize_";
-  check_fake_args(input, groups, bits, op);
+void fake_quantize_in_place(Tensor& input, int64_t groups, int64_t bits, bool symmetric, bool stochastic,
+                            const char* op) {
   check_no_self_overlap(input, op, "input");
   if (input.is_contiguous()) {
     fake_quantize_into(input, input, groups, bits, symmetric, stochastic, op);
@@ -102,62 +101,126 @@ void fake_quantize_(Tensor input, int64_t groups, int64_t bits, bool symmetric, 
   torch::stable::copy_(input, work);
 }
 
-std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric) {
-  const char* op = "quantize";
+void fake_quantize_(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool stochastic) {
+  const char* op = "fake_quantize_";
+  check_fake_args(input, groups, bits, op);
+  fake_quantize_in_place(input, groups, bits, symmetric, stochastic, op);
+}
+
+void fake_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool stochastic, Tensor out) {
+  const char* op = "fake_quantize";
+  check_fake_args(input, groups, bits, op);
+  check_out(out, "out", input.scalar_type(), sizes_of(input), input, "input", op);
+  if (same_view(input, out)) {
+    fake_quantize_in_place(out, groups, bits, symmetric, stochastic, op);
+    return;
+  }
+  check_no_overlap(input, "input", out, "out", op);
+  const Tensor in = torch::stable::contiguous(input);
+  write_into(out, [&](Tensor& dst) { fake_quantize_into(in, dst, groups, bits, symmetric, stochastic, op); });
+}
+
+std::vector<int64_t> code_sizes(const Tensor& input, int64_t bits) {
+  std::vector<int64_t> sizes = sizes_of(input);
+  if (bits == 4 && !sizes.empty()) sizes.back() /= 2;
+  return sizes;
+}
+
+DType check_quantize_args(const Tensor& input, int64_t groups, int64_t bits, const char* op) {
   const DType dtype = float_dtype(input, op, "input");
   check_storage_bits(bits, op);
   check_groups(input.numel(), groups, op, "input");
   check_packable(input, bits, op, "input");
-  const Tensor in = torch::stable::contiguous(input);
+  return dtype;
+}
 
-  std::vector<int64_t> code_sizes = sizes_of(in);
-  if (bits == 4 && !code_sizes.empty()) code_sizes.back() /= 2;
-  Tensor codes = torch::stable::new_empty(in, code_sizes, ScalarType::Char);
-  Tensor params = torch::stable::new_empty(in, {groups, symmetric ? 1 : 2}, ScalarType::Float);
-  const QuantJob job = make_job(dtype, in.numel(), groups, bits, symmetric);
-  quantize_into(in, job, static_cast<int8_t*>(codes.mutable_data_ptr()), static_cast<float*>(params.mutable_data_ptr()),
-                op);
+void quantize_tensors(const Tensor& input, const QuantJob& job, Tensor& codes, Tensor& params, const char* op) {
+  const Tensor in = torch::stable::contiguous(input);
+  write_into(codes, [&](Tensor& code_dst) {
+    write_into(params, [&](Tensor& param_dst) {
+      quantize_into(in, job, static_cast<int8_t*>(code_dst.mutable_data_ptr()),
+                    static_cast<float*>(param_dst.mutable_data_ptr()), op);
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric) {
+  const char* op = "quantize";
+  const QuantJob job = make_job(check_quantize_args(input, groups, bits, op), input.numel(), groups, bits, symmetric);
+  Tensor codes = torch::stable::new_empty(input, code_sizes(input, bits), ScalarType::Char);
+  Tensor params = torch::stable::new_empty(input, {groups, symmetric ? 1 : 2}, ScalarType::Float);
+  quantize_tensors(input, job, codes, params, op);
   return std::make_tuple(codes, params);
 }
 
-DType output_dtype(std::optional<ScalarType> dtype, const char* op) {
-  const ScalarType t = dtype.value_or(ScalarType::Half);
-  switch (t) {
-    case ScalarType::Float: return DType::Float32;
-    case ScalarType::Half: return DType::Float16;
-    case ScalarType::BFloat16: return DType::BFloat16;
-    default: fail(op, "`dtype` must be float32, float16 or bfloat16, got ", dtype_name(t));
-  }
+void quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, Tensor q, Tensor params) {
+  const char* op = "quantize";
+  const QuantJob job = make_job(check_quantize_args(input, groups, bits, op), input.numel(), groups, bits, symmetric);
+  check_out(q, "q", ScalarType::Char, code_sizes(input, bits), input, "input", op);
+  check_out(params, "params", ScalarType::Float, {groups, symmetric ? 1 : 2}, input, "input", op);
+  check_no_overlap(input, "input", q, "q", op);
+  check_no_overlap(input, "input", params, "params", op);
+  check_no_overlap(q, "q", params, "params", op);
+  quantize_tensors(input, job, q, params, op);
 }
 
-Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric,
-                  std::optional<ScalarType> dtype) {
-  const char* op = "dequantize";
+// dequantize's `dtype` argument: float16 (DeepSpeed's choice) when absent.
+ScalarType output_scalar_type(std::optional<ScalarType> dtype, const char* op) {
+  const ScalarType t = dtype.value_or(ScalarType::Half);
+  QKIT_CHECK(t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16, op,
+             "`dtype` must be float32, float16 or bfloat16, got ", dtype_name(t));
+  return t;
+}
+
+// Checks dequantize's inputs; returns the output's sizes.
+std::vector<int64_t> check_dequantize_args(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits,
+                                           bool symmetric, const char* op) {
   check_codes_and_params(q, params, bits, op);
   QKIT_CHECK(bits == 8 || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
-  const DType out_dtype = output_dtype(dtype, op);
   const int64_t numel = bits == 4 ? 2 * q.numel() : q.numel();
   check_groups(numel, groups, op, "the dequantized output");
   const int64_t per_group = symmetric ? 1 : 2;
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [groups, ", per_group, "] = [", groups, ", ", per_group, "] for ",
              symmetric ? "symmetric" : "asymmetric", " quantization");
+  std::vector<int64_t> out_sizes = sizes_of(q);
+  if (bits == 4) out_sizes.back() *= 2;
+  return out_sizes;
+}
 
+void dequantize_tensors(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits, bool symmetric,
+                        Tensor& out, const char* op) {
   const Tensor codes = torch::stable::contiguous(q);
   const Tensor p = torch::stable::contiguous(params);
-  std::vector<int64_t> out_sizes = sizes_of(codes);
-  if (bits == 4) out_sizes.back() *= 2;
-  const ScalarType out_scalar = dtype.value_or(ScalarType::Half);
-  Tensor out = torch::stable::new_empty(codes, out_sizes, out_scalar);
-  const QuantJob job = make_job(out_dtype, numel, groups, bits, symmetric);
+  const QuantJob job = make_job(float_dtype(out, op, "out"), out.numel(), groups, bits, symmetric);
   const auto* code_ptr = static_cast<const int8_t*>(codes.const_data_ptr());
   const auto* param_ptr = static_cast<const float*>(p.const_data_ptr());
-  on_device(
-      codes, op, [&] { cpu::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr()); },
-      [&](void* stream) {
-        return QKIT_CUDA_CALL(cuda::dequantize(job, code_ptr, param_ptr, out.mutable_data_ptr(), stream));
-      });
+  write_into(out, [&](Tensor& dst) {
+    on_device(
+        codes, op, [&] { cpu::dequantize(job, code_ptr, param_ptr, dst.mutable_data_ptr()); },
+        [&](void* stream) {
+          return QKIT_CUDA_CALL(cuda::dequantize(job, code_ptr, param_ptr, dst.mutable_data_ptr(), stream));
+        });
+  });
+}
+
+Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric,
+                  std::optional<ScalarType> dtype) {
+  const char* op = "dequantize";
+  const std::vector<int64_t> out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
+  Tensor out = torch::stable::new_empty(q, out_sizes, output_scalar_type(dtype, op));
+  dequantize_tensors(q, params, groups, bits, symmetric, out, op);
   return out;
+}
+
+void dequantize_out(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric, Tensor out) {
+  const char* op = "dequantize";
+  const std::vector<int64_t> out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
+  float_dtype(out, op, "out");
+  check_out(out, "out", out.scalar_type(), out_sizes, q, "q", op);
+  check_no_overlap(q, "q", out, "out", op);
+  check_no_overlap(params, "params", out, "out", op);
+  dequantize_tensors(q, params, groups, bits, symmetric, out, op);
 }
 
 void register_kernels(torch::stable::detail::StableLibrary& m) {
@@ -165,6 +228,9 @@ void register_kernels(torch::stable::detail::StableLibrary& m) {
   m.impl("fake_quantize_", TORCH_BOX(&fake_quantize_));
   m.impl("quantize", TORCH_BOX(&quantize));
   m.impl("dequantize", TORCH_BOX(&dequantize));
+  m.impl("fake_quantize.out", TORCH_BOX(&fake_quantize_out));
+  m.impl("quantize.out", TORCH_BOX(&quantize_out));
+  m.impl("dequantize.out", TORCH_BOX(&dequantize_out));
 }
 
 }  // namespace

@@ -41,19 +41,26 @@ def define(schema: str, *, seeded: bool = False) -> None:
 
 
 def register_autograd_rules(
-    name: str, *, mutates: str | None = None, no_grad_for: tuple[str, ...] = (), hint: str = ""
+    name: str, *, mutates: str | tuple[str, ...] = (), no_grad_for: tuple[str, ...] = (), hint: str = ""
 ) -> None:
-    """How autograd treats ``qkit::<name>``, an op with no derivative formula.
+    """How autograd treats ``qkit::<name>`` (``"op"`` or ``"op.overload"``), an op with no
+    derivative formula.
 
     Its outputs carry no gradient. Arguments in ``no_grad_for`` and the mutated
-    argument ``mutates`` must not require grad while grad mode is on (a clear error
-    instead of a gradient that silently stops or goes wrong), and the mutated
+    arguments ``mutates`` must not require grad while grad mode is on (a clear error
+    instead of a gradient that silently stops or goes wrong), and each mutated
     argument's version counter is bumped, as every aten in-place op does, so
-    autograd notices when a saved tensor was overwritten.
+    autograd notices when a saved tensor was overwritten. An op with nothing to
+    guard gets a fallthrough: no Python runs per call at the Autograd key.
     """
-    op = getattr(torch.ops.qkit, name).default
+    op_name, _, overload = name.partition(".")
+    op = getattr(getattr(torch.ops.qkit, op_name), overload or "default")
     names = [a.name for a in op._schema.arguments]
-    guarded = [*no_grad_for, *([mutates] if mutates else [])]
+    mutated = (mutates,) if isinstance(mutates, str) else mutates
+    guarded = [*no_grad_for, *mutated]
+    if not guarded:
+        _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        return
 
     def arg(args: tuple, kwargs: dict, arg_name: str) -> Tensor:
         index = names.index(arg_name)
@@ -64,17 +71,18 @@ def register_autograd_rules(
             for arg_name in guarded:
                 if arg(args, kwargs, arg_name).requires_grad:
                     raise QkitValueError(
-                        f"qkit.{name}: `{arg_name}` requires grad, but {name} has no gradient - {hint}"
+                        f"qkit.{op_name}: `{arg_name}` requires grad, but {name} has no gradient - {hint}"
                     )
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
 
     _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
-    if mutates is None:
+    if not mutated:
         return
 
     def version_bump_kernel(keyset: torch._C.DispatchKeySet, *args, **kwargs):
-        torch.autograd.graph.increment_version(arg(args, kwargs, mutates))
+        for arg_name in mutated:
+            torch.autograd.graph.increment_version(arg(args, kwargs, arg_name))
         return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
 
     _lib.impl(name, version_bump_kernel, "ADInplaceOrView", with_keyset=True)
@@ -147,6 +155,11 @@ define(
     "fake_quantize_(Tensor(a!) input, int groups, int bits, bool symmetric=True, bool stochastic=False) -> ()",
     seeded=True,
 )
+define(
+    "fake_quantize.out(Tensor input, int groups, int bits, bool symmetric=True, bool stochastic=False, *, "
+    "Tensor(a!) out) -> ()",
+    seeded=True,
+)
 
 
 def _check_fake_args(input: Tensor, groups: int, bits: int, op: str) -> None:
@@ -161,6 +174,19 @@ def check_no_self_overlap(t: Tensor, op: str, arg: str = "input") -> None:
             f"qkit.{op}: `{arg}` has elements that share memory (an expanded view); in-place writes "
             "would collide - pass a tensor that owns its elements (e.g. .clone())"
         )
+
+
+def check_out(
+    out: Tensor, name: str, dtype: torch.dtype, shape: list[int], like: Tensor, like_name: str, op: str
+) -> None:
+    """An ``out=`` tensor: ``dtype``, on ``like``'s device, exactly ``shape``, no expanded dimensions."""
+    if out.dtype != dtype:
+        raise QkitTypeError(f"qkit.{op}: `{name}` must be {_dtype_name(dtype)}, got {_dtype_name(out.dtype)}")
+    if out.device != like.device:
+        raise QkitValueError(f"qkit.{op}: `{name}` must be on the same device as `{like_name}`")
+    if list(out.shape) != list(shape):
+        raise QkitValueError(f"qkit.{op}: `{name}` must have shape {list(shape)}, got {list(out.shape)}")
+    check_no_self_overlap(out, op, name)
 
 
 @torch.library.register_fake("qkit::fake_quantize")
@@ -179,6 +205,16 @@ def _fake_quantize_inplace_fake(
     check_no_self_overlap(input, "fake_quantize_")
 
 
+@torch.library.register_fake("qkit::fake_quantize.out")
+def _fake_quantize_out_fake(
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False, *, out: Tensor
+) -> None:
+    _check_fake_args(input, groups, bits, "fake_quantize")
+    check_out(out, "out", input.dtype, list(input.shape), input, "input", "fake_quantize")
+
+
+_OUT_HAS_NO_GRADIENT = "out= writes are not differentiable; call the op without out= (or under torch.no_grad())"
+register_autograd_rules("fake_quantize.out", mutates="out", no_grad_for=("input",), hint=_OUT_HAS_NO_GRADIENT)
 register_autograd_rules(
     "fake_quantize_",
     mutates="input",
@@ -199,7 +235,13 @@ torch.library.register_autograd("qkit::fake_quantize", _fake_quantize_backward, 
 
 
 def fake_quantize(
-    input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = True, stochastic: bool = False
+    input: Tensor,
+    groups: int = 1,
+    bits: int = 8,
+    symmetric: bool = True,
+    stochastic: bool = False,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Quantize and dequantize ``input`` group-wise: ``dequantize(quantize(input))``.
 
@@ -212,12 +254,18 @@ def fake_quantize(
             around the group's midpoint.
         stochastic: round ``floor(v + u)``, ``u ~ U[0, 1)`` from torch's generator
             (``torch.manual_seed`` reproduces it) instead of to nearest-even.
+        out: optional preallocated result (``input``'s shape, dtype and device; it may be
+            ``input`` itself, but must not partly overlap it). Reusing one saves the
+            allocation and first-touch page faults of a fresh output on every call.
 
     Returns:
-        A new contiguous tensor of ``input``'s shape and dtype. Autograd passes the
-        gradient straight through.
+        A new contiguous tensor of ``input``'s shape and dtype, or ``out``. Autograd
+        passes the gradient straight through (not with ``out=``, which has no gradient).
     """
-    return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
+    if out is None:
+        return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
+    torch.ops.qkit.fake_quantize.out(input, groups, bits, symmetric, stochastic, out=out)
+    return out
 
 
 def fake_quantize_(
@@ -238,18 +286,35 @@ define("quantize(Tensor input, int groups, int bits, bool symmetric=True) -> (Te
 define(
     "dequantize(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, ScalarType? dtype=None) -> Tensor"
 )
+define(
+    "quantize.out(Tensor input, int groups, int bits, bool symmetric=True, *, Tensor(a!) q, Tensor(b!) params) -> ()"
+)
+define("dequantize.out(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, *, Tensor(a!) out) -> ()")
 
 
-@torch.library.register_fake("qkit::quantize")
-def _quantize_fake(input: Tensor, groups: int, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+def _check_quantize_args(input: Tensor, groups: int, bits: int) -> None:
     op = "quantize"
     check_float_input(input, op)
     check_storage_bits(bits, op)
     check_groups(input.numel(), groups, op)
     check_packable(input, bits, op, "input")
+
+
+@torch.library.register_fake("qkit::quantize")
+def _quantize_fake(input: Tensor, groups: int, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+    _check_quantize_args(input, groups, bits)
     codes = input.new_empty(_code_shape(input.shape, bits), dtype=torch.int8)
     params = input.new_empty((groups, 1 if symmetric else 2), dtype=torch.float32)
     return codes, params
+
+
+@torch.library.register_fake("qkit::quantize.out")
+def _quantize_out_fake(
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, *, q: Tensor, params: Tensor
+) -> None:
+    _check_quantize_args(input, groups, bits)
+    check_out(q, "q", torch.int8, _code_shape(input.shape, bits), input, "input", "quantize")
+    check_out(params, "params", torch.float32, [groups, 1 if symmetric else 2], input, "input", "quantize")
 
 
 def check_codes_and_params(q: Tensor, params: Tensor, bits: int, op: str) -> None:
@@ -283,24 +348,45 @@ def check_dequantize_args(
         )
 
 
+def _dequantized_shape(q: Tensor, bits: int) -> list[int]:
+    shape = list(q.shape)
+    if bits == 4:
+        shape[-1] *= 2
+    return shape
+
+
 @torch.library.register_fake("qkit::dequantize")
 def _dequantize_fake(
     q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool = True, dtype: torch.dtype | None = None
 ) -> Tensor:
     check_dequantize_args(q, params, groups, bits, symmetric, dtype)
-    shape = list(q.shape)
-    if bits == 4:
-        shape[-1] *= 2
-    return q.new_empty(shape, dtype=dtype or torch.float16)
+    return q.new_empty(_dequantized_shape(q, bits), dtype=dtype or torch.float16)
+
+
+@torch.library.register_fake("qkit::dequantize.out")
+def _dequantize_out_fake(
+    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool = True, *, out: Tensor
+) -> None:
+    check_dequantize_args(q, params, groups, bits, symmetric, None)
+    check_float_input(out, "dequantize", "out")
+    check_out(out, "out", out.dtype, _dequantized_shape(q, bits), q, "q", "dequantize")
 
 
 register_autograd_rules("quantize")
-register_autograd_rules(
-    "dequantize", no_grad_for=("params",), hint="detach `params`, or train with qkit.fake_quantize (straight-through)"
-)
+register_autograd_rules("quantize.out", mutates=("q", "params"), hint=_OUT_HAS_NO_GRADIENT)
+_DEQUANTIZE_HINT = "detach `params`, or train with qkit.fake_quantize (straight-through)"
+register_autograd_rules("dequantize", no_grad_for=("params",), hint=_DEQUANTIZE_HINT)
+register_autograd_rules("dequantize.out", mutates="out", no_grad_for=("params",), hint=_DEQUANTIZE_HINT)
 
 
-def quantize(input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+def quantize(
+    input: Tensor,
+    groups: int = 1,
+    bits: int = 8,
+    symmetric: bool = True,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Quantize ``input`` group-wise to int8 codes (or int4 packed two per byte).
 
     Args:
@@ -308,12 +394,18 @@ def quantize(input: Tensor, groups: int = 1, bits: int = 8, symmetric: bool = Tr
         groups: ``G``, dividing ``M``.
         bits: 8 (one int8 per element) or 4 (pairs packed, the even element in the high nibble).
         symmetric: symmetric (params ``[G, 1]``: step) or asymmetric (``[G, 2]``: step, offset).
+        out: optional preallocated ``(q, params)`` of the shapes and dtypes below, on
+            ``input``'s device, sharing no memory with ``input`` or each other.
 
     Returns:
         ``(q, params)``: ``q`` int8 of ``input``'s shape (4-bit: last dimension halved),
-        ``params`` float32 ``[G, 1|2]``.
+        ``params`` float32 ``[G, 1|2]``. No gradient flows through either.
     """
-    return torch.ops.qkit.quantize.default(input, groups, bits, symmetric)
+    if out is None:
+        return torch.ops.qkit.quantize.default(input, groups, bits, symmetric)
+    q, params = out
+    torch.ops.qkit.quantize.out(input, groups, bits, symmetric, q=q, params=params)
+    return q, params
 
 
 def dequantize(
@@ -323,6 +415,8 @@ def dequantize(
     bits: int = 8,
     symmetric: bool = True,
     dtype: torch.dtype | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Inverse of :func:`quantize`: ``y = step * q (+ offset)``, computed in fp32 and rounded once.
 
@@ -333,10 +427,20 @@ def dequantize(
         bits: 4 or 8, as quantized.
         symmetric: as quantized.
         dtype: output dtype: float16 (default, as DeepSpeed), bfloat16 or float32.
+            With ``out=``, the dtype of ``out`` (``dtype``, if given, must match it).
+        out: optional preallocated result, on ``q``'s device, sharing no memory with
+            ``q`` or ``params``.
 
     Returns:
-        Tensor of ``q``'s shape (4-bit: last dimension doubled) and ``dtype``.
+        Tensor of ``q``'s shape (4-bit: last dimension doubled) and ``dtype``, or ``out``.
     """
     if groups is None:
         groups = params.shape[0] if params.dim() > 0 else 1
-    return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
+    if out is None:
+        return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
+    if dtype is not None and dtype != out.dtype:
+        raise QkitTypeError(
+            f"qkit.dequantize: `dtype` ({_dtype_name(dtype)}) and `out` ({_dtype_name(out.dtype)}) disagree"
+        )
+    torch.ops.qkit.dequantize.out(q, params, groups, bits, symmetric, out=out)
+    return out
