@@ -315,7 +315,18 @@ void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* par
         if (job.bits == 8) {  // kept free of the nibble logic so it vectorises
           for (int64_t i = 0; i < n; ++i) buf[i] = dequantize_code(static_cast<float>(codes[t + i]), step, offset);
         } else {
-          for (int64_t i = 0; i < n; ++i) {
+          // Whole bytes (high nibble, then low) so the loop vectorises; a segment
+          // that starts or ends mid-byte takes its odd element through code_at.
+          const int64_t head = t & 1;
+          if (head != 0) buf[0] = dequantize_code(static_cast<float>(code_at(codes, t, 4)), step, offset);
+          const int8_t* bytes = codes + ((t + head) >> 1);
+          const int64_t pairs = (n - head) / 2;
+          float* pair_out = buf + head;
+          for (int64_t j = 0; j < pairs; ++j) {
+            pair_out[2 * j] = dequantize_code(static_cast<float>(unpack_high(bytes[j])), step, offset);
+            pair_out[2 * j + 1] = dequantize_code(static_cast<float>(unpack_low(bytes[j])), step, offset);
+          }
+          for (int64_t i = head + 2 * pairs; i < n; ++i) {
             buf[i] = dequantize_code(static_cast<float>(code_at(codes, t + i, 4)), step, offset);
           }
         }

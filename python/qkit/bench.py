@@ -1,43 +1,51 @@
-"""``python -m qkit.bench`` (or ``qkit bench``): qkit's kernels against what users have.
+"""``qkit bench`` (or ``python -m qkit.bench``): qkit's kernels against what users have.
 
-For each case it times, in one run on the same tensors: a plain copy of the same
-bytes (the memory-bandwidth ceiling), the same math written in eager PyTorch,
-that eager code under ``torch.compile``, and the qkit op. Bandwidth counts the
-bytes each op must read and write once. Figures are medians of ``--repeat`` calls.
+For every (threads, dtype, group size, op) case it times, side by side on the same
+tensors: a copy of the input into an existing buffer (the memory-bandwidth ceiling),
+the op's math in eager PyTorch, that code under ``torch.compile``, aten's
+``fake_quantize_per_channel_affine``, DeepSpeed's and bitsandbytes' CUDA kernels (when
+installed), qkit with a fresh output, and qkit writing into a reused ``out=`` buffer.
+Bandwidth counts the bytes an op must read and write once; figures are medians of
+``--repeat`` calls after a warm-up (which also compiles). ``--json`` writes every
+figure, ``--plot`` draws GB/s against tensor size with the copy roofline, and
+``--latency`` times per-call overhead on small tensors against ``torch.add``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+import timeit
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 import qkit
+from qkit import bench_baselines as base
+from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
 
-
-def eager_fake_quantize(x: Tensor, groups: int, bits: int) -> Tensor:
-    """Symmetric group-wise fake quantization as a user would write it in eager PyTorch."""
-    g = x.float().reshape(groups, -1)
-    m = g.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(m == 0, torch.ones_like(m), 2.0 ** (bits - 1) / m)
-    q = (g * scale).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).round()
-    return (q * (1.0 / scale)).to(x.dtype).reshape(x.shape)
-
-
-def eager_quantize(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    g = x.float().reshape(groups, -1)
-    m = g.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(m == 0, torch.ones_like(m), 128.0 / m)
-    q = (g * scale).clamp(-128, 127).round().to(torch.int8)
-    return q.reshape(x.shape), 1.0 / scale
-
-
-def eager_dequantize(q: Tensor, params: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
-    return (q.reshape(groups, -1).float() * params).to(dtype).reshape(q.shape)
+OPS = (
+    "fake_quantize",
+    "quantize8",
+    "quantize4",
+    "dequantize8",
+    "dequantize4",
+    "swizzle_quantize",
+    "quantized_reduction",
+)
+#: Implementations in table order; "qkit_out" is qkit writing into a reused buffer.
+IMPLS = ("eager", "compile", "aten_per_channel", "deepspeed", "bitsandbytes", "qkit", "qkit_out")
+_HEADINGS = {"aten_per_channel": "aten pc", "bitsandbytes": "bnb", "deepspeed": "dspeed", "qkit_out": "qkit out="}
+#: The ZeRO++ layout the swizzle and reduction cases use: 2 nodes x 8 ranks, no pipelining.
+NODES, LOCAL = 2, 8
 
 
 def time_seconds(
@@ -47,121 +55,482 @@ def time_seconds(
     reduce: Callable[[list[float]], float] = statistics.median,
 ) -> float:
     """``reduce`` (median by default, ``min`` for best-of) over ``repeat`` timed calls of
-    ``fn`` after one warm-up call (which also compiles), synchronizing a CUDA device."""
-
-    def call() -> None:
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    call()
+    ``fn`` after one warm-up call (which also compiles). On CUDA each call is timed with
+    events on the current stream, so only that device is synchronized."""
+    fn()
     times = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return reduce(times)
     for _ in range(repeat):
         start = time.perf_counter()
-        call()
+        fn()
         times.append(time.perf_counter() - start)
     return reduce(times)
 
 
-def run(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], repeat: int, device: str) -> list[dict]:
-    rows = []
-    for dtype in dtypes:
-        x = torch.randn(numel, device=device).to(dtype)
+@dataclass
+class Case:
+    """One op on one tensor: the bytes it must move and every implementation that can run it."""
+
+    op: str
+    nbytes: int
+    impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, fn: Callable[[], object] | None, reason: str | None = None) -> None:
+        if fn is None:
+            self.skipped[name] = reason or "not applicable"
+        else:
+            self.impls[name] = fn
+
+
+@dataclass
+class Baselines:
+    """The optional GPU libraries, loaded once per run."""
+
+    deepspeed: object | None
+    deepspeed_reason: str | None
+    bnb: object | None
+    bnb_reason: str | None
+
+    @classmethod
+    def load(cls, device: str) -> Baselines:
+        if not device.startswith("cuda"):
+            return cls(None, "CUDA only", None, "CUDA only")
+        ds, ds_reason = base.load_deepspeed()
+        bnb, bnb_reason = base.load_bitsandbytes()
+        return cls(ds, ds_reason, bnb, bnb_reason)
+
+
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def build_case(op: str, x: Tensor, groups: int, libs: Baselines) -> Case:
+    """The implementations of ``op`` on flat ``x`` in ``groups`` groups."""
+    numel, esize, dtype = x.numel(), x.element_size(), x.dtype
+    bits = 4 if op.endswith("4") or op in ("swizzle_quantize", "quantized_reduction") else 8
+    code_bytes, param_bytes = numel * bits // 8, groups * 4
+    ds, bnb = libs.deepspeed, libs.bnb
+    ds_type = getattr(ds, "QuantizationType", None)
+    bnb_block = numel // groups if numel // groups in base.BNB_BLOCK_SIZES else None
+    bnb_reason = libs.bnb_reason or (None if bnb_block else f"block size {numel // groups} unsupported")
+
+    if op == "fake_quantize":
+        case = Case(op, 2 * numel * esize)
         out = torch.empty_like(x)
-        esize = x.element_size()
-        copy_s = time_seconds(lambda x=x, out=out: out.copy_(x), repeat, device)
-        copy_gbps = 2 * numel * esize / copy_s / 1e9
-        for group_size in group_sizes:
-            groups = numel // group_size
-            q, params = qkit.quantize(x, groups, 8)
-            compiled_fq = torch.compile(eager_fake_quantize, dynamic=False)
-            compiled_q = torch.compile(eager_quantize, dynamic=False)
-            compiled_dq = torch.compile(eager_dequantize, dynamic=False)
-            cases = {
-                "fake_quantize 8b": (
-                    2 * numel * esize,
-                    lambda x=x, g=groups: eager_fake_quantize(x, g, 8),
-                    lambda x=x, g=groups, f=compiled_fq: f(x, g, 8),
-                    lambda x=x, g=groups: qkit.fake_quantize(x, g, 8),
-                ),
-                "quantize 8b": (
-                    numel * (esize + 1),
-                    lambda x=x, g=groups: eager_quantize(x, g),
-                    lambda x=x, g=groups, f=compiled_q: f(x, g),
-                    lambda x=x, g=groups: qkit.quantize(x, g, 8),
-                ),
-                "dequantize 8b": (
-                    numel * (esize + 1),
-                    lambda q=q, p=params, g=groups, d=dtype: eager_dequantize(q, p, g, d),
-                    lambda q=q, p=params, g=groups, d=dtype, f=compiled_dq: f(q, p, g, d),
-                    lambda q=q, p=params, g=groups, d=dtype: qkit.dequantize(q, p, g, 8, dtype=d),
-                ),
-            }
-            for name, (nbytes, eager, compiled, ours) in cases.items():
-                t_eager, t_compiled, t_qkit = (time_seconds(f, repeat, device) for f in (eager, compiled, ours))
-                rows.append(
-                    {
-                        "op": name,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "group": group_size,
-                        "copy_gbps": copy_gbps,
-                        "eager_gbps": nbytes / t_eager / 1e9,
-                        "compiled_gbps": nbytes / t_compiled / 1e9,
-                        "qkit_gbps": nbytes / t_qkit / 1e9,
-                    }
-                )
+        case.add("eager", lambda: base.eager_fake_quantize(x, groups, bits))
+        compiled = _compiled(base.eager_fake_quantize)
+        case.add("compile", lambda: compiled(x, groups, bits))
+        case.add("aten_per_channel", lambda: base.aten_per_channel_fake_quantize(x, groups, bits))
+        ds_fake = getattr(
+            ds, {torch.float32: "ds_quantize_fp32", torch.float16: "ds_quantize_fp16"}.get(dtype, ""), None
+        )
+        # DeepSpeed's fake quantization works in place: time it on a scratch copy, like qkit out=.
+        case.add(
+            "deepspeed", ds_fake and (lambda: ds_fake(out, groups, bits)), libs.deepspeed_reason or "no bf16 kernel"
+        )
+        if bnb is not None and bnb_block:
+            case.add("bitsandbytes", lambda: bnb.dequantize_blockwise(*bnb.quantize_blockwise(x, blocksize=bnb_block)))
+        else:
+            case.add("bitsandbytes", None, bnb_reason)
+        case.add("qkit", lambda: qkit.fake_quantize(x, groups, bits))
+        case.add("qkit_out", lambda: qkit.fake_quantize(x, groups, bits, out=out))
+        if ds_fake is not None:
+            out.copy_(x)
+        return case
+
+    if op.startswith("quantize"):
+        case = Case(op, numel * esize + code_bytes + param_bytes)
+        q, params = qkit.quantize(x, groups, bits)
+        case.add("eager", lambda: base.eager_quantize(x, groups, bits))
+        compiled = _compiled(base.eager_quantize)
+        case.add("compile", lambda: compiled(x, groups, bits))
+        case.add("deepspeed", ds and (lambda: ds.quantize(x, groups, bits, ds_type.Symmetric)), libs.deepspeed_reason)
+        if bnb is not None and bnb_block and bits == 8:
+            case.add("bitsandbytes", lambda: bnb.quantize_blockwise(x, blocksize=bnb_block))
+        else:
+            case.add("bitsandbytes", None, bnb_reason or "8-bit only")
+        case.add("qkit", lambda: qkit.quantize(x, groups, bits))
+        case.add("qkit_out", lambda: qkit.quantize(x, groups, bits, out=(q, params)))
+        return case
+
+    if op.startswith("dequantize"):
+        case = Case(op, numel * esize + code_bytes + param_bytes)
+        q, params = qkit.quantize(x, groups, bits)
+        out = torch.empty_like(x)
+        case.add("eager", lambda: base.eager_dequantize(q, params, groups, bits, dtype))
+        compiled = _compiled(base.eager_dequantize)
+        case.add("compile", lambda: compiled(q, params, groups, bits, dtype))
+        ds_dequant = getattr(ds, {torch.float32: "dequantize_fp32", torch.float16: "dequantize"}.get(dtype, ""), None)
+        case.add(
+            "deepspeed",
+            ds_dequant and (lambda: ds_dequant(q, params, groups, bits, ds_type.Symmetric)),
+            libs.deepspeed_reason or "no bf16 output",
+        )
+        if bnb is not None and bnb_block and bits == 8:
+            bnb_q, bnb_state = bnb.quantize_blockwise(x, blocksize=bnb_block)
+            case.add("bitsandbytes", lambda: bnb.dequantize_blockwise(bnb_q, bnb_state))
+        else:
+            case.add("bitsandbytes", None, bnb_reason or "8-bit only")
+        case.add("qkit", lambda: qkit.dequantize(q, params, groups, bits, dtype=dtype))
+        case.add("qkit_out", lambda: qkit.dequantize(q, params, groups, bits, out=out))
+        return case
+
+    if op == "swizzle_quantize":
+        case = Case(op, numel * esize + code_bytes + param_bytes)
+        case.add("eager", lambda: base.eager_stage1(x, groups, NODES, LOCAL))
+        compiled = _compiled(base.eager_stage1)
+        case.add("compile", lambda: compiled(x, groups, NODES, LOCAL))
+        case.add(
+            "deepspeed",
+            ds and (lambda: ds.swizzle_quant(x, groups, bits, ds_type.Symmetric, 1, NODES, LOCAL)),
+            libs.deepspeed_reason,
+        )
+        case.add("qkit", lambda: swizzle_quantize(x, groups, bits, True, 1, NODES, LOCAL))
+        return case
+
+    if op == "quantized_reduction":
+        q, params = swizzle_quantize(x, groups, bits, True, 1, NODES, LOCAL)
+        out_groups = groups // LOCAL
+        case = Case(op, code_bytes + param_bytes + (code_bytes + param_bytes) // LOCAL)
+        case.add("eager", lambda: base.eager_stage3(q, params, groups, LOCAL))
+        compiled = _compiled(base.eager_stage3)
+        case.add("compile", lambda: compiled(q, params, groups, LOCAL))
+        case.add(
+            "deepspeed",
+            ds and (lambda: ds.quantized_reduction(q, params, groups, out_groups, bits, ds_type.Symmetric, LOCAL)),
+            libs.deepspeed_reason,
+        )
+        case.add("qkit", lambda: quantized_reduction(q, params, groups, out_groups, bits, True, LOCAL))
+        return case
+
+    raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:100]}" if text else type(error).__name__
+
+
+def _progress(total: int) -> Callable[[str], None]:
+    """A progress bar on stderr (tqdm when installed); returns ``step(description)``."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+        def step_tqdm(description: str) -> None:
+            bar.set_description(description)
+            bar.update(1)
+            if bar.n >= total:
+                bar.close()
+
+        return step_tqdm
+    done = [0]
+
+    def step_plain(description: str) -> None:
+        done[0] += 1
+        end = "\n" if done[0] >= total else ""
+        print(f"\r[{done[0]}/{total}] {description:<60}", end=end, file=sys.stderr, flush=True)
+
+    return step_plain
+
+
+def _group_size(spec: str, numel: int, row: int) -> int:
+    return min(row if spec == "row" else int(spec), numel)
+
+
+def run(
+    sizes: list[int],
+    dtypes: list[torch.dtype],
+    group_specs: list[str],
+    ops: list[str],
+    threads: list[int],
+    repeat: int,
+    device: str,
+    row: int = 16384,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Time every case; one row per (threads, numel, dtype, group, op)."""
+    libs = Baselines.load(device)
+    total = len(threads) * len(sizes) * len(dtypes) * len(group_specs) * len(ops)
+    step = _progress(total) if show_progress else (lambda description: None)
+    rows = []
+    for n_threads in threads:
+        if device == "cpu":
+            torch.set_num_threads(n_threads)
+        for numel in sizes:
+            for dtype in dtypes:
+                x = torch.randn(numel, device=device).to(dtype)
+                copy_into = torch.empty_like(x)
+                copy_s = time_seconds(lambda x=x, y=copy_into: y.copy_(x), repeat, device)
+                for spec in group_specs:
+                    group_size = _group_size(spec, numel, row)
+                    for op in ops:
+                        dtype_name = str(dtype).removeprefix("torch.")
+                        step(f"{op} {dtype_name} g={spec} n={numel} t={n_threads}")
+                        rows.append(_time_case(op, x, group_size, spec, libs, copy_s, n_threads, repeat, device))
+                        torch._dynamo.reset()  # every case compiles its own graph; keep the cache small
     return rows
 
 
-def run_inplace(numel: int, dtypes: list[torch.dtype], group_sizes: list[int], repeat: int, device: str) -> None:
-    """The kernel without the output allocation: ``fake_quantize_`` in place vs a copy into
-    an existing buffer (a fresh 32M-element output costs more than either)."""
-    print(f"{'dtype':<10}{'group':>7}{'copy':>8}{'in place':>10}{'of copy':>9}   (GB/s)")
-    for dtype in dtypes:
-        x = torch.randn(numel, device=device).to(dtype)
-        y, out = x.clone(), torch.empty_like(x)
-        nbytes = 2 * numel * x.element_size()
-        copy_gbps = nbytes / time_seconds(lambda x=x, out=out: out.copy_(x), repeat, device) / 1e9
-        for group_size in group_sizes:
-            t = time_seconds(lambda y=y, g=numel // group_size: qkit.fake_quantize_(y, g, 8), repeat, device)
-            gbps = nbytes / t / 1e9
-            print(
-                f"{str(dtype).removeprefix('torch.'):<10}{group_size:>7}{copy_gbps:>8.1f}{gbps:>10.1f}"
-                f"{gbps / copy_gbps:>9.0%}"
-            )
+def _time_case(
+    op: str,
+    x: Tensor,
+    group_size: int,
+    spec: str,
+    libs: Baselines,
+    copy_s: float,
+    n_threads: int,
+    repeat: int,
+    device: str,
+) -> dict:
+    numel = x.numel()
+    groups = numel // group_size
+    row = {
+        "op": op,
+        "dtype": str(x.dtype).removeprefix("torch."),
+        "group": spec,
+        "group_size": group_size,
+        "numel": numel,
+        "threads": n_threads if device == "cpu" else None,
+        "copy_gbps": 2 * numel * x.element_size() / copy_s / 1e9,
+        "seconds": {},
+        "gbps": {},
+        "skipped": {},
+    }
+    if op in ("swizzle_quantize", "quantized_reduction") and groups % (NODES * LOCAL):
+        row["skipped"] = {name: f"groups ({groups}) not a multiple of {NODES * LOCAL}" for name in IMPLS}
+        return row
+    case = build_case(op, x, groups, libs)
+    row["nbytes"] = case.nbytes
+    row["skipped"].update(case.skipped)
+    for name, fn in case.impls.items():
+        try:
+            seconds = time_seconds(fn, repeat, device)
+        except Exception as error:  # a baseline that fails on this shape is a finding, not a crash
+            row["skipped"][name] = f"failed: {_first_line(error)}"
+            continue
+        row["seconds"][name] = seconds
+        row["gbps"][name] = case.nbytes / seconds / 1e9
+    return row
+
+
+# ---------------------------------------------------------------- per-call latency
+
+
+def run_latency(sizes: Iterable[int], device: str, number: int = 2000) -> list[dict]:
+    """Microseconds per call (best of 5 batches) of qkit's ops and of ``torch.add`` on small tensors."""
+
+    def per_call_us(fn: Callable[[], object]) -> float:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+            def batch() -> None:
+                for _ in range(number):
+                    fn()
+                torch.cuda.synchronize(device)
+
+            return min(timeit.repeat(batch, number=1, repeat=5)) / number * 1e6
+        return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+
+    return [
+        {"numel": numel, "us": {name: per_call_us(fn) for name, fn in _latency_calls(numel, device).items()}}
+        for numel in sizes
+    ]
+
+
+def _latency_calls(numel: int, device: str) -> dict[str, Callable[[], object]]:
+    x, y = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    groups = max(1, numel // 128)
+    q, params = qkit.quantize(x, groups, 8)
+    out = torch.empty_like(x)
+    return {
+        "torch.add": lambda: torch.add(x, y),
+        "torch.ops.aten.add": lambda: torch.ops.aten.add.Tensor(x, y),
+        "qkit.fake_quantize": lambda: qkit.fake_quantize(x, groups, 8),
+        "qkit.fake_quantize out=": lambda: qkit.fake_quantize(x, groups, 8, out=out),
+        "qkit.quantize": lambda: qkit.quantize(x, groups, 8),
+        "qkit.quantize out=": lambda: qkit.quantize(x, groups, 8, out=(q, params)),
+        "qkit.dequantize": lambda: qkit.dequantize(q, params, groups, 8, dtype=torch.float32),
+        "qkit.dequantize out=": lambda: qkit.dequantize(q, params, groups, 8, out=out),
+    }
+
+
+# ---------------------------------------------------------------- reports
+
+
+def _fmt(value: float | None, width: int, digits: int = 2) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    return f"{ours / theirs:>7.1f}x" if ours and theirs else f"{'-':>8}"
+
+
+def print_table(rows: list[dict], impls: list[str]) -> None:
+    headings = [_HEADINGS.get(name, name) for name in impls]
+    print(
+        f"{'op':<20}{'dtype':<9}{'group':>6}{'numel':>10}{'thr':>4}{'copy':>7}"
+        + "".join(f"{h:>10}" for h in headings)
+        + f"{'out=/copy':>10}{'x eager':>8}{'x comp':>8}{'x best':>8}   (GB/s; x = qkit fresh vs that)"
+    )
+    for r in rows:
+        g = r["gbps"]
+        ours = g.get("qkit")
+        others = [v for k, v in g.items() if k not in ("qkit", "qkit_out")]
+        fresh_or_out = g.get("qkit_out", ours)
+
+        print(
+            f"{r['op']:<20}{r['dtype']:<9}{r['group']:>6}{r['numel']:>10}{r['threads'] or '':>4}{r['copy_gbps']:>7.1f}"
+            + "".join(_fmt(g.get(name), 10) for name in impls)
+            + (f"{fresh_or_out / r['copy_gbps']:>10.0%}" if fresh_or_out else f"{'-':>10}")
+            + _ratio(ours, g.get("eager"))
+            + _ratio(ours, g.get("compile"))
+            + _ratio(ours, max(others) if others else None)
+        )
+    skipped = sorted({(name, reason) for r in rows for name, reason in r["skipped"].items()})
+    if skipped:
+        print("\nnot timed:")
+        for name, reason in skipped:
+            print(f"  {name}: {reason}")
+
+
+def print_latency(rows: list[dict]) -> None:
+    names = list(rows[0]["us"])
+    print(f"\nper-call time (us), best of 5 batches\n{'call':<26}" + "".join(f"{r['numel']:>10}" for r in rows))
+    for name in names:
+        print(f"{name:<26}" + "".join(f"{r['us'][name]:>10.2f}" for r in rows))
+
+
+def environment(device: str) -> dict:
+    """What the figures were measured on."""
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "qkit": qkit.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        "QKIT_CPU_ISA": os.environ.get("QKIT_CPU_ISA", ""),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plot(rows: list[dict], path: str, impls: list[str]) -> None:
+    """GB/s against tensor size, one panel per op, with the copy roofline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise SystemExit("qkit bench --plot needs matplotlib (pip install matplotlib)") from error
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    cols = min(3, len(ops))
+    fig, axes = plt.subplots(
+        (len(ops) + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((len(ops) + cols - 1) // cols))
+    )
+    axes = [axes] if len(ops) == 1 else list(getattr(axes, "flat", axes))
+    for ax, op in zip(axes, ops, strict=False):
+        mine = [r for r in rows if r["op"] == op]
+        sizes = [r["numel"] for r in mine]
+        ax.plot(sizes, [r["copy_gbps"] for r in mine], "k--", label="copy (roofline)")
+        for name in impls:
+            points = [(r["numel"], r["gbps"][name]) for r in mine if name in r["gbps"]]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=_HEADINGS.get(name, name))
+        ax.set(xscale="log", yscale="log", title=f"{op} ({mine[0]['dtype']}, group {mine[0]['group']})")
+        ax.set_xlabel("elements")
+        ax.set_ylabel("GB/s")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[len(ops) :]:
+        ax.axis("off")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _parse_sizes(text: str) -> list[int]:
+    units = {"k": 2**10, "m": 2**20}
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        out.append(int(item[:-1]) * units[item[-1]] if item[-1] in units else int(item))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qkit bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--numel", type=int, default=32 * 2**20)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--groups", default="128,4096", help="group sizes (elements)")
+    parser.add_argument("--sizes", default="32M", help="tensor sizes in elements, e.g. 32M or 1K,64K,1M,32M")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--groups", default="64,128,4096,row", help="group sizes; 'row' is one group per row")
+    parser.add_argument("--row", type=int, default=16384, help="row length for --groups row")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
+    parser.add_argument("--threads", default=None, help="CPU thread counts to run, e.g. 1,2 (default: torch's)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--inplace", action="store_true", help="time fake_quantize_ in place (no allocation)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write every figure and the machine as JSON")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw GB/s vs size (use several --sizes)")
+    parser.add_argument("--latency", action="store_true", help="per-call time on 64..64K-element tensors")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    sizes = [int(s) for s in args.groups.split(",")]
+    ops = [o for o in args.ops.split(",") if o]
+    for op in ops:
+        if op not in OPS:
+            parser.error(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+    env = environment(args.device)
     print(
-        f"qkit {qkit.__version__}, torch {torch.__version__}, device {args.device}, "
-        f"{torch.get_num_threads()} threads, {args.numel / 2**20:.0f}M elements"
+        f"qkit {env['qkit']}, torch {env['torch']}, {env.get('gpu', env['cpu'])}, device {args.device}, "
+        f"threads {threads}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE'] or 'unset'}"
     )
-    if args.inplace:
-        run_inplace(args.numel, dtypes, sizes, args.repeat, args.device)
-        return 0
-    print(
-        f"{'op':<18}{'dtype':<10}{'group':>7}{'copy':>8}{'eager':>8}{'compile':>9}{'qkit':>8}"
-        f"{'qkit/copy':>11}{'vs eager':>10}{'vs compile':>11}   (GB/s)"
-    )
-    for r in run(args.numel, dtypes, sizes, args.repeat, args.device):
-        print(
-            f"{r['op']:<18}{r['dtype']:<10}{r['group']:>7}{r['copy_gbps']:>8.1f}{r['eager_gbps']:>8.2f}"
-            f"{r['compiled_gbps']:>9.2f}{r['qkit_gbps']:>8.2f}{r['qkit_gbps'] / r['copy_gbps']:>10.0%}"
-            f"{r['qkit_gbps'] / r['eager_gbps']:>9.1f}x{r['qkit_gbps'] / r['compiled_gbps']:>10.1f}x"
-        )
+    rows = run(
+        _parse_sizes(args.sizes), dtypes, args.groups.split(","), ops, threads, args.repeat, args.device,
+        row=args.row, show_progress=not args.no_progress,
+    )  # fmt: skip
+    shown = [name for name in IMPLS if any(name in r["gbps"] for r in rows)]
+    print_table(rows, shown)
+    latency = run_latency([64, 1024, 4096, 16384, 65536], args.device) if args.latency else []
+    if latency:
+        print_latency(latency)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "rows": rows, "latency": latency}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot, shown)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -27,71 +27,15 @@ from torch import Tensor
 
 import qkit
 from qkit.bench import time_seconds
+from qkit.bench_baselines import (
+    eager_loco_stage1,
+    eager_loco_stage3,
+    eager_stage1,
+    eager_stage3,
+    eager_stage5,
+)
 from qkit.distributed.plan import plan_qgz
 from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize, quantized_reduction, swizzle_quantize
-
-# ---------------------------------------------------------------- the chain in eager PyTorch
-
-
-def eager_quantize4(v: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 ``[G, E]`` -> (int32 codes in [-8, 7], fp32 step ``[G, 1]``), symmetric, step = absmax/8."""
-    m = v.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(m == 0, torch.ones_like(m), 8.0 / m)
-    return (v * scale).round().clamp(-8, 7).to(torch.int32), 1.0 / scale
-
-
-def eager_pack4(codes: Tensor) -> Tensor:
-    """Flat pairs -> one byte, the even element in the high nibble."""
-    c = codes.reshape(-1)
-    return (((c[0::2] & 0xF) << 4) | (c[1::2] & 0xF)).to(torch.uint8).view(torch.int8)
-
-
-def eager_unpack4(q: Tensor) -> Tensor:
-    """int8 bytes -> flat int32 codes (sign-extended nibbles)."""
-    b = q.reshape(-1).to(torch.int32)
-    lo = b & 0xF
-    return torch.stack([b >> 4, torch.where(lo >= 8, lo - 16, lo)], dim=1).reshape(-1)
-
-
-def eager_swizzled(x: Tensor, groups: int, nodes: int, local: int) -> Tensor:
-    """fp32 ``[G, E]`` in swizzled group order: the (node, device) grid transposed."""
-    return x.float().reshape(nodes, local, groups // (nodes * local), -1).transpose(0, 1).reshape(groups, -1)
-
-
-def eager_stage1(x: Tensor, groups: int, nodes: int, local: int) -> tuple[Tensor, Tensor]:
-    codes, step = eager_quantize4(eager_swizzled(x, groups, nodes, local))
-    return eager_pack4(codes), step
-
-
-def eager_stage3(q: Tensor, params: Tensor, groups: int, local: int) -> tuple[Tensor, Tensor]:
-    vals = eager_unpack4(q).reshape(local, groups // local, -1).float() * params.reshape(local, groups // local, 1)
-    codes, step = eager_quantize4(vals.sum(dim=0))
-    return eager_pack4(codes), step
-
-
-def eager_stage5(q: Tensor, params: Tensor, nodes: int, world: int, dtype: torch.dtype) -> Tensor:
-    vals = eager_unpack4(q).reshape(params.shape[0], -1).float() * params
-    return vals.reshape(nodes, -1).sum(dim=0).div_(world).to(dtype)
-
-
-def eager_loco_stage1(
-    x: Tensor, err: Tensor, beta: float, groups: int, nodes: int, local: int
-) -> tuple[Tensor, Tensor]:
-    s = eager_swizzled(x, groups, nodes, local) + err.float().reshape(groups, -1)
-    codes, step = eager_quantize4(s)
-    err.copy_((beta * err.float() + (1 - beta) * (s - codes * step).reshape(-1)).to(err.dtype))
-    return eager_pack4(codes), step
-
-
-def eager_loco_stage3(
-    q: Tensor, params: Tensor, err: Tensor, beta: float, groups: int, local: int
-) -> tuple[Tensor, Tensor]:
-    vals = eager_unpack4(q).reshape(local, groups // local, -1).float() * params.reshape(local, groups // local, 1)
-    s = vals.sum(dim=0) + err.float().reshape(groups // local, -1)
-    codes, step = eager_quantize4(s)
-    err.copy_((beta * err.float() + (1 - beta) * (s - codes * step).reshape(-1)).to(err.dtype))
-    return eager_pack4(codes), step
-
 
 # ---------------------------------------------------------------- timing
 

@@ -74,18 +74,14 @@ def register_autograd_rules(
                         f"qkit.{op_name}: `{arg_name}` requires grad, but {name} has no gradient - {hint}"
                     )
         with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
-
-    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
-    if not mutated:
-        return
-
-    def version_bump_kernel(keyset: torch._C.DispatchKeySet, *args, **kwargs):
+            result = op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+        # The version bump aten does at ADInplaceOrView, done here to save a second
+        # Python kernel per call (inference mode skips both keys, and needs no bump).
         for arg_name in mutated:
             torch.autograd.graph.increment_version(arg(args, kwargs, arg_name))
-        return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+        return result
 
-    _lib.impl(name, version_bump_kernel, "ADInplaceOrView", with_keyset=True)
+    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 # ---------------------------------------------------------------- argument checks

@@ -1,0 +1,66 @@
+"""``qkit bench`` as a tool: its baselines do the same work as qkit (bit for bit, so the
+figures compare like with like), and a tiny run writes a complete JSON report and plot.
+No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qkit
+from helpers import FLOAT_DTYPES, assert_same
+from qkit import bench
+from qkit import bench_baselines as base
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_eager_baselines_compute_what_qkit_computes(dtype, bits):
+    x = (torch.randn(64 * 96, generator=torch.Generator().manual_seed(1)) * 5).to(dtype)
+    groups = 96
+    assert_same(base.eager_fake_quantize(x, groups, bits), qkit.fake_quantize(x, groups, bits), "fake_quantize")
+    q, params = qkit.quantize(x, groups, bits)
+    want_q, want_params = base.eager_quantize(x, groups, bits)
+    assert_same(q.reshape(-1), want_q.reshape(-1), "codes")
+    assert_same(params, want_params, "params")
+    assert_same(
+        base.eager_dequantize(q, params, groups, bits, dtype),
+        qkit.dequantize(q, params, groups, bits, dtype=dtype).reshape(-1),
+        "dequantize",
+    )
+    aten = base.aten_per_channel_fake_quantize(x.float(), groups, bits)
+    torch.testing.assert_close(aten, qkit.fake_quantize(x.float(), groups, bits), rtol=1e-6, atol=1e-6)
+
+
+def test_a_tiny_run_reports_every_case(tmp_path):
+    report = tmp_path / "bench.json"
+    args = ["--sizes", "4K", "--dtypes", "float32,bfloat16", "--groups", "64,row", "--row", "256", "--repeat", "1"]
+    assert bench.main([*args, "--json", str(report), "--no-progress", "--latency"]) == 0
+    data = json.loads(report.read_text())
+    assert data["environment"]["qkit"] == qkit.__version__
+    rows = data["rows"]
+    assert len(rows) == 2 * 2 * len(bench.OPS)
+    for row in rows:
+        timed = set(row["gbps"])
+        assert {"eager", "compile", "qkit"} <= timed, row
+        assert row["skipped"]["deepspeed"] == "CUDA only"
+        if row["op"] in ("fake_quantize", "quantize8", "dequantize4"):
+            assert "qkit_out" in timed
+        assert all(v > 0 for v in row["gbps"].values())
+    assert [r["numel"] for r in data["latency"]] == [64, 1024, 4096, 16384, 65536]
+    assert "torch.add" in data["latency"][0]["us"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    args = ["--sizes", "1K,4K", "--dtypes", "float32", "--groups", "64", "--ops", "fake_quantize,quantize8"]
+    assert bench.main([*args, "--repeat", "1", "--no-progress", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_op_is_refused():
+    with pytest.raises(SystemExit):
+        bench.main(["--ops", "fake_quantise"])
