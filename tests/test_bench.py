@@ -34,7 +34,7 @@ def test_eager_baselines_compute_what_qkit_computes(dtype, bits):
     torch.testing.assert_close(aten, qkit.fake_quantize(x.float(), groups, bits), rtol=1e-6, atol=1e-6)
 
 
-def test_a_tiny_run_reports_every_case(tmp_path):
+def test_a_tiny_run_reports_every_case(tmp_path, capsys):
     report = tmp_path / "bench.json"
     args = ["--sizes", "4K", "--dtypes", "float32,bfloat16", "--groups", "64,row", "--row", "256", "--repeat", "1"]
     assert bench.main([*args, "--json", str(report), "--no-progress", "--latency"]) == 0
@@ -51,6 +51,10 @@ def test_a_tiny_run_reports_every_case(tmp_path):
         assert all(v > 0 for v in row["gbps"].values())
     assert [r["numel"] for r in data["latency"]] == [64, 1024, 4096, 16384, 65536]
     assert "torch.add" in data["latency"][0]["us"]
+    capsys.readouterr()
+    assert bench.main(["--report", str(report)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| op | dtype | group |") and len(table) == 2 + len(rows)
 
 
 def test_plot_writes_a_png(tmp_path):

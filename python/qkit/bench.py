@@ -408,6 +408,28 @@ def print_table(rows: list[dict], impls: list[str]) -> None:
             print(f"  {name}: {reason}")
 
 
+def markdown_table(rows: list[dict], impls: list[str]) -> str:
+    """The rows as a Markdown table (GB/s), for BENCHMARKS.md."""
+    names = [_HEADINGS.get(name, name) for name in impls]
+    lines = [
+        "| op | dtype | group | threads | copy | " + " | ".join(names) + " | out= of copy | vs eager | vs compile |",
+        "| --- " * (8 + len(impls)) + "|",
+    ]
+    for r in rows:
+        g = r["gbps"]
+        cells = [f"{g[name]:.2f}" if name in g else "-" for name in impls]
+        best = g.get("qkit_out", g.get("qkit"))
+        ours = g.get("qkit")
+        share = f"{best / r['copy_gbps']:.0%}" if best else "-"
+        vs = [f"{ours / g[k]:.1f}x" if ours and k in g else "-" for k in ("eager", "compile")]
+        lines.append(
+            f"| {r['op']} | {r['dtype']} | {r['group']} | {r['threads'] or '-'} | {r['copy_gbps']:.1f} | "
+            + " | ".join(cells)
+            + f" | {share} | {vs[0]} | {vs[1]} |"
+        )
+    return "\n".join(lines)
+
+
 def print_latency(rows: list[dict]) -> None:
     names = list(rows[0]["us"])
     print(f"\nper-call time (us), best of 5 batches\n{'call':<26}" + "".join(f"{r['numel']:>10}" for r in rows))
@@ -466,15 +488,17 @@ def plot(rows: list[dict], path: str, impls: list[str]) -> None:
         ax.plot(sizes, [r["copy_gbps"] for r in mine], "k--", label="copy (roofline)")
         for name in impls:
             points = [(r["numel"], r["gbps"][name]) for r in mine if name in r["gbps"]]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=_HEADINGS.get(name, name))
+            if points:  # one colour per implementation in every panel
+                colour = f"C{IMPLS.index(name)}"
+                ax.plot(*zip(*points, strict=True), marker="o", ms=3, color=colour, label=_HEADINGS.get(name, name))
         ax.set(xscale="log", yscale="log", title=f"{op} ({mine[0]['dtype']}, group {mine[0]['group']})")
         ax.set_xlabel("elements")
         ax.set_ylabel("GB/s")
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[len(ops) :]:
         ax.axis("off")
-    axes[0].legend(fontsize=7)
+    for ax in axes[: len(ops)]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -502,7 +526,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw GB/s vs size (use several --sizes)")
     parser.add_argument("--latency", action="store_true", help="per-call time on 64..64K-element tensors")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--report", default=None, metavar="JSON", help="no run: print a saved --json report as Markdown (and --plot it)"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            rows = json.load(f)["rows"]
+        shown = [name for name in IMPLS if any(name in r["gbps"] for r in rows)]
+        print(markdown_table(rows, shown))
+        if args.plot:
+            plot(rows, args.plot, shown)
+        return 0
 
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
