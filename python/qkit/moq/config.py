@@ -413,6 +413,14 @@ _WQ_DEFAULTS = {"schedule_offset": 0, "quantize_groups": 1, "quantization_period
 
 _MISSING_ENABLED = "is missing; DeepSpeed treated that as disabled and trained unquantized - set it explicitly"
 
+
+def _required_enabled(path: str, block: dict) -> bool:
+    """``block["enabled"]``, which must be given (DeepSpeed's silent default was off)."""
+    if "enabled" not in block:
+        raise MoQConfigError(f"{path}.enabled", _MISSING_ENABLED)
+    return _check_bool(f"{path}.enabled", block["enabled"])
+
+
 _EIGENVALUE_KEYS = (
     "enabled",
     "verbose",
@@ -504,9 +512,7 @@ def _from_quantize_training(block: object) -> MoQConfig:
             "eigenvalue",
         ),
     )
-    if "enabled" not in block:
-        raise MoQConfigError(f"{p}.enabled", _MISSING_ENABLED)
-    enabled = _check_bool(f"{p}.enabled", block["enabled"])
+    enabled = _required_enabled(p, block)
 
     if "quantize_algo" in block and "quantize-algo" in block:
         raise MoQConfigError(f"{p}.quantize-algo", "and `quantize_algo` are both given; keep one spelling")
@@ -583,9 +589,7 @@ def _from_weight_quantization(wq: object) -> MoQConfig:
             "fp16_mixed_quantize",
         ),
     )
-    if "enabled" not in shared:
-        raise MoQConfigError(f"{sp}.enabled", _MISSING_ENABLED)
-    enabled = _check_bool(f"{sp}.enabled", shared["enabled"])
+    enabled = _required_enabled(sp, shared)
     if _check_bool(f"{sp}.quantize_weight_in_forward", shared.get("quantize_weight_in_forward", False)):
         raise MoQConfigError(
             f"{sp}.quantize_weight_in_forward",
