@@ -111,12 +111,29 @@ std::vector<int64_t> sizes_of(const Tensor& t) {
   return std::vector<int64_t>(s.begin(), s.end());
 }
 
-Tensor scratch_bytes(const Tensor& like, int64_t n) {
-  return torch::stable::new_empty(like, {n}, ScalarType::Byte);
+Tensor empty_on(const Tensor& like, const std::vector<int64_t>& sizes, ScalarType dtype) {
+  const auto ndim = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (int64_t d = ndim - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  int32_t device_type = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  const auto code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes.data(), strides.data(), code, device_type,
+                                                         like.get_device_index(), &handle));
+  return Tensor(handle);
 }
 
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+Tensor scratch_bytes(const Tensor& like, int64_t n) { return empty_on(like, {n}, ScalarType::Byte); }
+
 Tensor draw_seed(const Tensor& like) {
-  Tensor seed = torch::stable::new_empty(like, {1}, ScalarType::Long);
+  Tensor seed = empty_on(like, {1}, ScalarType::Long);
   // aten::random_(Tensor(a!) self, *, Generator? generator=None): int64 draws
   // cover [0, 2^63), all of it key material for Philox.
   std::array<StableIValue, 2> stack{torch::stable::detail::from(seed), torch::stable::detail::from(std::nullopt)};

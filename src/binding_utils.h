@@ -93,6 +93,14 @@ void check_no_overlap(const Tensor& a, const char* a_name, const Tensor& b, cons
 // Same memory, sizes and strides: writing one is writing the other in place.
 bool same_view(const Tensor& a, const Tensor& b);
 
+// A new contiguous tensor of `sizes` and `dtype` on `like`'s device. Goes through
+// the empty_strided C shim: torch::stable::new_empty looks the op up by name in
+// the dispatcher on every call, which costs about a microsecond.
+Tensor empty_on(const Tensor& like, const std::vector<int64_t>& sizes, ScalarType dtype);
+
+// `t` itself when it is already contiguous (no dispatcher call), else a contiguous copy.
+Tensor dense(const Tensor& t);
+
 // The kernels write dense memory: `write(dst)` gets `out` itself when it is
 // contiguous, else a contiguous temporary that is copied into `out` afterwards.
 template <typename Write>
@@ -101,12 +109,13 @@ void write_into(Tensor& out, const Write& write) {
     write(out);
     return;
   }
-  Tensor dense = torch::stable::new_empty(out, sizes_of(out));
-  write(dense);
-  torch::stable::copy_(out, dense);
+  Tensor staging = empty_on(out, sizes_of(out), out.scalar_type());
+  write(staging);
+  torch::stable::copy_(out, staging);
 }
 
 // A contiguous byte tensor of n bytes on `like`'s device (kernel scratch).
 Tensor scratch_bytes(const Tensor& like, int64_t n);
+
 
 }  // namespace qkit::binding

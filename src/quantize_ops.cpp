@@ -83,8 +83,8 @@ void check_fake_args(const Tensor& input, int64_t groups, int64_t bits, const ch
 Tensor fake_quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool stochastic) {
   const char* op = "fake_quantize";
   check_fake_args(input, groups, bits, op);
-  const Tensor in = torch::stable::contiguous(input);
-  Tensor out = torch::stable::new_empty(in, sizes_of(in));
+  const Tensor in = dense(input);
+  Tensor out = empty_on(in, sizes_of(in), in.scalar_type());
   fake_quantize_into(in, out, groups, bits, symmetric, stochastic, op);
   return out;
 }
@@ -96,7 +96,7 @@ void fake_quantize_in_place(Tensor& input, int64_t groups, int64_t bits, bool sy
     fake_quantize_into(input, input, groups, bits, symmetric, stochastic, op);
     return;
   }
-  Tensor work = torch::stable::contiguous(input);
+  Tensor work = dense(input);
   fake_quantize_into(work, work, groups, bits, symmetric, stochastic, op);
   torch::stable::copy_(input, work);
 }
@@ -116,7 +116,7 @@ void fake_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetri
     return;
   }
   check_no_overlap(input, "input", out, "out", op);
-  const Tensor in = torch::stable::contiguous(input);
+  const Tensor in = dense(input);
   write_into(out, [&](Tensor& dst) { fake_quantize_into(in, dst, groups, bits, symmetric, stochastic, op); });
 }
 
@@ -135,7 +135,7 @@ DType check_quantize_args(const Tensor& input, int64_t groups, int64_t bits, con
 }
 
 void quantize_tensors(const Tensor& input, const QuantJob& job, Tensor& codes, Tensor& params, const char* op) {
-  const Tensor in = torch::stable::contiguous(input);
+  const Tensor in = dense(input);
   write_into(codes, [&](Tensor& code_dst) {
     write_into(params, [&](Tensor& param_dst) {
       quantize_into(in, job, static_cast<int8_t*>(code_dst.mutable_data_ptr()),
@@ -147,8 +147,8 @@ void quantize_tensors(const Tensor& input, const QuantJob& job, Tensor& codes, T
 std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric) {
   const char* op = "quantize";
   const QuantJob job = make_job(check_quantize_args(input, groups, bits, op), input.numel(), groups, bits, symmetric);
-  Tensor codes = torch::stable::new_empty(input, code_sizes(input, bits), ScalarType::Char);
-  Tensor params = torch::stable::new_empty(input, {groups, symmetric ? 1 : 2}, ScalarType::Float);
+  Tensor codes = empty_on(input, code_sizes(input, bits), ScalarType::Char);
+  Tensor params = empty_on(input, {groups, symmetric ? 1 : 2}, ScalarType::Float);
   quantize_tensors(input, job, codes, params, op);
   return std::make_tuple(codes, params);
 }
@@ -190,8 +190,8 @@ std::vector<int64_t> check_dequantize_args(const Tensor& q, const Tensor& params
 
 void dequantize_tensors(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits, bool symmetric,
                         Tensor& out, const char* op) {
-  const Tensor codes = torch::stable::contiguous(q);
-  const Tensor p = torch::stable::contiguous(params);
+  const Tensor codes = dense(q);
+  const Tensor p = dense(params);
   const QuantJob job = make_job(float_dtype(out, op, "out"), out.numel(), groups, bits, symmetric);
   const auto* code_ptr = static_cast<const int8_t*>(codes.const_data_ptr());
   const auto* param_ptr = static_cast<const float*>(p.const_data_ptr());
@@ -208,7 +208,7 @@ Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool sy
                   std::optional<ScalarType> dtype) {
   const char* op = "dequantize";
   const std::vector<int64_t> out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
-  Tensor out = torch::stable::new_empty(q, out_sizes, output_scalar_type(dtype, op));
+  Tensor out = empty_on(q, out_sizes, output_scalar_type(dtype, op));
   dequantize_tensors(q, params, groups, bits, symmetric, out, op);
   return out;
 }

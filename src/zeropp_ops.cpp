@@ -51,15 +51,15 @@ void update_in_place(Tensor& error, const F& update) {
     update(error);
     return;
   }
-  Tensor work = torch::stable::contiguous(error);
+  Tensor work = dense(error);
   update(work);
   torch::stable::copy_(error, work);
 }
 
 std::tuple<Tensor, Tensor> new_outputs(const Tensor& like, std::vector<int64_t> code_sizes, int64_t groups,
                                        bool symmetric) {
-  return {torch::stable::new_empty(like, code_sizes, ScalarType::Char),
-          torch::stable::new_empty(like, {groups, params_per_group(symmetric)}, ScalarType::Float)};
+  return {empty_on(like, code_sizes, ScalarType::Char),
+          empty_on(like, {groups, params_per_group(symmetric)}, ScalarType::Float)};
 }
 
 void swizzle_on_device(const Tensor& like, const QuantJob& job, const SwizzleLayout& layout, const Tensor& codes_in,
@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Ten
                                           int64_t devices, const char* op) {
   check_swizzle_input(input, groups, bits, op);
   const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices, op);
-  const Tensor in = torch::stable::contiguous(input);
+  const Tensor in = dense(input);
   const int64_t numel = in.numel();
   auto [codes, params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
   auto [natural_codes, natural_params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
@@ -106,8 +106,8 @@ std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Ten
     // s = x + e (e read at the swizzled position), quantize s, then e <- update(e, s, dequant).
     check_error_feedback(*error, in, numel, true, op);
     check_beta(beta, op);
-    const Tensor e_in = torch::stable::contiguous(*error);
-    Tensor s = torch::stable::new_empty(in, {numel}, ScalarType::Float);
+    const Tensor e_in = dense(*error);
+    Tensor s = empty_on(in, {numel}, ScalarType::Float);
     auto* sv = static_cast<float*>(s.mutable_data_ptr());
     on_device(
         in, op, [&] { cpu::add_swizzled_error(job, layout, in.const_data_ptr(), e_in.const_data_ptr(), sv); },
@@ -154,21 +154,21 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == in_groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [in_groups, ", per_group, "] = [", in_groups, ", ", per_group, "]");
 
-  const Tensor codes_in = torch::stable::contiguous(q);
-  const Tensor params_in = torch::stable::contiguous(params);
+  const Tensor codes_in = dense(q);
+  const Tensor params_in = dense(params);
   std::vector<int64_t> out_sizes = sizes_of(codes_in);
   out_sizes.back() /= devices;
   auto [codes, params_out] = new_outputs(codes_in, out_sizes, out_groups, symmetric);
 
   // S = sum_j dequant_j (+ e), in fp32; then the core quantizer on S.
   const ReductionJob rjob{values, devices, in_groups, static_cast<int>(bits), symmetric};
-  Tensor sum = torch::stable::new_empty(codes_in, {values}, ScalarType::Float);
+  Tensor sum = empty_on(codes_in, {values}, ScalarType::Float);
   std::optional<Tensor> e_in;
   DType edt = DType::Float32;
   if (error.has_value()) {
     check_error_feedback(*error, codes_in, values, false, op);
     check_beta(beta, op);
-    e_in = torch::stable::contiguous(*error);
+    e_in = dense(*error);
     edt = float_dtype(*error, op, "error_feedback");
   }
   const void* ev = e_in.has_value() ? e_in->const_data_ptr() : nullptr;
@@ -220,10 +220,10 @@ Tensor dequantize_unsigned(Tensor data, Tensor scale, Tensor minv, int64_t num_g
   check_same_device(data, "data", scale, "scale", op);
   check_same_device(data, "data", minv, "minv", op);
 
-  const Tensor d = torch::stable::contiguous(data);
-  const Tensor s = torch::stable::contiguous(scale);
-  const Tensor m = torch::stable::contiguous(minv);
-  Tensor out = torch::stable::new_empty(d, {num_groups, group_size}, ScalarType::Half);
+  const Tensor d = dense(data);
+  const Tensor s = dense(scale);
+  const Tensor m = dense(minv);
+  Tensor out = empty_on(d, {num_groups, group_size}, ScalarType::Half);
   const auto* dv = static_cast<const int8_t*>(d.const_data_ptr());
   auto* ov = static_cast<half_t*>(out.mutable_data_ptr());
   on_device(

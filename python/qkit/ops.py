@@ -62,23 +62,31 @@ def register_autograd_rules(
         _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
         return
 
-    def arg(args: tuple, kwargs: dict, arg_name: str) -> Tensor:
-        index = names.index(arg_name)
+    positions = [(names.index(arg_name), arg_name) for arg_name in guarded]
+    mutated_positions = positions[len(no_grad_for) :]
+    redispatch = op.redispatch
+    below_autograd = torch._C._after_autograd_keyset
+    grad_enabled = torch.is_grad_enabled
+    bump = torch.autograd.graph.increment_version
+
+    def arg(args: tuple, kwargs: dict, index: int, arg_name: str) -> Tensor:
         return args[index] if index < len(args) else kwargs[arg_name]
 
+    # Runs on every call, so it is kept lean: no dispatch guard (the kernels only
+    # allocate and copy tensors that do not require grad, so nothing below would
+    # record history) and the argument positions are looked up once, here.
     def autograd_kernel(keyset: torch._C.DispatchKeySet, *args, **kwargs):
-        if torch.is_grad_enabled():
-            for arg_name in guarded:
-                if arg(args, kwargs, arg_name).requires_grad:
+        if grad_enabled():
+            for index, arg_name in positions:
+                if arg(args, kwargs, index, arg_name).requires_grad:
                     raise QkitValueError(
                         f"qkit.{op_name}: `{arg_name}` requires grad, but {name} has no gradient - {hint}"
                     )
-        with torch._C._AutoDispatchBelowAutograd():
-            result = op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+        result = redispatch(keyset & below_autograd, *args, **kwargs)
         # The version bump aten does at ADInplaceOrView, done here to save a second
         # Python kernel per call (inference mode skips both keys, and needs no bump).
-        for arg_name in mutated:
-            torch.autograd.graph.increment_version(arg(args, kwargs, arg_name))
+        for index, arg_name in mutated_positions:
+            bump(arg(args, kwargs, index, arg_name))
         return result
 
     _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
