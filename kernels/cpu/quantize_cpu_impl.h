@@ -16,6 +16,7 @@
 // one must never be what a generic CPU ends up running.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -108,6 +109,40 @@ inline Vec splat(float f) { return Vec{} + f; }
 // Branch-free, NaN-ignoring max/min (NaN is caught by the poison sum instead).
 inline Vec vmax(Vec a, Vec b) { return b > a ? b : a; }
 inline Vec vmin(Vec a, Vec b) { return b < a ? b : a; }
+
+// Lane l of the result is lane (l + kShift) mod kVecLanes of v.
+typedef int32_t LaneIndex __attribute__((vector_size(QKIT_CPU_VEC_BYTES)));
+template <int kShift>
+inline Vec rotate_lanes(Vec v) {
+#if defined(__clang__)  // clang's shuffle builtin wants literal indices: go through memory
+  Vec r;
+  for (int l = 0; l < kVecLanes; ++l) r[l] = v[(l + kShift) % kVecLanes];
+  return r;
+#else
+  LaneIndex index;
+  for (int l = 0; l < kVecLanes; ++l) index[l] = (l + kShift) % kVecLanes;
+  return __builtin_shuffle(v, index);
+#endif
+}
+
+// Horizontal max/min in log2(lanes) shuffle steps (a scalar loop over the lanes
+// costs more than the whole vertical pass for a 64-element group).
+template <int kWidth = kVecLanes / 2, typename Op>
+inline float reduce_lanes(Vec v, const Op& op) {
+  if constexpr (kWidth == 0) {
+    return v[0];
+  } else {
+    return reduce_lanes<kWidth / 2>(op(v, rotate_lanes<kWidth>(v)), op);
+  }
+}
+struct MaxOf {
+  Vec operator()(Vec a, Vec b) const { return vmax(a, b); }
+};
+struct MinOf {
+  Vec operator()(Vec a, Vec b) const { return vmin(a, b); }
+};
+inline float reduce_max(Vec v) { return reduce_lanes(v, MaxOf{}); }
+inline float reduce_min(Vec v) { return reduce_lanes(v, MinOf{}); }
 
 GroupStats stats_of_floats(const float* x, int64_t n, bool symmetric) {
   const GroupStats init = empty_stats(symmetric);
@@ -218,6 +253,100 @@ struct Transform {
   }
 };
 
+// Groups of up to one tile are quantized a block of whole groups at a time
+// (about one tile): the 16-bit conversions, the int8/int4 packing and the params
+// run as loops over the block rather than over one short group, and the input is
+// scanned for NaN/Inf once per block instead of once per group.
+struct BlockParams {
+  float scale[kTile], step[kTile], offset[kTile];
+  QuantParams of(int64_t k) const { return QuantParams{scale[k], step[k], offset[k]}; }
+};
+
+// Statistics and parameters of the `count` groups of `size` elements in v.
+void block_params(const float* v, int64_t size, int64_t count, int bits, bool symmetric, BlockParams& bp) {
+  float hi[kTile], lo[kTile];
+  Vec poison = splat(0.0f);
+  const int64_t vec_end = size - size % kVecLanes;
+  for (int64_t k = 0; k < count; ++k) {
+    const float* x = v + k * size;
+    GroupStats s = empty_stats(symmetric);
+    if (vec_end > 0) {
+      Vec vhi = splat(s.hi), vlo = splat(s.lo);
+      for (int64_t i = 0; i < vec_end; i += kVecLanes) {
+        const Vec e = load_vec(x + i);
+        if (symmetric) {
+          vhi = vmax(vhi, e < 0.0f ? -e : e);
+        } else {
+          vhi = vmax(vhi, e);
+          vlo = vmin(vlo, e);
+        }
+        poison += e * 0.0f;
+      }
+      s.hi = reduce_max(vhi);
+      s.lo = symmetric ? s.lo : reduce_min(vlo);
+    }
+    for (int64_t i = vec_end; i < size; ++i) accumulate(s, x[i], symmetric);
+    hi[k] = s.hi;
+    lo[k] = s.lo;
+    poison[0] += s.poison;
+  }
+  // One pass over the block's groups, which the compiler vectorises (divisions included).
+  for (int64_t k = 0; k < count; ++k) {
+    const QuantParams p = make_params(GroupStats{hi[k], lo[k], 0.0f}, bits, symmetric);
+    bp.scale[k] = p.scale;
+    bp.step[k] = p.step;
+    bp.offset[k] = p.offset;
+  }
+  bool finite = true;
+  for (int l = 0; l < kVecLanes; ++l) finite = finite && poison[l] == 0.0f;
+  if (finite) return;
+  for (int64_t k = 0; k < count; ++k) {  // rare: find the groups that saw NaN/Inf
+    const QuantParams p = make_params(stats_of_floats(v + k * size, size, symmetric), bits, symmetric);
+    bp.scale[k] = p.scale;
+    bp.step[k] = p.step;
+    bp.offset[k] = p.offset;
+  }
+}
+
+template <typename T, Sink kSink>
+void quantize_group_blocks(const QuantJob& job, const T* in, void* out, float* params_out) {
+  const int64_t size = job.numel / job.groups;
+  const int64_t per_block = kTile / size;
+  parallel_for(0, job.groups, max_of(per_block, kChunk / size), [&](int64_t gb, int64_t ge) {
+    float buf[kTile], codes_buf[kTile];
+    BlockParams bp;
+    for (int64_t g0 = gb; g0 < ge; g0 += per_block) {
+      const int64_t count = min_of(per_block, ge - g0), begin = g0 * size, n = count * size;
+      const float* v = as_float(in + begin, n, buf);
+      block_params(v, size, count, job.bits, job.symmetric, bp);
+      // fp32 fake quantization writes its output directly (element i is read
+      // before it is written, so `out` may be `in`).
+      float* codes = codes_buf;
+      if constexpr (kSink == Sink::Fake && std::is_same_v<T, float>) codes = static_cast<float*>(out) + begin;
+      for (int64_t k = 0; k < count; ++k) {
+        const QuantParams p = bp.of(k);
+        if (params_out != nullptr) store_params(params_out, g0 + k, p, job.symmetric);
+        codes_of(v + k * size, size, begin + k * size, p, job, codes + k * size);
+        if constexpr (kSink == Sink::Fake) {
+          float* c = codes + k * size;
+          for (int64_t i = 0; i < size; ++i) c[i] = dequantize_code(c[i], p.step, p.offset);
+        }
+      }
+      if constexpr (kSink == Sink::Fake) {
+        if constexpr (!std::is_same_v<T, float>) store(codes, n, static_cast<T*>(out) + begin);
+      } else if constexpr (kSink == Sink::Int8) {
+        int8_t* q = static_cast<int8_t*>(out) + begin;
+        for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
+      } else {  // even group size here, so the block starts and ends on a byte
+        int8_t* q = static_cast<int8_t*>(out) + begin / 2;
+        for (int64_t i = 0; i < n / 2; ++i) {
+          q[i] = pack_nibbles(static_cast<int>(codes[2 * i]), static_cast<int>(codes[2 * i + 1]));
+        }
+      }
+    }
+  });
+}
+
 // Params output of a quantizing pass (absent for fake quantization).
 void maybe_store_params(float* params, int64_t g, const QuantParams& p, bool symmetric) {
   if (params != nullptr) store_params(params, g, p, symmetric);
@@ -254,19 +383,15 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
   const Transform<T, kSink> transform{job, in, out};
   const bool pairs_straddle = kSink == Sink::Int4 && (group_size & 1);
 
+  if (group_size <= kTile && !pairs_straddle) {
+    quantize_group_blocks<T, kSink>(job, in, out, params_out);
+    return;
+  }
   if (group_size <= kFusedGroupLimit && !pairs_straddle) {
     const int64_t grain = max_of(1, kChunk / group_size);
     parallel_for(0, job.groups, grain, [&](int64_t gb, int64_t ge) {
-      float buf[kTile];
       for (int64_t g = gb; g < ge; ++g) {
         const int64_t begin = g * group_size;
-        if (group_size <= kTile) {  // one tile: convert once for both passes
-          const float* v = as_float(in + begin, group_size, buf);
-          const QuantParams p = make_params(stats_of_floats(v, group_size, job.symmetric), job.bits, job.symmetric);
-          maybe_store_params(params_out, g, p, job.symmetric);
-          transform.write(p, v, begin, group_size);
-          continue;
-        }
         const QuantParams p = make_params(stats_of(in + begin, group_size, job.symmetric), job.bits, job.symmetric);
         maybe_store_params(params_out, g, p, job.symmetric);
         transform(p, begin, begin + group_size);
@@ -303,36 +428,46 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
   }
 }
 
+// Codes [first, first + n) of one group, decoded into fp32 at v[0, n).
+void decode_codes(const int8_t* codes, int64_t first, int64_t n, int bits, float step, float offset, float* v) {
+  if (bits == 8) {  // kept free of the nibble logic so it vectorises
+    for (int64_t i = 0; i < n; ++i) v[i] = dequantize_code(static_cast<float>(codes[first + i]), step, offset);
+    return;
+  }
+  // Whole bytes (high nibble, then low) so the loop vectorises; a segment that
+  // starts or ends mid-byte takes its odd element through code_at.
+  const int64_t head = first & 1;
+  if (head != 0) v[0] = dequantize_code(static_cast<float>(code_at(codes, first, 4)), step, offset);
+  const int8_t* bytes = codes + ((first + head) >> 1);
+  const int64_t pairs = (n - head) / 2;
+  float* pair_out = v + head;
+  for (int64_t j = 0; j < pairs; ++j) {
+    pair_out[2 * j] = dequantize_code(static_cast<float>(unpack_high(bytes[j])), step, offset);
+    pair_out[2 * j + 1] = dequantize_code(static_cast<float>(unpack_low(bytes[j])), step, offset);
+  }
+  for (int64_t i = head + 2 * pairs; i < n; ++i) {
+    v[i] = dequantize_code(static_cast<float>(code_at(codes, first + i, 4)), step, offset);
+  }
+}
+
+// Tile by tile: every group piece of a tile is decoded into one fp32 buffer, then
+// the tile is stored in one go (short groups would otherwise pay the 16-bit
+// conversion loop's set-up once per group).
 template <typename T>
 void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* params, T* out) {
   const int64_t group_size = job.numel / job.groups;
   parallel_for(0, job.numel, kChunk, [&](int64_t b, int64_t e) {
     float buf[kTile];
-    for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t sb, int64_t se) {
-      const auto [step, offset] = load_params(params, g, job.symmetric);
-      for (int64_t t = sb; t < se; t += kTile) {
-        const int64_t n = min_of(kTile, se - t);
-        if (job.bits == 8) {  // kept free of the nibble logic so it vectorises
-          for (int64_t i = 0; i < n; ++i) buf[i] = dequantize_code(static_cast<float>(codes[t + i]), step, offset);
-        } else {
-          // Whole bytes (high nibble, then low) so the loop vectorises; a segment
-          // that starts or ends mid-byte takes its odd element through code_at.
-          const int64_t head = t & 1;
-          if (head != 0) buf[0] = dequantize_code(static_cast<float>(code_at(codes, t, 4)), step, offset);
-          const int8_t* bytes = codes + ((t + head) >> 1);
-          const int64_t pairs = (n - head) / 2;
-          float* pair_out = buf + head;
-          for (int64_t j = 0; j < pairs; ++j) {
-            pair_out[2 * j] = dequantize_code(static_cast<float>(unpack_high(bytes[j])), step, offset);
-            pair_out[2 * j + 1] = dequantize_code(static_cast<float>(unpack_low(bytes[j])), step, offset);
-          }
-          for (int64_t i = head + 2 * pairs; i < n; ++i) {
-            buf[i] = dequantize_code(static_cast<float>(code_at(codes, t + i, 4)), step, offset);
-          }
-        }
-        store(buf, n, out + t);
-      }
-    });
+    for (int64_t t = b; t < e; t += kTile) {
+      const int64_t n = min_of(kTile, e - t);
+      float* v = buf;
+      if constexpr (std::is_same_v<T, float>) v = out + t;  // fp32 output: decode in place
+      for_each_group_segment(t, t + n, group_size, [&](int64_t g, int64_t sb, int64_t se) {
+        const auto [step, offset] = load_params(params, g, job.symmetric);
+        decode_codes(codes, sb, se - sb, job.bits, step, offset, v + (sb - t));
+      });
+      if constexpr (!std::is_same_v<T, float>) store(buf, n, out + t);
+    }
   });
 }
 
