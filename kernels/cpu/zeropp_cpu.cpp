@@ -28,12 +28,18 @@ void swizzle_groups(const QuantJob& job, const SwizzleLayout& layout, const int8
                     int8_t* codes_out, float* params_out) {
   const int64_t group_bytes = job.numel / job.groups * job.bits / 8;
   const int64_t per_group = job.symmetric ? 1 : 2;
+  // Consecutive groups of one slice land in consecutive slots, so whole runs move
+  // with one memcpy each (a call per group costs more than the copy for small groups).
+  const int64_t per_slice = layout.groups / (layout.nodes * layout.devices * layout.pipeline);
   parallel_for(0, job.groups, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, group_bytes)),
                [&](int64_t gb, int64_t ge) {
-                 for (int64_t g = gb; g < ge; ++g) {
-                   const int64_t slot = swizzled_slot(g, layout);
-                   std::memcpy(codes_out + slot * group_bytes, codes_in + g * group_bytes, group_bytes);
-                   std::memcpy(params_out + slot * per_group, params_in + g * per_group, per_group * sizeof(float));
+                 for (int64_t g = gb; g < ge;) {
+                   const int64_t run_end = std::min(ge, (g / per_slice + 1) * per_slice);
+                   const int64_t slot = swizzled_slot(g, layout), count = run_end - g;
+                   std::memcpy(codes_out + slot * group_bytes, codes_in + g * group_bytes, count * group_bytes);
+                   std::memcpy(params_out + slot * per_group, params_in + g * per_group,
+                               count * per_group * sizeof(float));
+                   g = run_end;
                  }
                });
 }
