@@ -260,6 +260,11 @@ struct Transform {
 struct BlockParams {
   float scale[kTile], step[kTile], offset[kTile];
   QuantParams of(int64_t k) const { return QuantParams{scale[k], step[k], offset[k]}; }
+  void set(int64_t k, const QuantParams& p) {
+    scale[k] = p.scale;
+    step[k] = p.step;
+    offset[k] = p.offset;
+  }
 };
 
 // Statistics and parameters of the `count` groups of `size` elements in v.
@@ -292,19 +297,13 @@ void block_params(const float* v, int64_t size, int64_t count, int bits, bool sy
   }
   // One pass over the block's groups, which the compiler vectorises (divisions included).
   for (int64_t k = 0; k < count; ++k) {
-    const QuantParams p = make_params(GroupStats{hi[k], lo[k], 0.0f}, bits, symmetric);
-    bp.scale[k] = p.scale;
-    bp.step[k] = p.step;
-    bp.offset[k] = p.offset;
+    bp.set(k, make_params(GroupStats{hi[k], lo[k], 0.0f}, bits, symmetric));
   }
   bool finite = true;
   for (int l = 0; l < kVecLanes; ++l) finite = finite && poison[l] == 0.0f;
   if (finite) return;
   for (int64_t k = 0; k < count; ++k) {  // rare: find the groups that saw NaN/Inf
-    const QuantParams p = make_params(stats_of_floats(v + k * size, size, symmetric), bits, symmetric);
-    bp.scale[k] = p.scale;
-    bp.step[k] = p.step;
-    bp.offset[k] = p.offset;
+    bp.set(k, make_params(stats_of_floats(v + k * size, size, symmetric), bits, symmetric));
   }
 }
 
