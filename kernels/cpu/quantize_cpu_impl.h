@@ -253,6 +253,11 @@ struct Transform {
   }
 };
 
+// Params output of a quantizing pass (absent for fake quantization).
+void maybe_store_params(float* params, int64_t g, const QuantParams& p, bool symmetric) {
+  if (params != nullptr) store_params(params, g, p, symmetric);
+}
+
 // Groups of up to one tile are quantized a block of whole groups at a time
 // (about one tile): the 16-bit conversions, the int8/int4 packing and the params
 // run as loops over the block rather than over one short group, and the input is
@@ -324,7 +329,7 @@ void quantize_group_blocks(const QuantJob& job, const T* in, void* out, float* p
       if constexpr (kSink == Sink::Fake && std::is_same_v<T, float>) codes = static_cast<float*>(out) + begin;
       for (int64_t k = 0; k < count; ++k) {
         const QuantParams p = bp.of(k);
-        if (params_out != nullptr) store_params(params_out, g0 + k, p, job.symmetric);
+        maybe_store_params(params_out, g0 + k, p, job.symmetric);
         codes_of(v + k * size, size, begin + k * size, p, job, codes + k * size);
         if constexpr (kSink == Sink::Fake) {
           float* c = codes + k * size;
@@ -344,11 +349,6 @@ void quantize_group_blocks(const QuantJob& job, const T* in, void* out, float* p
       }
     }
   });
-}
-
-// Params output of a quantizing pass (absent for fake quantization).
-void maybe_store_params(float* params, int64_t g, const QuantParams& p, bool symmetric) {
-  if (params != nullptr) store_params(params, g, p, symmetric);
 }
 
 // Int4 outside the per-group sweep: work is split by byte (pair), never inside
