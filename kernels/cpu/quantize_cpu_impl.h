@@ -106,20 +106,30 @@ inline Vec load_vec(const float* p) {
 }
 inline Vec splat(float f) { return Vec{} + f; }
 
-// Branch-free, NaN-ignoring max/min (NaN is caught by the poison sum instead).
+// Branch-free, NaN-ignoring max/min (NaN and Inf are caught through abs_bits).
 inline Vec vmax(Vec a, Vec b) { return b > a ? b : a; }
 inline Vec vmin(Vec a, Vec b) { return b < a ? b : a; }
 
+// The same register as int32 lanes.
+typedef int32_t IntVec __attribute__((vector_size(QKIT_CPU_VEC_BYTES)));
+inline IntVec imax(IntVec a, IntVec b) { return b > a ? b : a; }
+
+// |x| as a bit pattern: ordered like |x| for every non-NaN float, and at or above
+// kNonFiniteBits exactly for Inf and NaN. One integer max per register gives the
+// symmetric range and the NaN/Inf check together, with no float compare/blend
+// and no loop-carried add (the "poison" sum of the scalar code).
+constexpr int32_t kNonFiniteBits = 0x7F800000;
+inline IntVec abs_bits(Vec v) { return (IntVec)v & 0x7FFFFFFF; }  // a vector cast reinterprets the bits
+
 // Lane l of the result is lane (l + kShift) mod kVecLanes of v.
-typedef int32_t LaneIndex __attribute__((vector_size(QKIT_CPU_VEC_BYTES)));
-template <int kShift>
-inline Vec rotate_lanes(Vec v) {
+template <int kShift, typename V>
+inline V rotate_lanes(V v) {
 #if defined(__clang__)  // clang's shuffle builtin wants literal indices: go through memory
-  Vec r;
+  V r;
   for (int l = 0; l < kVecLanes; ++l) r[l] = v[(l + kShift) % kVecLanes];
   return r;
 #else
-  LaneIndex index;
+  IntVec index;
   for (int l = 0; l < kVecLanes; ++l) index[l] = (l + kShift) % kVecLanes;
   return __builtin_shuffle(v, index);
 #endif
@@ -127,8 +137,8 @@ inline Vec rotate_lanes(Vec v) {
 
 // Horizontal max/min in log2(lanes) shuffle steps (a scalar loop over the lanes
 // costs more than the whole vertical pass for a 64-element group).
-template <int kWidth = kVecLanes / 2, typename Op>
-inline float reduce_lanes(Vec v, const Op& op) {
+template <int kWidth = kVecLanes / 2, typename V, typename Op>
+inline auto reduce_lanes(V v, const Op& op) {
   if constexpr (kWidth == 0) {
     return v[0];
   } else {
@@ -137,40 +147,43 @@ inline float reduce_lanes(Vec v, const Op& op) {
 }
 struct MaxOf {
   Vec operator()(Vec a, Vec b) const { return vmax(a, b); }
+  IntVec operator()(IntVec a, IntVec b) const { return imax(a, b); }
 };
 struct MinOf {
   Vec operator()(Vec a, Vec b) const { return vmin(a, b); }
 };
 inline float reduce_max(Vec v) { return reduce_lanes(v, MaxOf{}); }
 inline float reduce_min(Vec v) { return reduce_lanes(v, MinOf{}); }
+inline int32_t reduce_max(IntVec v) { return reduce_lanes(v, MaxOf{}); }
+
+// Statistics one element at a time, poison included: for data with NaN/Inf.
+GroupStats stats_of_floats_exact(const float* x, int64_t n, bool symmetric) {
+  GroupStats s = empty_stats(symmetric);
+  for (int64_t i = 0; i < n; ++i) accumulate(s, x[i], symmetric);
+  return s;
+}
 
 GroupStats stats_of_floats(const float* x, int64_t n, bool symmetric) {
+  // Two independent accumulators per statistic hide the max latency.
   const GroupStats init = empty_stats(symmetric);
-  // Two independent accumulators per statistic hide the max/add latency.
-  Vec hi0 = splat(init.hi), hi1 = hi0, lo0 = splat(init.lo), lo1 = lo0, poison0 = splat(0.0f), poison1 = poison0;
+  IntVec top0{}, top1{};
+  Vec hi0 = splat(init.hi), hi1 = hi0, lo0 = splat(init.lo), lo1 = lo0;
   int64_t i = 0;
-  if (symmetric) {
-    for (; i + 2 * kVecLanes <= n; i += 2 * kVecLanes) {
-      const Vec v0 = load_vec(x + i), v1 = load_vec(x + i + kVecLanes);
-      hi0 = vmax(hi0, v0 < 0.0f ? -v0 : v0);
-      hi1 = vmax(hi1, v1 < 0.0f ? -v1 : v1);
-      poison0 += v0 * 0.0f;
-      poison1 += v1 * 0.0f;
-    }
-  } else {
-    for (; i + 2 * kVecLanes <= n; i += 2 * kVecLanes) {
-      const Vec v0 = load_vec(x + i), v1 = load_vec(x + i + kVecLanes);
+  for (; i + 2 * kVecLanes <= n; i += 2 * kVecLanes) {
+    const Vec v0 = load_vec(x + i), v1 = load_vec(x + i + kVecLanes);
+    top0 = imax(top0, abs_bits(v0));
+    top1 = imax(top1, abs_bits(v1));
+    if (!symmetric) {
       hi0 = vmax(hi0, v0);
       hi1 = vmax(hi1, v1);
       lo0 = vmin(lo0, v0);
       lo1 = vmin(lo1, v1);
-      poison0 += v0 * 0.0f;
-      poison1 += v1 * 0.0f;
     }
   }
-  const Vec hi = vmax(hi0, hi1), lo = vmin(lo0, lo1), poison = poison0 + poison1;
-  GroupStats s = init;
-  for (int64_t l = 0; l < kVecLanes; ++l) s = merge(s, GroupStats{hi[l], lo[l], poison[l]});
+  const int32_t top = reduce_max(imax(top0, top1));
+  if (top >= kNonFiniteBits) return stats_of_floats_exact(x, n, symmetric);
+  GroupStats s = symmetric ? GroupStats{bits_float(static_cast<uint32_t>(top)), 0.0f, 0.0f}
+                           : GroupStats{reduce_max(vmax(hi0, hi1)), reduce_min(vmin(lo0, lo1)), 0.0f};
   for (; i < n; ++i) accumulate(s, x[i], symmetric);
   return s;
 }
@@ -215,6 +228,36 @@ void codes_of(const float* v, int64_t n, int64_t first, const QuantParams& p, co
   }
 }
 
+// The int8 codes of v[0, n), as codes_of. Nearest rounding runs as one fused
+// loop (float codes never go through memory), which the compiler turns into
+// convert-and-narrow vector code.
+void int_codes_of(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, int8_t* q) {
+  if (job.seed == nullptr) {
+    const float qmin = code_min(job.bits), qmax = code_max(job.bits);
+    for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(quantize_nearest(v[i], p, qmin, qmax)));
+    return;
+  }
+  float codes[kTile];
+  codes_of(v, n, first, p, job, codes);
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
+}
+
+// dequantize(quantize(v[0, n))) into y (y may be v), as codes_of.
+void fake_values_of(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, float* y) {
+  if (job.seed == nullptr) {
+    const float qmin = code_min(job.bits), qmax = code_max(job.bits);
+    for (int64_t i = 0; i < n; ++i) y[i] = dequantize_code(quantize_nearest(v[i], p, qmin, qmax), p.step, p.offset);
+    return;
+  }
+  codes_of(v, n, first, p, job, y);
+  for (int64_t i = 0; i < n; ++i) y[i] = dequantize_code(y[i], p.step, p.offset);
+}
+
+// Int8 codes c[0, n) (n even) two per byte, element 2j in the high nibble.
+void pack_pairs(const int8_t* c, int64_t n, int8_t* q) {
+  for (int64_t j = 0; j < n / 2; ++j) q[j] = pack_nibbles(c[2 * j], c[2 * j + 1]);
+}
+
 // What a quantizing pass does with the codes of one segment.
 enum class Sink { Fake, Int8, Int4 };
 
@@ -227,19 +270,16 @@ struct Transform {
   // Writes the output of elements [first, first + n) of one group, whose fp32
   // values are v[0, n) (n <= kTile). For Int4, first and n must be even.
   void write(const QuantParams& p, const float* v, int64_t first, int64_t n) const {
-    float codes[kTile];
-    codes_of(v, n, first, p, job, codes);
     if constexpr (kSink == Sink::Fake) {
-      for (int64_t i = 0; i < n; ++i) codes[i] = dequantize_code(codes[i], p.step, p.offset);
-      store(codes, n, static_cast<T*>(out) + first);
+      float y[kTile];
+      fake_values_of(v, n, first, p, job, y);
+      store(y, n, static_cast<T*>(out) + first);
     } else if constexpr (kSink == Sink::Int8) {
-      int8_t* q = static_cast<int8_t*>(out) + first;
-      for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
+      int_codes_of(v, n, first, p, job, static_cast<int8_t*>(out) + first);
     } else {
-      int8_t* q = static_cast<int8_t*>(out) + first / 2;
-      for (int64_t i = 0; i < n / 2; ++i) {
-        q[i] = pack_nibbles(static_cast<int>(codes[2 * i]), static_cast<int>(codes[2 * i + 1]));
-      }
+      int8_t codes[kTile];
+      int_codes_of(v, n, first, p, job, codes);
+      pack_pairs(codes, n, static_cast<int8_t*>(out) + first / 2);
     }
   }
 
@@ -275,40 +315,43 @@ struct BlockParams {
 // Statistics and parameters of the `count` groups of `size` elements in v.
 void block_params(const float* v, int64_t size, int64_t count, int bits, bool symmetric, BlockParams& bp) {
   float hi[kTile], lo[kTile];
-  Vec poison = splat(0.0f);
+  IntVec top = {};          // largest |x| pattern of the block's vector parts (see abs_bits)
+  float tail_poison = 0.0f;  // and the poison of the scalar tails
   const int64_t vec_end = size - size % kVecLanes;
   for (int64_t k = 0; k < count; ++k) {
     const float* x = v + k * size;
     GroupStats s = empty_stats(symmetric);
     if (vec_end > 0) {
+      IntVec group_top = {};
       Vec vhi = splat(s.hi), vlo = splat(s.lo);
       for (int64_t i = 0; i < vec_end; i += kVecLanes) {
         const Vec e = load_vec(x + i);
-        if (symmetric) {
-          vhi = vmax(vhi, e < 0.0f ? -e : e);
-        } else {
+        group_top = imax(group_top, abs_bits(e));
+        if (!symmetric) {
           vhi = vmax(vhi, e);
           vlo = vmin(vlo, e);
         }
-        poison += e * 0.0f;
       }
-      s.hi = reduce_max(vhi);
-      s.lo = symmetric ? s.lo : reduce_min(vlo);
+      top = imax(top, group_top);
+      if (symmetric) {
+        s.hi = bits_float(static_cast<uint32_t>(reduce_max(group_top)));
+      } else {
+        s.hi = reduce_max(vhi);
+        s.lo = reduce_min(vlo);
+      }
     }
     for (int64_t i = vec_end; i < size; ++i) accumulate(s, x[i], symmetric);
     hi[k] = s.hi;
     lo[k] = s.lo;
-    poison[0] += s.poison;
+    tail_poison += s.poison;
   }
   // One pass over the block's groups, which the compiler vectorises (divisions included).
   for (int64_t k = 0; k < count; ++k) {
     bp.set(k, make_params(GroupStats{hi[k], lo[k], 0.0f}, bits, symmetric));
   }
-  bool finite = true;
-  for (int l = 0; l < kVecLanes; ++l) finite = finite && poison[l] == 0.0f;
-  if (finite) return;
+  if (reduce_max(top) < kNonFiniteBits && tail_poison == 0.0f) return;
   for (int64_t k = 0; k < count; ++k) {  // rare: find the groups that saw NaN/Inf
-    bp.set(k, make_params(stats_of_floats(v + k * size, size, symmetric), bits, symmetric));
+    bp.set(k, make_params(stats_of_floats_exact(v + k * size, size, symmetric), bits, symmetric));
   }
 }
 
@@ -317,36 +360,31 @@ void quantize_group_blocks(const QuantJob& job, const T* in, void* out, float* p
   const int64_t size = job.numel / job.groups;
   const int64_t per_block = kTile / size;
   parallel_for(0, job.groups, max_of(per_block, kChunk / size), [&](int64_t gb, int64_t ge) {
-    float buf[kTile], codes_buf[kTile];
+    float buf[kTile], values[kTile];
+    int8_t codes[kTile];
     BlockParams bp;
     for (int64_t g0 = gb; g0 < ge; g0 += per_block) {
       const int64_t count = min_of(per_block, ge - g0), begin = g0 * size, n = count * size;
       const float* v = as_float(in + begin, n, buf);
       block_params(v, size, count, job.bits, job.symmetric, bp);
-      // fp32 fake quantization writes its output directly (element i is read
-      // before it is written, so `out` may be `in`).
-      float* codes = codes_buf;
-      if constexpr (kSink == Sink::Fake && std::is_same_v<T, float>) codes = static_cast<float*>(out) + begin;
+      // fp32 fake quantization and int8 codes go straight to the output (element
+      // i is read before it is written, so `out` may be `in`).
+      float* y = values;
+      if constexpr (kSink == Sink::Fake && std::is_same_v<T, float>) y = static_cast<float*>(out) + begin;
+      int8_t* q = codes;
+      if constexpr (kSink == Sink::Int8) q = static_cast<int8_t*>(out) + begin;
       for (int64_t k = 0; k < count; ++k) {
         const QuantParams p = bp.of(k);
         maybe_store_params(params_out, g0 + k, p, job.symmetric);
-        codes_of(v + k * size, size, begin + k * size, p, job, codes + k * size);
         if constexpr (kSink == Sink::Fake) {
-          float* c = codes + k * size;
-          for (int64_t i = 0; i < size; ++i) c[i] = dequantize_code(c[i], p.step, p.offset);
+          fake_values_of(v + k * size, size, begin + k * size, p, job, y + k * size);
+        } else {
+          int_codes_of(v + k * size, size, begin + k * size, p, job, q + k * size);
         }
       }
-      if constexpr (kSink == Sink::Fake) {
-        if constexpr (!std::is_same_v<T, float>) store(codes, n, static_cast<T*>(out) + begin);
-      } else if constexpr (kSink == Sink::Int8) {
-        int8_t* q = static_cast<int8_t*>(out) + begin;
-        for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
-      } else {  // even group size here, so the block starts and ends on a byte
-        int8_t* q = static_cast<int8_t*>(out) + begin / 2;
-        for (int64_t i = 0; i < n / 2; ++i) {
-          q[i] = pack_nibbles(static_cast<int>(codes[2 * i]), static_cast<int>(codes[2 * i + 1]));
-        }
-      }
+      if constexpr (kSink == Sink::Fake && !std::is_same_v<T, float>) store(values, n, static_cast<T*>(out) + begin);
+      // Even group size here, so an int4 block starts and ends on a byte.
+      if constexpr (kSink == Sink::Int4) pack_pairs(codes, n, static_cast<int8_t*>(out) + begin / 2);
     }
   });
 }
@@ -358,15 +396,14 @@ template <typename T>
 void quantize_int4_pairs(const QuantJob& job, const T* in, int8_t* q, const std::vector<ParamsSlot>& params) {
   const int64_t group_size = job.numel / job.groups;
   parallel_for(0, job.numel / 2, kChunk / 2, [&](int64_t pb, int64_t pe) {
-    float buf[kTile], codes[kTile];
+    float buf[kTile];
+    int8_t codes[kTile];
     for (int64_t p0 = pb; p0 < pe; p0 += kTile / 2) {
       const int64_t begin = 2 * p0, end = 2 * min_of(pe, p0 + kTile / 2);
       for_each_group_segment(begin, end, group_size, [&](int64_t g, int64_t b, int64_t e) {
-        codes_of(as_float(in + b, e - b, buf), e - b, b, params[g].params, job, codes + (b - begin));
+        int_codes_of(as_float(in + b, e - b, buf), e - b, b, params[g].params, job, codes + (b - begin));
       });
-      for (int64_t i = begin; i < end; i += 2) {
-        q[i >> 1] = pack_nibbles(static_cast<int>(codes[i - begin]), static_cast<int>(codes[i - begin + 1]));
-      }
+      pack_pairs(codes, end - begin, q + begin / 2);
     }
   });
 }
@@ -427,43 +464,44 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
   }
 }
 
-// Codes [first, first + n) of one group, decoded into fp32 at v[0, n).
-void decode_codes(const int8_t* codes, int64_t first, int64_t n, int bits, float step, float offset, float* v) {
-  if (bits == 8) {  // kept free of the nibble logic so it vectorises
-    for (int64_t i = 0; i < n; ++i) v[i] = dequantize_code(static_cast<float>(codes[first + i]), step, offset);
-    return;
-  }
-  // Whole bytes (high nibble, then low) so the loop vectorises; a segment that
-  // starts or ends mid-byte takes its odd element through code_at.
+// Codes [first, first + n) of a packed int4 stream, one int8 each. Whole bytes
+// go through a loop that vectorises; a range that starts or ends mid-byte takes
+// its odd element through code_at.
+void unpack_int4(const int8_t* codes, int64_t first, int64_t n, int8_t* c) {
   const int64_t head = first & 1;
-  if (head != 0) v[0] = dequantize_code(static_cast<float>(code_at(codes, first, 4)), step, offset);
+  if (head != 0) c[0] = static_cast<int8_t>(code_at(codes, first, 4));
   const int8_t* bytes = codes + ((first + head) >> 1);
   const int64_t pairs = (n - head) / 2;
-  float* pair_out = v + head;
+  int8_t* pair_out = c + head;
   for (int64_t j = 0; j < pairs; ++j) {
-    pair_out[2 * j] = dequantize_code(static_cast<float>(unpack_high(bytes[j])), step, offset);
-    pair_out[2 * j + 1] = dequantize_code(static_cast<float>(unpack_low(bytes[j])), step, offset);
+    pair_out[2 * j] = static_cast<int8_t>(unpack_high(bytes[j]));
+    pair_out[2 * j + 1] = static_cast<int8_t>(unpack_low(bytes[j]));
   }
-  for (int64_t i = head + 2 * pairs; i < n; ++i) {
-    v[i] = dequantize_code(static_cast<float>(code_at(codes, first + i, 4)), step, offset);
-  }
+  for (int64_t i = head + 2 * pairs; i < n; ++i) c[i] = static_cast<int8_t>(code_at(codes, first + i, 4));
 }
 
-// Tile by tile: every group piece of a tile is decoded into one fp32 buffer, then
-// the tile is stored in one go (short groups would otherwise pay the 16-bit
-// conversion loop's set-up once per group).
+// Tile by tile: the tile's codes are widened to int8 once (int4), every group
+// piece is decoded into one fp32 buffer, then the tile is stored in one go (short
+// groups would otherwise pay the nibble logic and the 16-bit conversion loop's
+// set-up once per group).
 template <typename T>
 void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* params, T* out) {
   const int64_t group_size = job.numel / job.groups;
   parallel_for(0, job.numel, kChunk, [&](int64_t b, int64_t e) {
     float buf[kTile];
+    int8_t unpacked[kTile];
     for (int64_t t = b; t < e; t += kTile) {
       const int64_t n = min_of(kTile, e - t);
       float* v = buf;
       if constexpr (std::is_same_v<T, float>) v = out + t;  // fp32 output: decode in place
+      const int8_t* c = codes + t;
+      if (job.bits == 4) {
+        unpack_int4(codes, t, n, unpacked);
+        c = unpacked;
+      }
       for_each_group_segment(t, t + n, group_size, [&](int64_t g, int64_t sb, int64_t se) {
         const auto [step, offset] = load_params(params, g, job.symmetric);
-        decode_codes(codes, sb, se - sb, job.bits, step, offset, v + (sb - t));
+        for (int64_t i = sb - t; i < se - t; ++i) v[i] = dequantize_code(static_cast<float>(c[i]), step, offset);
       });
       if constexpr (!std::is_same_v<T, float>) store(buf, n, out + t);
     }
