@@ -19,13 +19,17 @@ Tensor workspace_for(const Tensor& like, const QuantJob& job) {
 #endif
 }
 
-void quantize_into(const Tensor& in, const QuantJob& job, int8_t* codes, float* params, const char* op) {
+void quantize_into(const Tensor& like, const void* in, const QuantJob& job, int8_t* codes, float* params,
+                   const char* op) {
   on_device(
-      in, op, [&] { cpu::quantize(job, in.const_data_ptr(), codes, params); },
+      like, op, [&] { cpu::quantize(job, in, codes, params); },
       [&](void* stream) {
-        return QKIT_CUDA_CALL(
-            cuda::quantize(job, in.const_data_ptr(), codes, params, workspace_for(in, job).mutable_data_ptr(), stream));
+        return QKIT_CUDA_CALL(cuda::quantize(job, in, codes, params, workspace_for(like, job).mutable_data_ptr(), stream));
       });
+}
+
+void quantize_into(const Tensor& in, const QuantJob& job, int8_t* codes, float* params, const char* op) {
+  quantize_into(in, in.const_data_ptr(), job, codes, params, op);
 }
 
 QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric) {

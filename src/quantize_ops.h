@@ -14,5 +14,8 @@ void check_codes_and_params(const Tensor& q, const Tensor& params, int64_t bits,
 Tensor workspace_for(const Tensor& like, const QuantJob& job);
 // Quantizes contiguous `in` (job.dtype) into codes/params on in's device.
 void quantize_into(const Tensor& in, const QuantJob& job, int8_t* codes, float* params, const char* op);
+// The same for `in`, a contiguous job.dtype buffer on like's device (a slice of a tensor).
+void quantize_into(const Tensor& like, const void* in, const QuantJob& job, int8_t* codes, float* params,
+                   const char* op);
 
 }  // namespace qkit::binding

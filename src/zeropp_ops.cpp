@@ -89,6 +89,34 @@ void update_error_on_device(const Tensor& like, const QuantJob& job, const Swizz
   });
 }
 
+// Slices of at least this many elements are quantized straight into their
+// swizzled place, one quantizer call per slice: no natural-order buffers and no
+// copy pass. Smaller slices take the two-pass route, where two calls (CUDA
+// launches) beat one per slice.
+constexpr int64_t kDirectSliceMin = int64_t{1} << 16;
+
+bool quantize_swizzled_directly(const Tensor& in, const QuantJob& job, const SwizzleLayout& layout, Tensor& codes,
+                                Tensor& params, const char* op) {
+  const int64_t slices = layout.nodes * layout.devices * layout.pipeline;
+  const int64_t per_slice = job.groups / slices;
+  const int64_t group_size = job.numel / job.groups;
+  if (per_slice * group_size < kDirectSliceMin) return false;
+  const int64_t group_bytes = group_size * job.bits / 8;  // whole bytes: check_swizzle_input
+  const int64_t per_group = params_per_group(job.symmetric);
+  const auto* x = static_cast<const char*>(in.const_data_ptr());
+  auto* co = static_cast<int8_t*>(codes.mutable_data_ptr());
+  auto* po = static_cast<float*>(params.mutable_data_ptr());
+  QuantJob slice_job = job;
+  slice_job.numel = per_slice * group_size;
+  slice_job.groups = per_slice;
+  for (int64_t g = 0; g < job.groups; g += per_slice) {
+    const int64_t slot = swizzled_slot(g, layout);
+    quantize_into(in, x + g * group_size * static_cast<int64_t>(in.element_size()), slice_job,
+                  co + slot * group_bytes, po + slot * per_group, op);
+  }
+  return true;
+}
+
 std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Tensor> error, double beta, int64_t groups,
                                           int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
                                           int64_t devices, const char* op) {
@@ -97,8 +125,11 @@ std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Ten
   const Tensor in = dense(input);
   const int64_t numel = in.numel();
   auto [codes, params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
-  auto [natural_codes, natural_params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
   QuantJob job = make_job(float_dtype(in, op, "input"), numel, groups, bits, symmetric);
+  if (!error.has_value() && quantize_swizzled_directly(in, job, layout, codes, params, op)) {
+    return std::make_tuple(codes, params);
+  }
+  auto [natural_codes, natural_params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
   if (!error.has_value()) {
     quantize_into(in, job, static_cast<int8_t*>(natural_codes.mutable_data_ptr()),
                   static_cast<float*>(natural_params.mutable_data_ptr()), op);

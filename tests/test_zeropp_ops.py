@@ -141,6 +141,18 @@ def test_swizzle_large_groups(device, dtype, symmetric, bits):
     check_loco_swizzle(x, e, 0.5, 4, bits, symmetric, (2, 2, 1), device)
 
 
+@DTYPE
+@SYM
+@BITS
+def test_swizzle_direct_path_many_groups_per_slice(device, dtype, symmetric, bits):
+    """Slices of >= 64K elements are quantized straight into their slots (no natural-order
+    pass): 8 slices of 16 groups, pipelined, with a NaN and a -Inf group inside."""
+    x = make_input((128, 4096), dtype, seed=bits + 3)
+    x[37, 100] = float("nan")
+    x[90, 5] = float("-inf")
+    check_swizzle(x, 128, bits, symmetric, (2, 2, 2), device)
+
+
 @SYM
 @BITS
 def test_swizzle_non_contiguous_input(device, symmetric, bits):
