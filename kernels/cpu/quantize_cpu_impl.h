@@ -20,7 +20,16 @@
 #include <vector>
 
 #if defined(__x86_64__)
+// GCC 12 reports -Wmaybe-uninitialized inside its own _mm512_cvtph_ps and
+// _mm512_cvtps_ph (a false positive in the header, gone in GCC 13).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 #include "qkit/kernels.h"
@@ -68,6 +77,11 @@ inline const float* as_float(const bf16_t* x, int64_t n, float* buf) {
 }
 inline const float* as_float(const half_t* x, int64_t n, float* buf) {
   int64_t i = 0;
+#if QKIT_CPU_VEC_BYTES >= 64
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+  }
+#endif
 #if QKIT_CPU_HAS_F16C
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
@@ -83,6 +97,12 @@ inline void store(const float* v, int64_t n, bf16_t* y) {
 }
 inline void store(const float* v, int64_t n, half_t* y) {
   int64_t i = 0;
+#if QKIT_CPU_VEC_BYTES >= 64
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
 #if QKIT_CPU_HAS_F16C
   for (; i + 8 <= n; i += 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
