@@ -238,12 +238,15 @@ void for_each_group_segment(int64_t begin, int64_t end, int64_t group_size, cons
   }
 }
 
-// Integer codes (as floats) of the fp32 values v[0, n), which are elements
-// [first, first + n) of the tensor (the index keys the stochastic draws).
-void codes_of(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, float* codes) {
+// Calls put(i, code) with the integer code (as a float) of each fp32 value v[i],
+// i < n; v[0, n) are elements [first, first + n) of the tensor (the index keys
+// the stochastic draws). `put` is inlined into each loop, so the codes never go
+// through memory and nearest rounding vectorises (convert-and-narrow for int8).
+template <typename Put>
+void emit_codes(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, const Put& put) {
   const float qmin = code_min(job.bits), qmax = code_max(job.bits);
   if (job.seed == nullptr) {
-    for (int64_t i = 0; i < n; ++i) codes[i] = quantize_nearest(v[i], p, qmin, qmax);
+    for (int64_t i = 0; i < n; ++i) put(i, quantize_nearest(v[i], p, qmin, qmax));
     return;
   }
   const uint64_t seed = static_cast<uint64_t>(*job.seed);
@@ -251,33 +254,18 @@ void codes_of(const float* v, int64_t n, int64_t first, const QuantParams& p, co
   for (int64_t i = 0; i < n; ++i) {
     const int64_t e = first + i;
     if ((e & 3) == 0) u = uniforms_for_block(seed, static_cast<uint64_t>(e) >> 2);
-    codes[i] = quantize_stochastic(v[i], p, qmin, qmax, u.v[e & 3]);
+    put(i, quantize_stochastic(v[i], p, qmin, qmax, u.v[e & 3]));
   }
 }
 
-// The int8 codes of v[0, n), as codes_of. Nearest rounding runs as one fused
-// loop (float codes never go through memory), which the compiler turns into
-// convert-and-narrow vector code.
+// The int8 codes of v[0, n) into q (see emit_codes).
 void int_codes_of(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, int8_t* q) {
-  if (job.seed == nullptr) {
-    const float qmin = code_min(job.bits), qmax = code_max(job.bits);
-    for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(quantize_nearest(v[i], p, qmin, qmax)));
-    return;
-  }
-  float codes[kTile];
-  codes_of(v, n, first, p, job, codes);
-  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(codes[i]));
+  emit_codes(v, n, first, p, job, [q](int64_t i, float code) { q[i] = static_cast<int8_t>(static_cast<int>(code)); });
 }
 
-// dequantize(quantize(v[0, n))) into y (y may be v), as codes_of.
+// dequantize(quantize(v[0, n))) into y (y may be v).
 void fake_values_of(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, float* y) {
-  if (job.seed == nullptr) {
-    const float qmin = code_min(job.bits), qmax = code_max(job.bits);
-    for (int64_t i = 0; i < n; ++i) y[i] = dequantize_code(quantize_nearest(v[i], p, qmin, qmax), p.step, p.offset);
-    return;
-  }
-  codes_of(v, n, first, p, job, y);
-  for (int64_t i = 0; i < n; ++i) y[i] = dequantize_code(y[i], p.step, p.offset);
+  emit_codes(v, n, first, p, job, [y, &p](int64_t i, float code) { y[i] = dequantize_code(code, p.step, p.offset); });
 }
 
 // Int8 codes c[0, n) (n even) two per byte, element 2j in the high nibble.
