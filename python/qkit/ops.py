@@ -92,6 +92,27 @@ def register_autograd_rules(
     _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_grad_enabled = torch.is_grad_enabled
+_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def can_skip_autograd(a: Tensor, b: Tensor | None = None) -> bool:
+    """True when the Autograd key can record nothing for a call on ``a`` (and ``b``): plain
+    Tensors (no subclass, FakeTensor or proxy) none of which requires grad (or grad
+    mode is off), outside torch.compile tracing and functorch transforms.
+
+    Then a wrapper may call below Autograd, skipping the op's Python autograd kernel:
+    about 3 us a call, half of a small call's time. Only for ops that mutate nothing
+    (a mutated argument's version bump lives in that kernel).
+    """
+    # Spelled out for two tensors: a generator over *args would cost a third of the saving.
+    if _compiling() or _functorch_active() or type(a) is not Tensor or (b is not None and type(b) is not Tensor):
+        return False
+    return not _grad_enabled() or not (a.requires_grad or (b is not None and b.requires_grad))
+
+
 # ---------------------------------------------------------------- argument checks
 # The C++ bindings make the same checks with the same words; these run where the
 # kernels do not (FakeTensor, meta, torch.compile tracing). The kernels can only
@@ -267,6 +288,9 @@ def fake_quantize(
         passes the gradient straight through (not with ``out=``, which has no gradient).
     """
     if out is None:
+        if can_skip_autograd(input):
+            with _below_autograd():
+                return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
         return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
     torch.ops.qkit.fake_quantize.out(input, groups, bits, symmetric, stochastic, out=out)
     return out
@@ -441,6 +465,9 @@ def dequantize(
     if groups is None:
         groups = params.shape[0] if params.dim() > 0 else 1
     if out is None:
+        if can_skip_autograd(q, params):
+            with _below_autograd():
+                return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
         return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
     if dtype is not None and dtype != out.dtype:
         raise QkitTypeError(
