@@ -5,6 +5,7 @@ No timing is asserted."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -37,6 +38,7 @@ def test_eager_baselines_compute_what_qkit_computes(dtype, bits):
 def test_a_tiny_run_reports_every_case(tmp_path, capsys):
     report = tmp_path / "bench.json"
     args = ["--sizes", "4K", "--dtypes", "float32,bfloat16", "--groups", "64,row", "--row", "256", "--repeat", "1"]
+    args += ["--warmup", "0"]
     assert bench.main([*args, "--json", str(report), "--no-progress", "--latency"]) == 0
     data = json.loads(report.read_text())
     assert data["environment"]["qkit"] == qkit.__version__
@@ -61,10 +63,42 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
     args = ["--sizes", "1K,4K", "--dtypes", "float32", "--groups", "64", "--ops", "fake_quantize,quantize8"]
-    assert bench.main([*args, "--repeat", "1", "--no-progress", "--plot", str(png)]) == 0
+    assert bench.main([*args, "--repeat", "1", "--warmup", "0", "--no-progress", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_op_is_refused():
     with pytest.raises(SystemExit):
         bench.main(["--ops", "fake_quantise"])
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--sizes", "0"], "sizes must be >= 1"),
+        (["--sizes", "4K,lots"], "'lots' is not a size"),
+        (["--groups", "64,0"], "'0' is neither a group size"),
+        (["--repeat", "0"], "--repeat and --row must be >= 1"),
+        (["--warmup", "-1"], "--warmup >= 0"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(capsys, args, words):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*args, "--no-progress"])
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_warm_up_runs_for_its_seconds_before_the_timed_calls():
+    calls = []
+
+    def fn():
+        calls.append(time.perf_counter())
+        time.sleep(0.01)
+
+    bench.time_seconds(fn, repeat=3, warmup=0.1)
+    # the first timed call starts once the warm-up's seconds have passed since the first call
+    assert calls[-3] - calls[0] >= 0.1 and len(calls) >= 1 + 2 + 3
+    calls.clear()
+    bench.time_seconds(fn, repeat=3, warmup=0)
+    assert len(calls) == 1 + 3

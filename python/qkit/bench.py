@@ -48,16 +48,28 @@ _HEADINGS = {"aten_per_channel": "aten pc", "bitsandbytes": "bnb", "deepspeed": 
 NODES, LOCAL = 2, 8
 
 
+#: Seconds each implementation runs untimed before its timed calls (``--warmup``).
+WARMUP_SECONDS = 0.5
+
+
 def time_seconds(
     fn: Callable[[], object],
     repeat: int,
     device: str = "cpu",
     reduce: Callable[[list[float]], float] = statistics.median,
+    warmup: float | None = None,
 ) -> float:
     """``reduce`` (median by default, ``min`` for best-of) over ``repeat`` timed calls of
-    ``fn`` after one warm-up call (which also compiles). On CUDA each call is timed with
-    events on the current stream, so only that device is synchronized."""
+    ``fn``, after one call (which also compiles) and then untimed calls for ``warmup``
+    seconds (default ``WARMUP_SECONDS``). The warm-up reaches the steady state a
+    training loop sees: on a VM the first calls that fault in fresh (huge) pages ran
+    10x slower than later ones. On CUDA each call is timed with events on the current
+    stream, so only that device is synchronized."""
+    warmup = WARMUP_SECONDS if warmup is None else warmup
     fn()
+    started = time.perf_counter()
+    while time.perf_counter() - started < warmup:
+        fn()
     times = []
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -261,6 +273,7 @@ def run(
     device: str,
     row: int = 16384,
     show_progress: bool = True,
+    warmup: float = WARMUP_SECONDS,
 ) -> list[dict]:
     """Time every case; one row per (threads, numel, dtype, group, op)."""
     libs = Baselines.load(device)
@@ -274,13 +287,15 @@ def run(
             for dtype in dtypes:
                 x = torch.randn(numel, device=device).to(dtype)
                 copy_into = torch.empty_like(x)
-                copy_s = time_seconds(lambda x=x, y=copy_into: y.copy_(x), repeat, device)
+                copy_s = time_seconds(lambda x=x, y=copy_into: y.copy_(x), repeat, device, warmup=warmup)
                 for spec in group_specs:
                     group_size = _group_size(spec, numel, row)
                     for op in ops:
                         dtype_name = str(dtype).removeprefix("torch.")
                         step(f"{op} {dtype_name} g={spec} n={numel} t={n_threads}")
-                        rows.append(_time_case(op, x, group_size, spec, libs, copy_s, n_threads, repeat, device))
+                        rows.append(
+                            _time_case(op, x, group_size, spec, libs, copy_s, n_threads, repeat, device, warmup)
+                        )
                         torch._dynamo.reset()  # every case compiles its own graph; keep the cache small
     return rows
 
@@ -295,6 +310,7 @@ def _time_case(
     n_threads: int,
     repeat: int,
     device: str,
+    warmup: float,
 ) -> dict:
     numel = x.numel()
     groups = numel // group_size
@@ -318,7 +334,7 @@ def _time_case(
     row["skipped"].update(case.skipped)
     for name, fn in case.impls.items():
         try:
-            seconds = time_seconds(fn, repeat, device)
+            seconds = time_seconds(fn, repeat, device, warmup=warmup)
         except Exception as error:  # a baseline that fails on this shape is a finding, not a crash
             row["skipped"][name] = f"failed: {_first_line(error)}"
             continue
@@ -504,12 +520,25 @@ def plot(rows: list[dict], path: str, impls: list[str]) -> None:
 
 
 def _parse_sizes(text: str) -> list[int]:
+    """``"1K,64K,32M"`` -> element counts; raises ValueError on anything else or on sizes < 1."""
     units = {"k": 2**10, "m": 2**20}
     out = []
     for item in text.split(","):
         item = item.strip().lower()
-        out.append(int(item[:-1]) * units[item[-1]] if item[-1] in units else int(item))
+        try:
+            size = int(item[:-1]) * units[item[-1]] if item and item[-1] in units else int(item)
+        except ValueError:
+            raise ValueError(f"--sizes: {item!r} is not a size such as 4096, 64K or 32M") from None
+        if size < 1:
+            raise ValueError(f"--sizes: sizes must be >= 1, got {item!r}")
+        out.append(size)
     return out
+
+
+def _check_group_specs(specs: list[str]) -> None:
+    for spec in specs:
+        if spec != "row" and not (spec.isdigit() and int(spec) >= 1):
+            raise ValueError(f"--groups: {spec!r} is neither a group size >= 1 nor 'row'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,7 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row", type=int, default=16384, help="row length for --groups row")
     parser.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
     parser.add_argument("--threads", default=None, help="CPU thread counts to run, e.g. 1,2 (default: torch's)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls per implementation (median)")
+    parser.add_argument(
+        "--warmup", type=float, default=WARMUP_SECONDS, help="seconds of untimed calls per implementation first"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure and the machine as JSON")
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw GB/s vs size (use several --sizes)")
@@ -539,6 +571,13 @@ def main(argv: list[str] | None = None) -> int:
             plot(rows, args.plot, shown)
         return 0
 
+    try:
+        sizes = _parse_sizes(args.sizes)
+        _check_group_specs(args.groups.split(","))
+    except ValueError as error:
+        parser.error(str(error))
+    if args.repeat < 1 or args.row < 1 or args.warmup < 0:
+        parser.error("--repeat and --row must be >= 1 and --warmup >= 0")
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     ops = [o for o in args.ops.split(",") if o]
@@ -551,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {threads}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE'] or 'unset'}"
     )
     rows = run(
-        _parse_sizes(args.sizes), dtypes, args.groups.split(","), ops, threads, args.repeat, args.device,
-        row=args.row, show_progress=not args.no_progress,
+        sizes, dtypes, args.groups.split(","), ops, threads, args.repeat, args.device,
+        row=args.row, show_progress=not args.no_progress, warmup=args.warmup,
     )  # fmt: skip
     shown = [name for name in IMPLS if any(name in r["gbps"] for r in rows)]
     print_table(rows, shown)
