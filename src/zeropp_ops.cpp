@@ -2,7 +2,9 @@
 // their LoCo variants and dequantize_unsigned. Each op is composed from the core
 // quantizer and the small kernels of kernels/*/zeropp_*, on the input's device
 // and current stream; schemas live in python/qkit/zeropp_ops.py.
+#include <optional>
 #include <tuple>
+#include <utility>
 
 #include "quantize_ops.h"
 
@@ -117,19 +119,13 @@ bool quantize_swizzled_directly(const Tensor& in, const QuantJob& job, const Swi
   return true;
 }
 
-std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Tensor> error, double beta, int64_t groups,
-                                          int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
-                                          int64_t devices, const char* op) {
-  check_swizzle_input(input, groups, bits, op);
-  const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices, op);
-  const Tensor in = dense(input);
-  const int64_t numel = in.numel();
-  auto [codes, params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
-  QuantJob job = make_job(float_dtype(in, op, "input"), numel, groups, bits, symmetric);
-  if (!error.has_value() && quantize_swizzled_directly(in, job, layout, codes, params, op)) {
-    return std::make_tuple(codes, params);
-  }
-  auto [natural_codes, natural_params] = new_outputs(in, {numel * bits / 8}, groups, symmetric);
+// Quantizes the dense `in` (plus the LoCo error, if any) into `codes` and
+// `params`, contiguous and in swizzled group order.
+void swizzle_into(const Tensor& in, std::optional<Tensor> error, double beta, const SwizzleLayout& layout,
+                  QuantJob job, Tensor& codes, Tensor& params, const char* op) {
+  if (!error.has_value() && quantize_swizzled_directly(in, job, layout, codes, params, op)) return;
+  const int64_t numel = job.numel;
+  auto [natural_codes, natural_params] = new_outputs(in, {numel * job.bits / 8}, job.groups, job.symmetric);
   if (!error.has_value()) {
     quantize_into(in, job, static_cast<int8_t*>(natural_codes.mutable_data_ptr()),
                   static_cast<float*>(natural_params.mutable_data_ptr()), op);
@@ -152,6 +148,17 @@ std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Ten
     update_error_on_device(in, job, &layout, s, natural_codes, natural_params, *error, beta, op);
   }
   swizzle_on_device(in, job, layout, natural_codes, natural_params, codes, params, op);
+}
+
+std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Tensor> error, double beta, int64_t groups,
+                                          int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
+                                          int64_t devices, const char* op) {
+  check_swizzle_input(input, groups, bits, op);
+  const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices, op);
+  const Tensor in = dense(input);
+  auto [codes, params] = new_outputs(in, {in.numel() * bits / 8}, groups, symmetric);
+  const QuantJob job = make_job(float_dtype(in, op, "input"), in.numel(), groups, bits, symmetric);
+  swizzle_into(in, std::move(error), beta, layout, job, codes, params, op);
   return std::make_tuple(codes, params);
 }
 
@@ -166,6 +173,24 @@ std::tuple<Tensor, Tensor> loco_swizzle_quantize(Tensor input, Tensor error_feed
                                                  int64_t devices_per_node) {
   return swizzle_common(input, error_feedback, err_beta, groups, bits, symmetric, pipeline, nodes, devices_per_node,
                         "loco_swizzle_quantize");
+}
+
+void swizzle_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
+                          int64_t devices_per_node, Tensor q, Tensor params) {
+  const char* op = "swizzle_quantize";
+  check_swizzle_input(input, groups, bits, op);
+  const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices_per_node, op);
+  check_out(q, "q", ScalarType::Char, {input.numel() * bits / 8}, input, "input", op);
+  check_out(params, "params", ScalarType::Float, {groups, params_per_group(symmetric)}, input, "input", op);
+  check_no_overlap(input, "input", q, "q", op);
+  check_no_overlap(input, "input", params, "params", op);
+  check_no_overlap(q, "q", params, "params", op);
+  const Tensor in = dense(input);
+  const QuantJob job = make_job(float_dtype(in, op, "input"), in.numel(), groups, bits, symmetric);
+  write_into(q, [&](Tensor& code_dst) {
+    write_into(params,
+               [&](Tensor& param_dst) { swizzle_into(in, std::nullopt, 0.0, layout, job, code_dst, param_dst, op); });
+  });
 }
 
 std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& params, std::optional<Tensor> error,
@@ -272,6 +297,7 @@ Tensor dequantize_unsigned(Tensor data, Tensor scale, Tensor minv, int64_t num_g
 
 void register_kernels(torch::stable::detail::StableLibrary& m) {
   m.impl("swizzle_quantize", TORCH_BOX(&swizzle_quantize));
+  m.impl("swizzle_quantize.out", TORCH_BOX(&swizzle_quantize_out));
   m.impl("loco_swizzle_quantize", TORCH_BOX(&loco_swizzle_quantize));
   m.impl("quantized_reduction", TORCH_BOX(&quantized_reduction));
   m.impl("loco_quantized_reduction", TORCH_BOX(&loco_quantized_reduction));

@@ -48,7 +48,7 @@ def test_a_tiny_run_reports_every_case(tmp_path, capsys):
         timed = set(row["gbps"])
         assert {"eager", "compile", "qkit"} <= timed, row
         assert row["skipped"]["deepspeed"] == "CUDA only"
-        if row["op"] in ("fake_quantize", "quantize8", "dequantize4"):
+        if row["op"] in ("fake_quantize", "quantize8", "dequantize4", "swizzle_quantize"):
             assert "qkit_out" in timed
         assert all(v > 0 for v in row["gbps"].values())
     assert [r["numel"] for r in data["latency"]] == [64, 1024, 4096, 16384, 65536]

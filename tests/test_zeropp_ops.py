@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from helpers import FLOAT_DTYPES, assert_same, make_input
+from qkit import zeropp_ops
 from reference import (
     codes_of_storage,
     ref_dequantize,
@@ -151,6 +152,88 @@ def test_swizzle_direct_path_many_groups_per_slice(device, dtype, symmetric, bit
     x[37, 100] = float("nan")
     x[90, 5] = float("-inf")
     check_swizzle(x, 128, bits, symmetric, (2, 2, 2), device)
+
+
+# ------------------------------------------------------------------ swizzle_quantize out=
+
+
+def _sentinel(shape, dtype, device) -> Tensor:
+    return torch.full(shape, -7 if dtype == torch.int8 else float("nan"), dtype=dtype, device=device)
+
+
+@DTYPE
+@SYM
+@BITS
+@pytest.mark.parametrize("shape", [(16, 12), (64, 4096)], ids=["two-pass", "direct"])
+def test_swizzle_out_matches_the_functional_op(device, dtype, symmetric, bits, shape):
+    """Both routes (natural order then swizzle; slices straight into their slots) write the
+    caller's buffers bit for bit as the functional op, and those match the reference."""
+    x = make_input(shape, dtype, seed=bits + shape[0]).to(device)
+    x[5, 3] = float("nan")
+    groups, layout = shape[0], (2, 2, 2)
+    want_q, want_params = ops.swizzle_quantize(x, groups, bits, symmetric, 2, 2, 2)
+    q = _sentinel(want_q.shape, torch.int8, device)
+    params = _sentinel(want_params.shape, torch.float32, device)
+    got = zeropp_ops.swizzle_quantize(x, groups, bits, symmetric, 2, 2, 2, out=(q, params))
+    assert got[0] is q and got[1] is params
+    assert_same(q, want_q, "q")
+    assert_same(params, want_params, "params")
+    check_swizzle(x.cpu(), groups, bits, symmetric, layout, device)
+
+
+@SYM
+def test_swizzle_out_into_strided_buffers(device, symmetric):
+    """Non-contiguous q/params (every other byte; transposed params) get the same values,
+    and the bytes between them stay untouched."""
+    x = make_input((8, 64), torch.bfloat16, seed=31).to(device)
+    want_q, want_params = ops.swizzle_quantize(x, 8, 8, symmetric, 1, 2, 2)
+    q_store = _sentinel((2 * want_q.numel(),), torch.int8, device)
+    per_group = want_params.shape[1]
+    p_store = _sentinel((per_group, 8), torch.float32, device)
+    ops.swizzle_quantize.out(x, 8, 8, symmetric, 1, 2, 2, q=q_store[::2], params=p_store.t())
+    assert_same(q_store[::2], want_q, "q")
+    assert bool((q_store[1::2] == -7).all()), "bytes between the strided codes were written"
+    assert_same(p_store.t(), want_params, "params")
+
+
+def test_bad_swizzle_out_is_refused_before_writing(device):
+    x = make_input((8, 16), torch.float32, seed=32).to(device)
+    q = _sentinel((128,), torch.int8, device)
+    params = _sentinel((8, 1), torch.float32, device)
+
+    def refused(call, match):
+        before = (q.clone(), params.clone())
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        assert_same(q, before[0], "q written by a refused call")
+        assert_same(params, before[1], "params written by a refused call")
+
+    refused(lambda: zeropp_ops.swizzle_quantize(x, 8, 4, out=(q, params)), r"`q` must have shape \[64\]")
+    refused(lambda: zeropp_ops.swizzle_quantize(x, 8, 8, False, out=(q, params)), r"`params` must have shape \[8, 2\]")
+    refused(
+        lambda: zeropp_ops.swizzle_quantize(x, 8, 8, out=(q.view(torch.uint8), params)), "`q` must be int8, got uint8"
+    )
+    refused(lambda: zeropp_ops.swizzle_quantize(x, 8, 8, out=(q, params.double())), "`params` must be float32")
+    refused(lambda: zeropp_ops.swizzle_quantize(x, 6, 8, out=(q, params)), "`groups` \\(6\\) must divide")
+    shared = torch.zeros(128, dtype=torch.int8, device=device)
+    with pytest.raises(RuntimeError, match="`params` shares memory with `q`"):
+        zeropp_ops.swizzle_quantize(x, 8, 8, out=(shared, shared[96:].view(torch.float32).view(8, 1)))
+    assert bool((shared == 0).all())
+    leaf = torch.zeros(8, 1, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="`params` requires grad"):
+        zeropp_ops.swizzle_quantize(x, 8, 8, out=(q, leaf))
+
+
+def test_swizzle_out_bumps_versions_and_passes_opcheck(device):
+    from torch.library import opcheck
+
+    x = make_input((8, 12), torch.float16, seed=33).to(device)
+    q, params = torch.empty(96, dtype=torch.int8, device=device), torch.empty(8, 2, device=device)
+    versions = (q._version, params._version)
+    zeropp_ops.swizzle_quantize(x, 8, 8, False, 1, 2, 2, out=(q, params))
+    assert (q._version, params._version) == (versions[0] + 1, versions[1] + 1)
+    opcheck(ops.swizzle_quantize.out, (x, 8, 8, False, 2, 2, 2), {"q": q, "params": params})
+    opcheck(ops.swizzle_quantize.out, (x, 8, 4, True, 1, 2, 2), {"q": q[:48], "params": params[:, :1]})
 
 
 @SYM

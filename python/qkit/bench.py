@@ -208,6 +208,8 @@ def build_case(op: str, x: Tensor, groups: int, libs: Baselines) -> Case:
             libs.deepspeed_reason,
         )
         case.add("qkit", lambda: swizzle_quantize(x, groups, bits, True, 1, NODES, LOCAL))
+        q, params = swizzle_quantize(x, groups, bits, True, 1, NODES, LOCAL)
+        case.add("qkit_out", lambda: swizzle_quantize(x, groups, bits, True, 1, NODES, LOCAL, out=(q, params)))
         return case
 
     if op == "quantized_reduction":

@@ -238,8 +238,8 @@ def _fake_quantize_out_fake(
     check_out(out, "out", input.dtype, list(input.shape), input, "input", "fake_quantize")
 
 
-_OUT_HAS_NO_GRADIENT = "out= writes are not differentiable; call the op without out= (or under torch.no_grad())"
-register_autograd_rules("fake_quantize.out", mutates="out", no_grad_for=("input",), hint=_OUT_HAS_NO_GRADIENT)
+OUT_HAS_NO_GRADIENT = "out= writes are not differentiable; call the op without out= (or under torch.no_grad())"
+register_autograd_rules("fake_quantize.out", mutates="out", no_grad_for=("input",), hint=OUT_HAS_NO_GRADIENT)
 register_autograd_rules(
     "fake_quantize_",
     mutates="input",
@@ -401,7 +401,7 @@ def _dequantize_out_fake(
 
 
 register_autograd_rules("quantize")
-register_autograd_rules("quantize.out", mutates=("q", "params"), hint=_OUT_HAS_NO_GRADIENT)
+register_autograd_rules("quantize.out", mutates=("q", "params"), hint=OUT_HAS_NO_GRADIENT)
 _DEQUANTIZE_HINT = "detach `params`, or train with qkit.fake_quantize (straight-through)"
 register_autograd_rules("dequantize", no_grad_for=("params",), hint=_DEQUANTIZE_HINT)
 register_autograd_rules("dequantize.out", mutates="out", no_grad_for=("params",), hint=_DEQUANTIZE_HINT)

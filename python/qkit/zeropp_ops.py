@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 from qkit.ops import (
+    OUT_HAS_NO_GRADIENT,
     QkitTypeError,
     QkitValueError,
     check_codes_and_params,
     check_float_input,
     check_groups,
     check_no_self_overlap,
+    check_out,
     check_storage_bits,
     define,
     register_autograd_rules,
@@ -27,6 +29,10 @@ from qkit.ops import (
 define(
     "swizzle_quantize(Tensor input, int groups, int bits, bool symmetric, int pipeline, int nodes, "
     "int devices_per_node) -> (Tensor, Tensor)"
+)
+define(
+    "swizzle_quantize.out(Tensor input, int groups, int bits, bool symmetric, int pipeline, int nodes, "
+    "int devices_per_node, *, Tensor(a!) q, Tensor(b!) params) -> ()"
 )
 define(
     "loco_swizzle_quantize(Tensor input, Tensor(a!) error_feedback, float err_beta, int groups, int bits, "
@@ -48,6 +54,7 @@ define(
 _NO_GRADIENT = "use them on detached tensors (they are communication ops, not differentiable)"
 for _name in ("swizzle_quantize", "quantized_reduction", "dequantize_unsigned"):
     register_autograd_rules(_name)
+register_autograd_rules("swizzle_quantize.out", mutates=("q", "params"), hint=OUT_HAS_NO_GRADIENT)
 for _name in ("loco_swizzle_quantize", "loco_quantized_reduction"):
     register_autograd_rules(_name, mutates="error_feedback", hint=_NO_GRADIENT)
 
@@ -145,6 +152,25 @@ def _swizzle_quantize_fake(
     return _swizzle_outputs(input, groups, bits, symmetric)
 
 
+@torch.library.register_fake("qkit::swizzle_quantize.out")
+def _swizzle_quantize_out_fake(
+    input: Tensor,
+    groups: int,
+    bits: int,
+    symmetric: bool,
+    pipeline: int,
+    nodes: int,
+    devices_per_node: int,
+    *,
+    q: Tensor,
+    params: Tensor,
+) -> None:
+    op = "swizzle_quantize"
+    _check_swizzle(input, groups, bits, pipeline, nodes, devices_per_node, op)
+    check_out(q, "q", torch.int8, [input.numel() * bits // 8], input, "input", op)
+    check_out(params, "params", torch.float32, [groups, 1 if symmetric else 2], input, "input", op)
+
+
 @torch.library.register_fake("qkit::loco_swizzle_quantize")
 def _loco_swizzle_quantize_fake(
     input: Tensor,
@@ -234,6 +260,8 @@ def swizzle_quantize(
     pipeline: int = 1,
     nodes: int = 1,
     devices_per_node: int = 1,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Quantize ``input`` group-wise and lay the groups out for the ZeRO++ all-to-all.
 
@@ -242,12 +270,23 @@ def swizzle_quantize(
         groups: a multiple of ``nodes * devices_per_node * pipeline``.
         bits: 4 or 8 (4-bit needs an even group size).
         symmetric, pipeline, nodes, devices_per_node: see OPS.md §3.
+        out: optional preallocated ``(q, params)`` of the shapes and dtypes below, on
+            ``input``'s device, sharing no memory with ``input`` or each other (a
+            send buffer reused every step saves the allocation and its page faults).
 
     Returns:
         ``(q, params)``: int8 1-D ``[M*bits/8]`` codes and float32 ``[groups, 1|2]``
-        params, both in swizzled group order.
+        params, both in swizzled group order (``out``'s tensors when given).
     """
-    return torch.ops.qkit.swizzle_quantize.default(input, groups, bits, symmetric, pipeline, nodes, devices_per_node)
+    if out is None:
+        return torch.ops.qkit.swizzle_quantize.default(
+            input, groups, bits, symmetric, pipeline, nodes, devices_per_node
+        )
+    q, params = out
+    torch.ops.qkit.swizzle_quantize.out(
+        input, groups, bits, symmetric, pipeline, nodes, devices_per_node, q=q, params=params
+    )
+    return q, params
 
 
 def loco_swizzle_quantize(
