@@ -117,5 +117,4 @@ void write_into(Tensor& out, const Write& write) {
 // A contiguous byte tensor of n bytes on `like`'s device (kernel scratch).
 Tensor scratch_bytes(const Tensor& like, int64_t n);
 
-
 }  // namespace qkit::binding

@@ -32,6 +32,15 @@ void quantize_into(const Tensor& in, const QuantJob& job, int8_t* codes, float* 
   quantize_into(in, in.const_data_ptr(), job, codes, params, op);
 }
 
+void check_code_outputs(const Tensor& input, const Tensor& q, const std::vector<int64_t>& code_sizes,
+                        const Tensor& params, int64_t groups, bool symmetric, const char* op) {
+  check_out(q, "q", ScalarType::Char, code_sizes, input, "input", op);
+  check_out(params, "params", ScalarType::Float, {groups, symmetric ? 1 : 2}, input, "input", op);
+  check_no_overlap(input, "input", q, "q", op);
+  check_no_overlap(input, "input", params, "params", op);
+  check_no_overlap(q, "q", params, "params", op);
+}
+
 QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric) {
   return QuantJob{dtype, numel, groups, static_cast<int>(bits), symmetric, nullptr};
 }
@@ -140,11 +149,9 @@ DType check_quantize_args(const Tensor& input, int64_t groups, int64_t bits, con
 
 void quantize_tensors(const Tensor& input, const QuantJob& job, Tensor& codes, Tensor& params, const char* op) {
   const Tensor in = dense(input);
-  write_into(codes, [&](Tensor& code_dst) {
-    write_into(params, [&](Tensor& param_dst) {
-      quantize_into(in, job, static_cast<int8_t*>(code_dst.mutable_data_ptr()),
-                    static_cast<float*>(param_dst.mutable_data_ptr()), op);
-    });
+  write_codes_into(codes, params, [&](Tensor& code_dst, Tensor& param_dst) {
+    quantize_into(in, job, static_cast<int8_t*>(code_dst.mutable_data_ptr()),
+                  static_cast<float*>(param_dst.mutable_data_ptr()), op);
   });
 }
 
@@ -160,11 +167,7 @@ std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, 
 void quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, Tensor q, Tensor params) {
   const char* op = "quantize";
   const QuantJob job = make_job(check_quantize_args(input, groups, bits, op), input.numel(), groups, bits, symmetric);
-  check_out(q, "q", ScalarType::Char, code_sizes(input, bits), input, "input", op);
-  check_out(params, "params", ScalarType::Float, {groups, symmetric ? 1 : 2}, input, "input", op);
-  check_no_overlap(input, "input", q, "q", op);
-  check_no_overlap(input, "input", params, "params", op);
-  check_no_overlap(q, "q", params, "params", op);
+  check_code_outputs(input, q, code_sizes(input, bits), params, groups, symmetric, op);
   quantize_tensors(input, job, q, params, op);
 }
 

@@ -18,4 +18,16 @@ void quantize_into(const Tensor& in, const QuantJob& job, int8_t* codes, float* 
 void quantize_into(const Tensor& like, const void* in, const QuantJob& job, int8_t* codes, float* params,
                    const char* op);
 
+// The `out=` buffers of a quantizing op: int8 `q` of `code_sizes` and float32
+// `params` [groups, 1|2], on input's device, sharing memory with neither `input`
+// nor each other.
+void check_code_outputs(const Tensor& input, const Tensor& q, const std::vector<int64_t>& code_sizes,
+                        const Tensor& params, int64_t groups, bool symmetric, const char* op);
+
+// write(codes, params) on dense stand-ins for `q` and `params` (see write_into).
+template <typename Write>
+void write_codes_into(Tensor& q, Tensor& params, const Write& write) {
+  write_into(q, [&](Tensor& code_dst) { write_into(params, [&](Tensor& param_dst) { write(code_dst, param_dst); }); });
+}
+
 }  // namespace qkit::binding

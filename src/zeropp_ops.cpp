@@ -180,16 +180,11 @@ void swizzle_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symme
   const char* op = "swizzle_quantize";
   check_swizzle_input(input, groups, bits, op);
   const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices_per_node, op);
-  check_out(q, "q", ScalarType::Char, {input.numel() * bits / 8}, input, "input", op);
-  check_out(params, "params", ScalarType::Float, {groups, params_per_group(symmetric)}, input, "input", op);
-  check_no_overlap(input, "input", q, "q", op);
-  check_no_overlap(input, "input", params, "params", op);
-  check_no_overlap(q, "q", params, "params", op);
+  check_code_outputs(input, q, {input.numel() * bits / 8}, params, groups, symmetric, op);
   const Tensor in = dense(input);
   const QuantJob job = make_job(float_dtype(in, op, "input"), in.numel(), groups, bits, symmetric);
-  write_into(q, [&](Tensor& code_dst) {
-    write_into(params,
-               [&](Tensor& param_dst) { swizzle_into(in, std::nullopt, 0.0, layout, job, code_dst, param_dst, op); });
+  write_codes_into(q, params, [&](Tensor& code_dst, Tensor& param_dst) {
+    swizzle_into(in, std::nullopt, 0.0, layout, job, code_dst, param_dst, op);
   });
 }
 

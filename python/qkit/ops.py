@@ -214,6 +214,15 @@ def check_out(
     check_no_self_overlap(out, op, name)
 
 
+def check_code_outputs(
+    q: Tensor, params: Tensor, code_shape: list[int], groups: int, symmetric: bool, input: Tensor, op: str
+) -> None:
+    """The ``out=`` buffers of a quantizing op: int8 ``q`` of ``code_shape`` and float32
+    ``params`` ``[groups, 1|2]``, on ``input``'s device."""
+    check_out(q, "q", torch.int8, code_shape, input, "input", op)
+    check_out(params, "params", torch.float32, [groups, 1 if symmetric else 2], input, "input", op)
+
+
 @torch.library.register_fake("qkit::fake_quantize")
 def _fake_quantize_fake(
     input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
@@ -341,8 +350,7 @@ def _quantize_out_fake(
     input: Tensor, groups: int, bits: int, symmetric: bool = True, *, q: Tensor, params: Tensor
 ) -> None:
     _check_quantize_args(input, groups, bits)
-    check_out(q, "q", torch.int8, _code_shape(input.shape, bits), input, "input", "quantize")
-    check_out(params, "params", torch.float32, [groups, 1 if symmetric else 2], input, "input", "quantize")
+    check_code_outputs(q, params, _code_shape(input.shape, bits), groups, symmetric, input, "quantize")
 
 
 def check_codes_and_params(q: Tensor, params: Tensor, bits: int, op: str) -> None:

@@ -16,11 +16,11 @@ from qkit.ops import (
     OUT_HAS_NO_GRADIENT,
     QkitTypeError,
     QkitValueError,
+    check_code_outputs,
     check_codes_and_params,
     check_float_input,
     check_groups,
     check_no_self_overlap,
-    check_out,
     check_storage_bits,
     define,
     register_autograd_rules,
@@ -167,8 +167,7 @@ def _swizzle_quantize_out_fake(
 ) -> None:
     op = "swizzle_quantize"
     _check_swizzle(input, groups, bits, pipeline, nodes, devices_per_node, op)
-    check_out(q, "q", torch.int8, [input.numel() * bits // 8], input, "input", op)
-    check_out(params, "params", torch.float32, [groups, 1 if symmetric else 2], input, "input", op)
+    check_code_outputs(q, params, [input.numel() * bits // 8], groups, symmetric, input, op)
 
 
 @torch.library.register_fake("qkit::loco_swizzle_quantize")
