@@ -12,6 +12,7 @@
 #endif
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace qkit::binding {
@@ -120,8 +121,11 @@ namespace {
 // A large fresh CPU output costs more in 4 KiB page faults than in the kernel that
 // fills it (the first write of every page traps into the kernel). Asking for
 // transparent huge pages, as torch does under THP_MEM_ALLOC_ENABLE=1, cuts that
-// ~500-fold in faults. Only blocks of >= 32 MiB are advised: glibc serves those
-// with their own mapping, so the advice ends with the block. QKIT_HUGE_PAGES=0 opts out.
+// ~500-fold in faults. Only blocks of >= 32 MiB are advised: glibc usually serves
+// those with their own mapping, so the advice ends with the block. It can also carve
+// one from a free hole in its main heap; advice there would outlive the block and
+// give later small allocations huge pages, so blocks below the program break are
+// left alone. QKIT_HUGE_PAGES=0 opts out.
 constexpr int64_t kHugePageAdviceBytes = int64_t{32} << 20;
 
 bool huge_page_advice_enabled() {
@@ -138,6 +142,7 @@ void advise_huge_pages(const Tensor& t) {
   if (t.is_cuda() || bytes < kHugePageAdviceBytes || !huge_page_advice_enabled()) return;
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  if (first < reinterpret_cast<uintptr_t>(sbrk(0))) return;  // in the main heap (see above)
   const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1), end = (first + bytes) & ~(kHuge - 1);
   // Advisory only: a kernel without THP refuses it, and the pages stay small.
   if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);

@@ -64,6 +64,35 @@ def test_big_fresh_output_is_advised_small_one_is_not() -> None:
 
 
 @needs_smaps
+def test_a_block_carved_from_the_heap_is_not_advised() -> None:
+    """glibc can serve a 32 MiB output from a free hole in its main heap; advice there would
+    outlive the output and put a later, small allocation on huge pages."""
+    if "madvise" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(errors="ignore"):
+        pytest.skip("this kernel has no transparent huge pages")
+    script = (
+        "import torch, qkit, sys; sys.path.insert(0, sys.argv[1]);"
+        "from test_huge_pages import BIG, vm_flags_at;"
+        "x = torch.randn(BIG);"
+        "t = torch.empty(4 << 20); del t;"  # a freed 16 MiB mapping raises glibc's mmap threshold
+        "blocks = [torch.empty(256 << 10) for _ in range(40)]; keeper = torch.empty(256 << 10);"
+        "del blocks;"  # a 40 MiB hole in the heap, below `keeper`
+        "heap = [l.split()[0].split('-') for l in open('/proc/self/maps') if '[heap]' in l];"
+        "y = qkit.fake_quantize(x, 1024, 8); at = y.data_ptr();"
+        "in_heap = any(int(lo, 16) <= at < int(hi, 16) for lo, hi in heap) or at < int(heap[-1][1], 16);"
+        "del y; small = qkit.fake_quantize(torch.randn(BIG // 4), 1024, 8);"
+        "print(in_heap, 'hg' in vm_flags_at(small.data_ptr() + small.numel() * 2))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT / "tests")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    in_heap, small_advised = result.stdout.split()
+    if in_heap != "True":
+        pytest.skip("this allocator gave the output its own mapping")
+    assert small_advised == "False", "advice on heap pages outlived the output"
+
+
+@needs_smaps
 def test_opt_out_leaves_pages_alone() -> None:
     script = (
         "import torch, qkit, sys; sys.path.insert(0, sys.argv[1]);"
