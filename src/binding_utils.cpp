@@ -77,7 +77,7 @@ std::string shape_text(const Sizes& sizes) {
 }
 }  // namespace
 
-void check_out(const Tensor& out, const char* name, ScalarType dtype, const std::vector<int64_t>& sizes,
+void check_out(const Tensor& out, const char* name, ScalarType dtype, const Shape& sizes,
                const Tensor& like, const char* like_name, const char* op) {
   QKIT_CHECK(out.scalar_type() == dtype, op, "`", name, "` must be ", dtype_name(dtype), ", got ",
              dtype_name(out.scalar_type()));
@@ -110,11 +110,6 @@ bool same_view(const Tensor& a, const Tensor& b) {
   const auto as = a.sizes(), bs = b.sizes(), at = a.strides(), bt = b.strides();
   return a.const_data_ptr() == b.const_data_ptr() && a.scalar_type() == b.scalar_type() &&
          std::equal(as.begin(), as.end(), bs.begin(), bs.end()) && std::equal(at.begin(), at.end(), bt.begin(), bt.end());
-}
-
-std::vector<int64_t> sizes_of(const Tensor& t) {
-  const auto s = t.sizes();
-  return std::vector<int64_t>(s.begin(), s.end());
 }
 
 namespace {
@@ -152,9 +147,9 @@ void advise_huge_pages(const Tensor& t) {
 }
 }  // namespace
 
-Tensor empty_on(const Tensor& like, const std::vector<int64_t>& sizes, ScalarType dtype) {
+Tensor empty_on(const Tensor& like, const Shape& sizes, ScalarType dtype) {
   const auto ndim = static_cast<int64_t>(sizes.size());
-  std::vector<int64_t> strides(sizes.size());
+  Shape strides = sizes;
   int64_t stride = 1;
   for (int64_t d = ndim - 1; d >= 0; --d) {
     strides[d] = stride;

@@ -32,7 +32,7 @@ void quantize_into(const Tensor& in, const QuantJob& job, int8_t* codes, float* 
   quantize_into(in, in.const_data_ptr(), job, codes, params, op);
 }
 
-void check_code_outputs(const Tensor& input, const Tensor& q, const std::vector<int64_t>& code_sizes,
+void check_code_outputs(const Tensor& input, const Tensor& q, const Shape& code_sizes,
                         const Tensor& params, int64_t groups, bool symmetric, const char* op) {
   check_out(q, "q", ScalarType::Char, code_sizes, input, "input", op);
   check_out(params, "params", ScalarType::Float, {groups, symmetric ? 1 : 2}, input, "input", op);
@@ -133,8 +133,8 @@ void fake_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetri
   write_into(out, [&](Tensor& dst) { fake_quantize_into(in, dst, groups, bits, symmetric, stochastic, op); });
 }
 
-std::vector<int64_t> code_sizes(const Tensor& input, int64_t bits) {
-  std::vector<int64_t> sizes = sizes_of(input);
+Shape code_sizes(const Tensor& input, int64_t bits) {
+  Shape sizes = sizes_of(input);
   if (bits == 4 && !sizes.empty()) sizes.back() /= 2;
   return sizes;
 }
@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, 
   Tensor codes = empty_on(input, code_sizes(input, bits), ScalarType::Char);
   Tensor params = empty_on(input, {groups, symmetric ? 1 : 2}, ScalarType::Float);
   quantize_tensors(input, job, codes, params, op);
-  return std::make_tuple(codes, params);
+  return std::make_tuple(std::move(codes), std::move(params));
 }
 
 void quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, Tensor q, Tensor params) {
@@ -180,7 +180,7 @@ ScalarType output_scalar_type(std::optional<ScalarType> dtype, const char* op) {
 }
 
 // Checks dequantize's inputs; returns the output's sizes.
-std::vector<int64_t> check_dequantize_args(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits,
+Shape check_dequantize_args(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits,
                                            bool symmetric, const char* op) {
   check_codes_and_params(q, params, bits, op);
   QKIT_CHECK(bits == 8 || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
@@ -190,7 +190,7 @@ std::vector<int64_t> check_dequantize_args(const Tensor& q, const Tensor& params
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [groups, ", per_group, "] = [", groups, ", ", per_group, "] for ",
              symmetric ? "symmetric" : "asymmetric", " quantization");
-  std::vector<int64_t> out_sizes = sizes_of(q);
+  Shape out_sizes = sizes_of(q);
   if (bits == 4) out_sizes.back() *= 2;
   return out_sizes;
 }
@@ -214,7 +214,7 @@ void dequantize_tensors(const Tensor& q, const Tensor& params, int64_t groups, i
 Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric,
                   std::optional<ScalarType> dtype) {
   const char* op = "dequantize";
-  const std::vector<int64_t> out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
+  const Shape out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
   Tensor out = empty_on(q, out_sizes, output_scalar_type(dtype, op));
   dequantize_tensors(q, params, groups, bits, symmetric, out, op);
   return out;
@@ -222,7 +222,7 @@ Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool sy
 
 void dequantize_out(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric, Tensor out) {
   const char* op = "dequantize";
-  const std::vector<int64_t> out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
+  const Shape out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
   float_dtype(out, op, "out");
   check_out(out, "out", out.scalar_type(), out_sizes, q, "q", op);
   check_no_overlap(q, "q", out, "out", op);

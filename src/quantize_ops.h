@@ -21,7 +21,7 @@ void quantize_into(const Tensor& like, const void* in, const QuantJob& job, int8
 // The `out=` buffers of a quantizing op: int8 `q` of `code_sizes` and float32
 // `params` [groups, 1|2], on input's device, sharing memory with neither `input`
 // nor each other.
-void check_code_outputs(const Tensor& input, const Tensor& q, const std::vector<int64_t>& code_sizes,
+void check_code_outputs(const Tensor& input, const Tensor& q, const Shape& code_sizes,
                         const Tensor& params, int64_t groups, bool symmetric, const char* op);
 
 // write(codes, params) on dense stand-ins for `q` and `params` (see write_into).

@@ -58,7 +58,7 @@ void update_in_place(Tensor& error, const F& update) {
   torch::stable::copy_(error, work);
 }
 
-std::tuple<Tensor, Tensor> new_outputs(const Tensor& like, std::vector<int64_t> code_sizes, int64_t groups,
+std::tuple<Tensor, Tensor> new_outputs(const Tensor& like, const Shape& code_sizes, int64_t groups,
                                        bool symmetric) {
   return {empty_on(like, code_sizes, ScalarType::Char),
           empty_on(like, {groups, params_per_group(symmetric)}, ScalarType::Float)};
@@ -207,7 +207,7 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
 
   const Tensor codes_in = dense(q);
   const Tensor params_in = dense(params);
-  std::vector<int64_t> out_sizes = sizes_of(codes_in);
+  Shape out_sizes = sizes_of(codes_in);
   out_sizes.back() /= devices;
   auto [codes, params_out] = new_outputs(codes_in, out_sizes, out_groups, symmetric);
 
