@@ -63,67 +63,6 @@ def test_gradient_flows_to_other_operands(device):
     assert_same(w.grad, qkit.fake_quantize(x, groups=4, bits=5))
 
 
-# ------------------------------------------------------------------ calls below Autograd
-
-
-def test_skip_autograd_only_where_nothing_could_be_recorded(device):
-    """The wrappers' shortcut past the Python autograd kernel: taken for plain tensors that
-    need no gradient, never for grad-requiring inputs, subclasses (FakeTensor), functorch
-    transforms or torch.compile tracing."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from qkit.ops import can_skip_autograd
-
-    x = torch.randn(4, 8, device=device)
-    xr = x.clone().requires_grad_(True)
-    assert can_skip_autograd(x) and can_skip_autograd(x, x)
-    assert not can_skip_autograd(xr) and not can_skip_autograd(x, xr)
-    with torch.no_grad():
-        assert can_skip_autograd(xr, xr)
-    with FakeTensorMode() as mode:
-        assert not can_skip_autograd(mode.from_tensor(x))
-    seen = []
-    torch.vmap(lambda row: seen.append(can_skip_autograd(row)) or row)(x)
-    assert seen == [False]
-
-
-def test_wrappers_skip_autograd_and_agree_with_the_op(device, monkeypatch):
-    """No-grad wrapper calls take the shortcut (counted), and give the op's result bit for bit;
-    grad-requiring ones keep autograd: the STE graph, and dequantize's params guard."""
-    import qkit.ops
-
-    below = qkit.ops._below_autograd
-    entered = []
-
-    def counting_below_autograd():
-        entered.append(True)
-        return below()
-
-    monkeypatch.setattr(qkit.ops, "_below_autograd", counting_below_autograd)
-    x = make_input((6, 32), torch.bfloat16, seed=11).to(device)
-    q, p = torch.ops.qkit.quantize(x, 12, 8, True)
-    assert_same(qkit.fake_quantize(x, groups=12, bits=5), ops.fake_quantize(x, 12, 5, True, False))
-    assert_same(qkit.dequantize(q, p, 12, 8, dtype=torch.float32), ops.dequantize(q, p, 12, 8, True, torch.float32))
-    assert len(entered) == 2
-
-    xr = x.clone().requires_grad_(True)
-    assert qkit.fake_quantize(xr, groups=12, bits=5).grad_fn is not None
-    with pytest.raises(RuntimeError, match=r"qkit\.dequantize: `params` requires grad"):
-        qkit.dequantize(q, p.clone().requires_grad_(True), 12, 8)
-    assert len(entered) == 2
-
-
-def test_wrappers_without_grad_compile_without_graph_break(device, fresh_dynamo):
-    def fn(x):
-        q, p = qkit.quantize(x, 8, 8)
-        return qkit.fake_quantize(x, groups=8, bits=4), qkit.dequantize(q, p, 8, 8, dtype=torch.float32)
-
-    x = make_input((8, 16), torch.float32, seed=12).to(device)
-    got = torch.compile(fn, fullgraph=True, backend="eager")(x)
-    for g, e in zip(got, fn(x), strict=True):
-        assert_same(g, e)
-
-
 # ------------------------------------------------------------------ stochastic rounding
 
 

@@ -92,25 +92,63 @@ def register_autograd_rules(
     _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
-_below_autograd = torch._C._AutoDispatchBelowAutograd
 _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_profiling = torch.autograd._profiler_enabled
+_jit_tracing = torch._C._get_tracing_state
+_strided = torch.strided
 
 
-def can_skip_autograd(a: Tensor, b: Tensor | None = None) -> bool:
-    """True when the Autograd key can record nothing for a call on ``a`` (and ``b``): plain
-    Tensors (no subclass, FakeTensor or proxy) none of which requires grad (or grad
-    mode is off), outside torch.compile tracing and functorch transforms.
+def _kernel_keys_on(backend: torch._C.DispatchKey) -> torch._C.DispatchKeySet:
+    # With the view-bit keys in the set, their fallbacks still resolve a negative, conjugate
+    # or zero view before qkit's kernel runs, just as a normal call would, for ~0.1 us.
+    keys = torch._C.DispatchKeySet(backend)
+    for key in (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative, torch._C.DispatchKey.ZeroTensor):
+        keys = keys | torch._C.DispatchKeySet(key)
+    return keys
 
-    Then a wrapper may call below Autograd, skipping the op's Python autograd kernel:
-    about 3 us a call, half of a small call's time. Only for ops that mutate nothing
-    (a mutated argument's version bump lives in that kernel).
+
+_CPU_KEYS = _kernel_keys_on(torch._C.DispatchKey.CPU)
+_CUDA_KEYS = _kernel_keys_on(torch._C.DispatchKey.CUDA)
+KernelKeys = torch._C.DispatchKeySet
+
+
+def _device_keys(t: Tensor) -> KernelKeys | None:
+    return _CPU_KEYS if t.is_cpu else _CUDA_KEYS if t.is_cuda else None
+
+
+def kernel_keys(a: Tensor, b: Tensor | None = None) -> KernelKeys | None:
+    """The key set that reaches qkit's own CPU or CUDA kernel, when a call on ``a`` (and
+    ``b``) may go straight there; ``None`` when the op must be called the normal way.
+
+    Straight means ``op._handle.redispatch_boxed(keys, ...)``: no Python autograd kernel,
+    no dispatch-key computation from the arguments, no torch-function handling; about
+    a third of a small call's time. It is only taken where none of those could act:
+    strided plain Tensors (no subclass, FakeTensor, proxy, sparse or nested tensor) of one
+    device kind, none requiring grad (or grad mode off), no dispatch or torch-function
+    mode, no profiler (a redispatch records no op event), outside torch.compile and
+    torch.jit tracing and functorch transforms. Only for ops that mutate nothing (a
+    mutated argument's version bump lives in the Autograd kernel skipped).
     """
-    # Spelled out for two tensors: a generator over *args would cost a third of the saving.
-    if _compiling() or _functorch_active() or type(a) is not Tensor or (b is not None and type(b) is not Tensor):
-        return False
-    return not _grad_enabled() or not (a.requires_grad or (b is not None and b.requires_grad))
+    # Spelled out for two tensors, and cheapest tests first: every 30 ns is 3% of a call.
+    if _compiling() or _functorch_active() or _dispatch_modes() or _function_modes() or _profiling() or _jit_tracing():
+        return None
+    if type(a) is not Tensor or a.layout is not _strided or a.is_nested:
+        return None
+    if b is not None and (type(b) is not Tensor or b.layout is not _strided or b.is_nested):
+        return None
+    if _grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad)):
+        return None
+    keys = _device_keys(a)
+    return keys if b is None or _device_keys(b) is keys else None
+
+
+def straight_to_kernel(op: torch._ops.OpOverload):
+    """``op``'s call at a given key set, for the keys :func:`kernel_keys` returns."""
+    return op._handle.redispatch_boxed
 
 
 # ---------------------------------------------------------------- argument checks
@@ -266,6 +304,7 @@ def _fake_quantize_backward(ctx, grad: Tensor):
 
 
 torch.library.register_autograd("qkit::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
+_fake_quantize_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize.default)
 
 
 def fake_quantize(
@@ -297,9 +336,9 @@ def fake_quantize(
         passes the gradient straight through (not with ``out=``, which has no gradient).
     """
     if out is None:
-        if can_skip_autograd(input):
-            with _below_autograd():
-                return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
+        keys = kernel_keys(input)
+        if keys is not None:
+            return _fake_quantize_kernel(keys, input, groups, bits, symmetric, stochastic)
         return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
     torch.ops.qkit.fake_quantize.out(input, groups, bits, symmetric, stochastic, out=out)
     return out
@@ -413,6 +452,8 @@ register_autograd_rules("quantize.out", mutates=("q", "params"), hint=OUT_HAS_NO
 _DEQUANTIZE_HINT = "detach `params`, or train with qkit.fake_quantize (straight-through)"
 register_autograd_rules("dequantize", no_grad_for=("params",), hint=_DEQUANTIZE_HINT)
 register_autograd_rules("dequantize.out", mutates="out", no_grad_for=("params",), hint=_DEQUANTIZE_HINT)
+_quantize_kernel = straight_to_kernel(torch.ops.qkit.quantize.default)
+_dequantize_kernel = straight_to_kernel(torch.ops.qkit.dequantize.default)
 
 
 def quantize(
@@ -438,6 +479,9 @@ def quantize(
         ``params`` float32 ``[G, 1|2]``. No gradient flows through either.
     """
     if out is None:
+        keys = kernel_keys(input)
+        if keys is not None:
+            return _quantize_kernel(keys, input, groups, bits, symmetric)
         return torch.ops.qkit.quantize.default(input, groups, bits, symmetric)
     q, params = out
     torch.ops.qkit.quantize.out(input, groups, bits, symmetric, q=q, params=params)
@@ -473,9 +517,9 @@ def dequantize(
     if groups is None:
         groups = params.shape[0] if params.dim() > 0 else 1
     if out is None:
-        if can_skip_autograd(q, params):
-            with _below_autograd():
-                return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
+        keys = kernel_keys(q, params)
+        if keys is not None:
+            return _dequantize_kernel(keys, q, params, groups, bits, symmetric, dtype)
         return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
     if dtype is not None and dtype != out.dtype:
         raise QkitTypeError(
