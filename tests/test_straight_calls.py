@@ -36,12 +36,14 @@ class PassThroughFunctionMode(TorchFunctionMode):
 def straight_calls(monkeypatch) -> list[str]:
     """Counts the wrappers' straight calls, by op."""
     taken: list[str] = []
-    for name in ("_fake_quantize_kernel", "_quantize_kernel", "_dequantize_kernel"):
+    names = ("_fake_quantize", "_fake_quantize_out", "_fake_quantize_in_place", "_quantize", "_quantize_out")
+    for name in (*names, "_dequantize", "_dequantize_out"):
+        name += "_kernel"
         straight = getattr(qkit.ops, name)
 
-        def counted(*args, _straight=straight, _name=name):
+        def counted(*args, _straight=straight, _name=name, **kwargs):
             taken.append(_name.strip("_").removesuffix("_kernel"))
-            return _straight(*args)
+            return _straight(*args, **kwargs)
 
         monkeypatch.setattr(qkit.ops, name, counted)
     return taken
@@ -63,6 +65,54 @@ def test_plain_calls_go_straight_and_agree_with_the_op(device, straight_calls):
         assert_same(got, want)
     assert straight_calls == ["quantize", "fake_quantize", "dequantize"]
     assert qkit.ops.kernel_keys(x, x) is not None
+
+
+def test_writing_calls_go_straight_bump_versions_and_agree_with_the_op(device, straight_calls):
+    """out= and in-place calls: the op's bytes, and one version bump per written tensor as the
+    normal call gives, so autograd still catches a saved tensor overwritten."""
+    x = make_input((8, 40), torch.float16, seed=26).to(device)
+    q_want, p_want = ops.quantize(x, 8, 4, False)
+    fake_want = ops.fake_quantize(x, 8, 5, False, False)
+    deq_want = ops.dequantize(q_want, p_want, 8, 4, False, torch.float32)
+
+    out, q, p = torch.empty_like(x), torch.empty_like(q_want), torch.empty_like(p_want)
+    deq, in_place = torch.empty_like(deq_want), x.clone()
+    versions = [t._version for t in (out, q, p, deq, in_place)]
+    assert qkit.fake_quantize(x, groups=8, bits=5, symmetric=False, out=out) is out
+    assert qkit.quantize(x, 8, 4, symmetric=False, out=(q, p)) == (q, p)
+    assert qkit.dequantize(q, p, 8, 4, symmetric=False, out=deq) is deq
+    assert qkit.fake_quantize_(in_place, groups=8, bits=5, symmetric=False) is in_place
+    for got, want in zip((out, q, p, deq, in_place), (fake_want, q_want, p_want, deq_want, fake_want), strict=True):
+        assert_same(got, want)
+    assert straight_calls == ["fake_quantize_out", "quantize_out", "dequantize_out", "fake_quantize_in_place"]
+
+    normal = [t.clone() for t in (out, q, p, deq, in_place)]
+    normal_versions = [t._version for t in normal]
+    ops.fake_quantize.out(x, 8, 5, False, False, out=normal[0])
+    ops.quantize.out(x, 8, 4, False, q=normal[1], params=normal[2])
+    ops.dequantize.out(normal[1], normal[2], 8, 4, False, out=normal[3])
+    ops.fake_quantize_(normal[4], 8, 5, False, False)
+    bumps = [t._version - v for t, v in zip((out, q, p, deq, in_place), versions, strict=True)]
+    assert bumps == [t._version - v for t, v in zip(normal, normal_versions, strict=True)]
+    assert min(bumps) >= 1
+
+    w = torch.ones_like(out, requires_grad=True)
+    loss = (w * out).sum()  # saves out for the gradient of w
+    qkit.fake_quantize(x, groups=8, bits=5, out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_writes_into_tensors_that_require_grad_are_refused_on_the_normal_call(device, straight_calls):
+    x = make_input((8, 40), torch.float32, seed=27).to(device)
+    with pytest.raises(RuntimeError, match=r"`out` requires grad"):
+        qkit.fake_quantize(x, groups=8, bits=5, out=torch.empty_like(x, requires_grad=True))
+    with pytest.raises(RuntimeError, match=r"`input` requires grad"):
+        qkit.fake_quantize_(x.clone().requires_grad_(True), groups=8, bits=5)
+    weight = x.clone().requires_grad_(True)
+    with torch.no_grad():  # the optimizer's way: allowed, straight
+        assert_same(qkit.fake_quantize_(weight, groups=8, bits=5), ops.fake_quantize(x, 8, 5, True, False))
+    assert straight_calls == ["fake_quantize_in_place"]
 
 
 def test_view_bits_are_resolved_on_the_straight_call(device, straight_calls):

@@ -120,9 +120,13 @@ def _device_keys(t: Tensor) -> KernelKeys | None:
     return _CPU_KEYS if t.is_cpu else _CUDA_KEYS if t.is_cuda else None
 
 
-def kernel_keys(a: Tensor, b: Tensor | None = None) -> KernelKeys | None:
+def _plain(t: Tensor) -> bool:
+    return type(t) is Tensor and t.layout is _strided and not t.is_nested
+
+
+def kernel_keys(a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> KernelKeys | None:
     """The key set that reaches qkit's own CPU or CUDA kernel, when a call on ``a`` (and
-    ``b``) may go straight there; ``None`` when the op must be called the normal way.
+    ``b``, ``c``) may go straight there; ``None`` when the op must be called the normal way.
 
     Straight means ``op._handle.redispatch_boxed(keys, ...)``: no Python autograd kernel,
     no dispatch-key computation from the arguments, no torch-function handling; about
@@ -130,20 +134,26 @@ def kernel_keys(a: Tensor, b: Tensor | None = None) -> KernelKeys | None:
     strided plain Tensors (no subclass, FakeTensor, proxy, sparse or nested tensor) of one
     device kind, none requiring grad (or grad mode off), no dispatch or torch-function
     mode, no profiler (a redispatch records no op event), outside torch.compile and
-    torch.jit tracing and functorch transforms. Only for ops that mutate nothing (a
-    mutated argument's version bump lives in the Autograd kernel skipped).
+    torch.jit tracing and functorch transforms. After a straight call to an op that
+    writes into an argument, the caller bumps that argument's version (:func:`bump`), as
+    the skipped Autograd kernel would have.
     """
-    # Spelled out for two tensors, and cheapest tests first: every 30 ns is 3% of a call.
+    # Spelled out for three tensors, cheapest tests first: every 30 ns is 1% of a call.
     if _compiling() or _functorch_active() or _dispatch_modes() or _function_modes() or _profiling() or _jit_tracing():
         return None
-    if type(a) is not Tensor or a.layout is not _strided or a.is_nested:
+    if not (_plain(a) and (b is None or _plain(b)) and (c is None or _plain(c))):
         return None
-    if b is not None and (type(b) is not Tensor or b.layout is not _strided or b.is_nested):
-        return None
-    if _grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad)):
+    wants_grad = a.requires_grad or (b is not None and b.requires_grad) or (c is not None and c.requires_grad)
+    if wants_grad and _grad_enabled():
         return None
     keys = _device_keys(a)
-    return keys if b is None or _device_keys(b) is keys else None
+    if (b is not None and _device_keys(b) is not keys) or (c is not None and _device_keys(c) is not keys):
+        return None
+    return keys
+
+
+#: Marks tensors written in place (a tuple of them) for autograd's saved-tensor check.
+bump = torch.autograd.graph.increment_version
 
 
 def straight_to_kernel(op: torch._ops.OpOverload):
@@ -305,6 +315,8 @@ def _fake_quantize_backward(ctx, grad: Tensor):
 
 torch.library.register_autograd("qkit::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
 _fake_quantize_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize.default)
+_fake_quantize_out_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize.out)
+_fake_quantize_in_place_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize_.default)
 
 
 def fake_quantize(
@@ -340,6 +352,11 @@ def fake_quantize(
         if keys is not None:
             return _fake_quantize_kernel(keys, input, groups, bits, symmetric, stochastic)
         return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic)
+    keys = kernel_keys(input, out)
+    if keys is not None:
+        _fake_quantize_out_kernel(keys, input, groups, bits, symmetric, stochastic, out=out)
+        bump(out)
+        return out
     torch.ops.qkit.fake_quantize.out(input, groups, bits, symmetric, stochastic, out=out)
     return out
 
@@ -352,6 +369,11 @@ def fake_quantize_(
     No gradient: a tensor that requires grad is refused unless grad mode is off
     (``torch.no_grad()``, or ``param.data`` as optimizers and MoQ use it).
     """
+    keys = kernel_keys(input)
+    if keys is not None:
+        _fake_quantize_in_place_kernel(keys, input, groups, bits, symmetric, stochastic)
+        bump(input)
+        return input
     torch.ops.qkit.fake_quantize_.default(input, groups, bits, symmetric, stochastic)
     return input
 
@@ -454,6 +476,8 @@ register_autograd_rules("dequantize", no_grad_for=("params",), hint=_DEQUANTIZE_
 register_autograd_rules("dequantize.out", mutates="out", no_grad_for=("params",), hint=_DEQUANTIZE_HINT)
 _quantize_kernel = straight_to_kernel(torch.ops.qkit.quantize.default)
 _dequantize_kernel = straight_to_kernel(torch.ops.qkit.dequantize.default)
+_quantize_out_kernel = straight_to_kernel(torch.ops.qkit.quantize.out)
+_dequantize_out_kernel = straight_to_kernel(torch.ops.qkit.dequantize.out)
 
 
 def quantize(
@@ -484,6 +508,11 @@ def quantize(
             return _quantize_kernel(keys, input, groups, bits, symmetric)
         return torch.ops.qkit.quantize.default(input, groups, bits, symmetric)
     q, params = out
+    keys = kernel_keys(input, q, params)
+    if keys is not None:
+        _quantize_out_kernel(keys, input, groups, bits, symmetric, q=q, params=params)
+        bump(out)
+        return q, params
     torch.ops.qkit.quantize.out(input, groups, bits, symmetric, q=q, params=params)
     return q, params
 
@@ -525,5 +554,10 @@ def dequantize(
         raise QkitTypeError(
             f"qkit.dequantize: `dtype` ({_dtype_name(dtype)}) and `out` ({_dtype_name(out.dtype)}) disagree"
         )
+    keys = kernel_keys(q, params, out)
+    if keys is not None:
+        _dequantize_out_kernel(keys, q, params, groups, bits, symmetric, out=out)
+        bump(out)
+        return out
     torch.ops.qkit.dequantize.out(q, params, groups, bits, symmetric, out=out)
     return out
