@@ -152,7 +152,7 @@ def kernel_keys(a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> 
     return keys
 
 
-#: Marks tensors written in place (a tuple of them) for autograd's saved-tensor check.
+#: Marks a tensor (or each of several) as written in place, for autograd's saved-tensor check.
 bump = torch.autograd.graph.increment_version
 
 
