@@ -94,15 +94,18 @@ QKIT_HD float clamp_code(float v, float lo, float hi) {
   return v < hi ? v : hi;
 }
 
+// 1.5*2^23. For |v| <= 2^22, v + kRoundingMagic is v rounded to an integer r (ties to
+// even) plus the magic, and its bit pattern is 0x4B400000 + r: the low byte is r's.
+constexpr float kRoundingMagic = 12582912.0f;
+
 // Round to nearest, ties to even, for |v| <= 2^22.
 QKIT_HD float round_half_even(float v) {
 #if defined(__CUDA_ARCH__)
   return rintf(v);
 #else
-  // Adding and removing 1.5*2^23 makes the FPU do the rounding; plain x86-64 has
+  // Adding and removing the magic makes the FPU do the rounding; plain x86-64 has
   // no rounding instruction, and this keeps the CPU loops vectorisable.
-  const float magic = 12582912.0f;
-  return (v + magic) - magic;
+  return (v + kRoundingMagic) - kRoundingMagic;
 #endif
 }
 

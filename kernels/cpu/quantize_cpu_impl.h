@@ -261,8 +261,22 @@ void emit_codes(const float* v, int64_t n, int64_t first, const QuantParams p, c
   }
 }
 
+// quantize_nearest's code as an int8, read from the low byte of the rounding sum's bits
+// (see kRoundingMagic): no subtract and no float->int conversion per element.
+inline int8_t nearest_code_byte(float x, const QuantParams& p, float qmin, float qmax) {
+  const float sum = clamp_code((x - p.offset) * p.scale, qmin, qmax) + kRoundingMagic;
+  uint32_t bits;
+  std::memcpy(&bits, &sum, sizeof bits);
+  return static_cast<int8_t>(bits & 0xFFu);
+}
+
 // The int8 codes of v[0, n) into q (see emit_codes).
-void int_codes_of(const float* v, int64_t n, int64_t first, const QuantParams& p, const QuantJob& job, int8_t* q) {
+void int_codes_of(const float* v, int64_t n, int64_t first, const QuantParams p, const QuantJob& job, int8_t* q) {
+  if (job.seed == nullptr) {
+    const float qmin = code_min(job.bits), qmax = code_max(job.bits);
+    for (int64_t i = 0; i < n; ++i) q[i] = nearest_code_byte(v[i], p, qmin, qmax);
+    return;
+  }
   emit_codes(v, n, first, p, job, [q](int64_t i, float code) { q[i] = static_cast<int8_t>(static_cast<int>(code)); });
 }
 
