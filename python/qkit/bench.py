@@ -289,12 +289,14 @@ def run(
             for dtype in dtypes:
                 x = torch.randn(numel, device=device).to(dtype)
                 copy_into = torch.empty_like(x)
-                copy_s = time_seconds(lambda x=x, y=copy_into: y.copy_(x), repeat, device, warmup=warmup)
                 for spec in group_specs:
                     group_size = _group_size(spec, numel, row)
                     for op in ops:
                         dtype_name = str(dtype).removeprefix("torch.")
                         step(f"{op} {dtype_name} g={spec} n={numel} t={n_threads}")
+                        # The ceiling is re-read next to each case: on a shared machine it
+                        # drifts within a run, and a ratio should compare like moments.
+                        copy_s = time_seconds(lambda x=x, y=copy_into: y.copy_(x), repeat, device, warmup=warmup)
                         rows.append(
                             _time_case(op, x, group_size, spec, libs, copy_s, n_threads, repeat, device, warmup)
                         )
