@@ -123,6 +123,33 @@ def ref_fake_quantize(x: Tensor, groups: int, bits: int, symmetric: bool = True)
     return dequant_codes(codes, step, offset, x.dtype).reshape(x.shape)
 
 
+def ref_philox_uniforms(seed: int, numel: int) -> Tensor:
+    """The stochastic-rounding uniforms of elements ``[0, numel)``, fp32: Philox 4x32-10
+    (Salmon et al., SC'11) keyed by ``seed``, counter = element // 4, output word element % 4,
+    24 bits each. Python integers, one block at a time: slow, and obviously so."""
+    mask = 0xFFFFFFFF
+    out = []
+    for block in range((numel + 3) // 4):
+        x, y, z, w = block & mask, (block >> 32) & mask, 0, 0
+        k0, k1 = seed & mask, (seed >> 32) & mask
+        for _ in range(10):
+            p0, p1 = 0xD2511F53 * x, 0xCD9E8D57 * z
+            x, y, z, w = (p1 >> 32) ^ y ^ k0, p1 & mask, (p0 >> 32) ^ w ^ k1, p0 & mask
+            k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+        out += [(word >> 8) / 16777216.0 for word in (x, y, z, w)]
+    return torch.tensor(out[:numel], dtype=torch.float32)
+
+
+def ref_stochastic_fake_quantize(x: Tensor, groups: int, bits: int, symmetric: bool, seed: int) -> Tensor:
+    """Stochastic fake quantization: code ``floor(clamp((x - offset) * scale + u))`` with u from
+    :func:`ref_philox_uniforms`, each step one fp32 op, then dequantized as for nearest."""
+    scale, step, offset = ref_params(x, groups, bits, symmetric)
+    u = ref_philox_uniforms(seed, x.numel()).reshape(groups, -1)
+    qmin, qmax = code_range(bits)
+    codes = torch.floor(torch.clamp((_groups_of(x, groups) - offset) * scale + u, qmin, qmax))
+    return dequant_codes(codes, step, offset, x.dtype).reshape(x.shape)
+
+
 # ---------------------------------------------------------------- ZeRO++ ops (OPS.md §3)
 #
 # Built on ref_quantize / ref_dequantize: the swizzle is a permutation of plain

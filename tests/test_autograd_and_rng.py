@@ -9,7 +9,7 @@ import torch
 
 import qkit
 from helpers import FLOAT_DTYPES, assert_same, make_input
-from reference import code_range, dequant_codes, ref_params
+from reference import code_range, dequant_codes, ref_params, ref_stochastic_fake_quantize
 
 ops = torch.ops.qkit
 DTYPE = pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -79,6 +79,24 @@ def neighbours(x: torch.Tensor, groups: int, bits: int, symmetric: bool):
         dequant_codes(lo, step, offset, x.dtype).reshape(-1),
         dequant_codes(hi, step, offset, x.dtype).reshape(-1),
     )
+
+
+@pytest.mark.parametrize(
+    ("numel", "groups"),
+    [(3073, 7), (3073, 1), (4096, 64), (70001, 1)],
+    ids=["odd-groups", "tiles", "blocks", "chunked"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stochastic_codes_follow_the_philox_stream(device, numel, groups, dtype):
+    """Bit for bit the reference: element e rounds with word e % 4 of Philox block e // 4,
+    keyed by the int64 the op draws from torch's generator, whatever the group layout and
+    the kernel's tiling (groups misaligned to blocks of four, tiles, chunks of a huge group)."""
+    x = make_input((numel,), dtype, seed=31).to(device)
+    torch.manual_seed(1234)
+    seed = torch.empty(1, dtype=torch.int64, device=device).random_().item()
+    torch.manual_seed(1234)
+    got = qkit.fake_quantize(x, groups=groups, bits=4, symmetric=False, stochastic=True)
+    assert_same(got, ref_stochastic_fake_quantize(x, groups, 4, False, seed))
 
 
 def assert_unbiased(out: torch.Tensor, x: torch.Tensor, groups: int, bits: int, symmetric: bool, mask=None):

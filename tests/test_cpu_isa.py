@@ -37,6 +37,7 @@ ISAS = {
 SCRIPT = r"""
 import torch, qkit
 from reference import codes_of_storage, ref_dequantize, ref_fake_quantize, ref_finite_mask, ref_quantize
+from reference import ref_stochastic_fake_quantize
 from helpers import assert_same
 gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -56,6 +57,12 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 assert_same(p, rp, "params")
                 want = ref_dequantize(q, rp, groups, bits, sym, dtype)
                 assert_same(qkit.dequantize(q, p, groups, bits, sym, dtype), want, "dequant")
+            if numel < 10_000:  # the reference Philox is plain Python
+                torch.manual_seed(7)
+                seed = torch.empty(1, dtype=torch.int64).random_().item()
+                torch.manual_seed(7)
+                got = qkit.fake_quantize(x, groups, 5, sym, stochastic=True)
+                assert_same(got, ref_stochastic_fake_quantize(x, groups, 5, sym, seed), "stochastic")
 print("ok")
 """
 

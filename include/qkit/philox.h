@@ -24,22 +24,39 @@ QKIT_HD uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t& hi) {
 #endif
 }
 
-QKIT_HD Uint4 philox4x32_10(Uint4 ctr, uint32_t k0, uint32_t k1) {
+constexpr int kPhiloxRounds = 10;
+
+// One Philox round on the counter (x, y, z, w) under key (k0, k1). Lanes of separate
+// counters are independent, so a loop of rounds over arrays of counters vectorises.
+QKIT_HD void philox_round(uint32_t& x, uint32_t& y, uint32_t& z, uint32_t& w, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
-  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo(kMul0, ctr.x, hi0);
-    const uint32_t lo1 = mulhilo(kMul1, ctr.z, hi1);
-    ctr = Uint4{hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0};
-    k0 += kWeyl0;
-    k1 += kWeyl1;
+  uint32_t hi0, hi1;
+  const uint32_t lo0 = mulhilo(kMul0, x, hi0);
+  const uint32_t lo1 = mulhilo(kMul1, z, hi1);
+  x = hi1 ^ y ^ k0;
+  y = lo1;
+  z = hi0 ^ w ^ k1;
+  w = lo0;
+}
+
+// The key schedule between rounds.
+QKIT_HD void philox_next_key(uint32_t& k0, uint32_t& k1) {
+  k0 += 0x9E3779B9u;
+  k1 += 0xBB67AE85u;
+}
+
+QKIT_HD Uint4 philox4x32_10(Uint4 ctr, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    philox_round(ctr.x, ctr.y, ctr.z, ctr.w, k0, k1);
+    philox_next_key(k0, k1);
   }
   return ctr;
 }
 
+// A uniform in [0, 1) from 24 random bits: exact in fp32 and strictly below 1.
+QKIT_HD float uniform_of(uint32_t r) { return static_cast<float>(r >> 8) * (1.0f / 16777216.0f); }
+
 // Four uniforms in [0, 1) for elements 4*block .. 4*block+3 of the stream `seed`.
-// 24 random bits each, so every value is exact in fp32 and strictly below 1.
 struct Uniform4 {
   float v[4];
 };
@@ -48,9 +65,7 @@ QKIT_HD Uniform4 uniforms_for_block(uint64_t seed, uint64_t block) {
   const Uint4 r = philox4x32_10(
       Uint4{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), 0u, 0u},
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  constexpr float kInv24 = 1.0f / 16777216.0f;
-  return Uniform4{{static_cast<float>(r.x >> 8) * kInv24, static_cast<float>(r.y >> 8) * kInv24,
-                   static_cast<float>(r.z >> 8) * kInv24, static_cast<float>(r.w >> 8) * kInv24}};
+  return Uniform4{{uniform_of(r.x), uniform_of(r.y), uniform_of(r.z), uniform_of(r.w)}};
 }
 
 }  // namespace qkit
