@@ -56,11 +56,6 @@ class Shape {
   static constexpr size_t kInlineDims = 8;
   Shape(std::initializer_list<int64_t> dims) { assign(dims.begin(), dims.size()); }
   explicit Shape(torch::headeronly::IntHeaderOnlyArrayRef dims) { assign(dims.data(), dims.size()); }
-  Shape(const Shape& other) { assign(other.data(), other.size()); }
-  Shape& operator=(const Shape& other) {
-    if (this != &other) assign(other.data(), other.size());
-    return *this;
-  }
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
   const int64_t* data() const { return heap_.empty() ? inline_ : heap_.data(); }
@@ -72,13 +67,11 @@ class Shape {
   int64_t& back() { return data()[size_ - 1]; }
 
  private:
+  // Only constructors call this; the default copy keeps both stores consistent.
   void assign(const int64_t* dims, size_t n) {
     size_ = n;
     if (n > kInlineDims) heap_.assign(dims, dims + n);
-    else {
-      heap_.clear();
-      std::copy(dims, dims + n, inline_);
-    }
+    else std::copy(dims, dims + n, inline_);
   }
   size_t size_ = 0;
   int64_t inline_[kInlineDims] = {};

@@ -114,9 +114,14 @@ QKIT_HD float round_down(float v) {
   return r > v ? r - 1.0f : r;
 }
 
+// x scaled into code units and clamped to [qmin, qmax]: what nearest rounding rounds.
+QKIT_HD float clamped_code_value(float x, const QuantParams& p, float qmin, float qmax) {
+  return clamp_code((x - p.offset) * p.scale, qmin, qmax);
+}
+
 // The integer code of x in [code_min, code_max], as a float (exact).
 QKIT_HD float quantize_nearest(float x, const QuantParams& p, float qmin, float qmax) {
-  return round_half_even(clamp_code((x - p.offset) * p.scale, qmin, qmax));
+  return round_half_even(clamped_code_value(x, p, qmin, qmax));
 }
 
 // Stochastic rounding floor(v + u), u in [0, 1): unbiased inside the range.

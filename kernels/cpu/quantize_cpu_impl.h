@@ -274,7 +274,7 @@ const float* uniforms_for(uint64_t seed, int64_t first, int64_t n, float (&buf)[
 // Calls put(i, code) with the integer code (as a float) of each fp32 value v[i],
 // i < n; v[0, n) are elements [first, first + n) of the tensor (the index keys
 // the stochastic draws). `put` is inlined into each loop, so the codes never go
-// through memory and nearest rounding vectorises (convert-and-narrow for int8).
+// through memory and the loops vectorise. (Nearest int8 codes skip this: int_codes_of.)
 // p and put are taken by value: through a reference, an int8 store may alias them
 // (char aliasing), so the params and put's captured pointer would be reloaded per
 // element and the loop would not vectorise (6x slower).
@@ -297,7 +297,7 @@ void emit_codes(const float* v, int64_t n, int64_t first, const QuantParams p, c
 // quantize_nearest's code as an int8, read from the low byte of the rounding sum's bits
 // (see kRoundingMagic): no subtract and no float->int conversion per element.
 inline int8_t nearest_code_byte(float x, const QuantParams& p, float qmin, float qmax) {
-  const float sum = clamp_code((x - p.offset) * p.scale, qmin, qmax) + kRoundingMagic;
+  const float sum = clamped_code_value(x, p, qmin, qmax) + kRoundingMagic;
   uint32_t bits;
   std::memcpy(&bits, &sum, sizeof bits);
   return static_cast<int8_t>(bits & 0xFFu);
