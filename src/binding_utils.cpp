@@ -180,6 +180,15 @@ Tensor draw_seed(const Tensor& like) {
   return seed;
 }
 
+#ifdef QKIT_EMULATED_CUDA
+namespace {
+thread_local std::vector<Tensor> kept_scratch;
+}  // namespace
+
+void keep_until_synchronized(const Tensor& scratch) { kept_scratch.push_back(scratch); }
+void release_kept() { kept_scratch.clear(); }
+#endif
+
 #ifdef QKIT_WITH_CUDA
 // The C shim that knows the current stream lives in torch's GPU library, which a
 // CPU-only torch does not ship. Resolving it at first use (instead of linking

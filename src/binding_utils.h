@@ -89,10 +89,40 @@ Tensor draw_seed(const Tensor& like);
 void* current_cuda_stream(int32_t device_index);
 #endif
 
+// The launchers' scratch is freed as soon as they return, before the kernels ran:
+// on a GPU, torch's caching allocator orders its reuse on the stream. Host memory
+// has no such order, so the emulated-CUDA build holds scratch until on_device has
+// waited for the kernels; elsewhere this does nothing.
+#ifdef QKIT_EMULATED_CUDA
+void keep_until_synchronized(const Tensor& scratch);
+void release_kept();
+#else
+inline void keep_until_synchronized(const Tensor&) {}
+#endif
+
+#ifdef QKIT_EMULATED_CUDA
+}  // namespace qkit::binding
+namespace qkit::cuda {
+// Test-only build (tests/emulated/): waits for the emulated device, nullptr or the error's text.
+const char* emulated_synchronize();
+}  // namespace qkit::cuda
+namespace qkit::binding {
+#endif
+
 // Runs `cpu()` for CPU tensors, or `cuda(stream)` (returning the launcher's
 // status) on `like`'s device and current stream for CUDA tensors.
+// The emulated-CUDA test build runs the CUDA launchers on CPU tensors instead
+// (HIP-CPU: host memory, default stream), then waits for them.
 template <typename Cpu, typename Cuda>
 void on_device(const Tensor& like, const char* op, const Cpu& cpu, const Cuda& cuda) {
+#if defined(QKIT_EMULATED_CUDA)
+  (void)cpu;
+  QKIT_CHECK(!like.is_cuda(), op, "the emulated-CUDA build takes CPU tensors");
+  const char* status = cuda(nullptr);
+  if (status == nullptr) status = cuda::emulated_synchronize();
+  release_kept();
+  QKIT_CHECK(status == nullptr, op, "emulated CUDA launch failed: ", status == nullptr ? "" : status);
+#else
   if (!like.is_cuda()) {
     cpu();
     return;
@@ -105,7 +135,23 @@ void on_device(const Tensor& like, const char* op, const Cpu& cpu, const Cuda& c
   (void)cuda;
   fail(op, "this qkit was built without CUDA kernels");
 #endif
+#endif
 }
+
+// Registers `fn`'s kernels for the op library's devices: CPU, and CUDA in CUDA
+// builds; the emulated-CUDA test build registers them as CPU kernels of its own
+// namespace, qkit_emu, so both builds can live in one process.
+#if defined(QKIT_EMULATED_CUDA)
+#define QKIT_REGISTER_KERNELS(fn) \
+  STABLE_TORCH_LIBRARY_IMPL(qkit_emu, CPU, m) { fn(m); }
+#elif defined(QKIT_WITH_CUDA)
+#define QKIT_REGISTER_KERNELS(fn)                      \
+  STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) { fn(m); } \
+  STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) { fn(m); }
+#else
+#define QKIT_REGISTER_KERNELS(fn) \
+  STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) { fn(m); }
+#endif
 
 // Launchers of the CUDA builds; in CPU-only builds these names are never called.
 #ifdef QKIT_WITH_CUDA

@@ -12,7 +12,9 @@ namespace qkit::binding {
 
 Tensor workspace_for(const Tensor& like, const QuantJob& job) {
 #ifdef QKIT_WITH_CUDA
-  return scratch_bytes(like, static_cast<int64_t>(cuda::workspace_bytes(job)));
+  Tensor workspace = scratch_bytes(like, static_cast<int64_t>(cuda::workspace_bytes(job)));
+  keep_until_synchronized(workspace);
+  return workspace;
 #else
   (void)job;
   return scratch_bytes(like, 0);
@@ -242,10 +244,7 @@ void register_kernels(torch::stable::detail::StableLibrary& m) {
 
 }  // namespace
 
-// One kernel per op serves both devices (it dispatches on the input's device).
-STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) { register_kernels(m); }
-#ifdef QKIT_WITH_CUDA
-STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) { register_kernels(m); }
-#endif
+// One kernel per op serves every device (it dispatches on the input's device).
+QKIT_REGISTER_KERNELS(register_kernels)
 
 }  // namespace qkit::binding

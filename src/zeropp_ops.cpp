@@ -301,9 +301,7 @@ void register_kernels(torch::stable::detail::StableLibrary& m) {
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(qkit, CPU, m) { register_kernels(m); }
-#ifdef QKIT_WITH_CUDA
-STABLE_TORCH_LIBRARY_IMPL(qkit, CUDA, m) { register_kernels(m); }
-#endif
+// One kernel per op serves every device (it dispatches on the input's device).
+QKIT_REGISTER_KERNELS(register_kernels)
 
 }  // namespace qkit::binding
