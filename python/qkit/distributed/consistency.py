@@ -85,6 +85,7 @@ def _device(group: Any, device: torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
+# deviation: collective-validation (DeepSpeed checked nothing)
 def ensure_consistent(
     fn: str,
     fields: Mapping[str, object],

@@ -32,6 +32,7 @@ def require_initialized(fn: str) -> None:
         )
 
 
+# deviation: qgz-hierarchical-groups
 def hierarchical_groups(local_world_size: int | None = None, *, validate: Validate = "once") -> dict[str, Any]:
     """Create the intra-node groups ``local_{n}`` and the cross-node groups ``global_{d}``.
 

@@ -78,6 +78,7 @@ class LocoReducer:
         else:
             self._state.pop(param, None)
 
+    # deviation: loco-per-parameter-reset, loco-buffer-precision (own counter; buffers in the grad's dtype)
     def _prepare(self, param: Tensor, grad: Tensor, topo: Topology, reset_T: int) -> LocoState:
         key = (tuple(grad.shape), grad.dtype, grad.device, topo.world, topo.local)
         st = self._state.get(param)
@@ -138,6 +139,7 @@ class LocoReducer:
         def stage1(topo: Topology) -> Stage:
             def f(i: int, t: Tensor, g: int) -> tuple[Tensor, Tensor]:
                 st = state_of(i, topo)
+                # deviation: loco-fp32-update (the ops compute in fp32 and round e once)
                 return loco_swizzle_quantize(t, st.intra, beta, g, 4, True, 1, topo.nodes, topo.local)
 
             return f

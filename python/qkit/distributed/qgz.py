@@ -46,6 +46,7 @@ def _as_bytes(codes: Tensor, params: Tensor, peers: int) -> tuple[Tensor, Tensor
     return codes.reshape(peers, -1), params.contiguous().view(torch.int8).reshape(peers, -1)
 
 
+# deviation: qgz-coalesced (one all_to_all for every tensor's codes and params)
 def _exchange(blocks: list[tuple[Tensor, Tensor]], peers: int, group: Any) -> list[tuple[Tensor, Tensor]]:
     """One ``all_to_all`` of every tensor's (codes, params) blocks; returns the received
     blocks, each ``[peers, ·]`` with row ``k`` from peer ``k``."""
@@ -92,10 +93,12 @@ def reduce(
     for (codes, raw), t, p in zip(_exchange(second, n_nodes, topo.global_group), tensors, plans, strict=True):
         g = p.groups // local
         values = ops.dequantize(codes.reshape(-1), _params_of(raw, g), g, 4, True, torch.float32)
+        # deviation: qgz-mean (DeepSpeed divided by N here, returning L x the mean)
         out.append(values.view(n_nodes, p.numel // world).sum(dim=0).div_(world).to(t.dtype))
     return out
 
 
+# deviation: qgz-hierarchical-groups
 def _topology(groups: dict[str, Any], fn: str, plans: Sequence[QgzPlan], tensors: Sequence[Tensor]) -> Topology | None:
     """The hierarchy from ``groups``, or ``None`` for ``groups={}`` when no tensor needs it (the
     fallback runs on the world group alone, as DeepSpeed's did)."""

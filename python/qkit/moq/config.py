@@ -465,6 +465,7 @@ _QT_DEFAULTS = {
 # ... and for `compression_training.weight_quantization`.
 _WQ_DEFAULTS = {"schedule_offset": 0, "quantize_groups": 1, "quantization_period": 1, "quantize_change_ratio": 0.001}
 
+# deviation: moq-config-strict (DeepSpeed read every key with .get and a default)
 _MISSING_ENABLED = "is missing; DeepSpeed treated that as disabled and trained unquantized - set it explicitly"
 
 
