@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 # torch is a build and run requirement; a CPU wheel is enough to build the CUDA kernels.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q ninja "setuptools>=77" wheel build "pytest>=8" "hypothesis>=6" numpy ruff
+# qkit's one runtime dependency besides torch (the editable install below is --no-deps).
+"$PY" -m pip install -q "hjson>=3.1"
 # Optional integrations the test suite covers: torchao for qkit.pt2e (--no-deps:
 # it declares no requirements, and must never replace the torch above).
 "$PY" -m pip install -q --no-deps "torchao==0.18.0"

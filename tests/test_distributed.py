@@ -204,6 +204,121 @@ def _check_errors(rank: int, groups: dict, local: int) -> dict:
     return {"errors": errs, "validated": ok}
 
 
+def _check_empty_groups(rank: int, groups: dict) -> dict:
+    """groups={} when every tensor takes the fallback (DeepSpeed's own test passes {}): the world
+    group is all it needs. A tensor on the 4-bit path still needs the groups (issue 16, item 7)."""
+    tensors = [
+        grad((48,), torch.float32, rank, 0, 600),
+        grad((5, 6), torch.float32, rank, 0, 601),
+        grad((4, 8), torch.float64, rank, 0, 602),
+    ]
+    try:
+        all_to_all_quant_reduce([torch.zeros(16, 24), tensors[0]], {})
+    except ValueError as e:
+        needs_groups = str(e)
+    else:
+        needs_groups = "no error"
+    return {
+        "empty": all_to_all_quant_reduce(tensors, {}),
+        "loco_empty": all_to_all_loco_quant_reduce([_with_grad(t) for t in tensors[:2]], {}),
+        "with_groups": all_to_all_quant_reduce(tensors, groups),
+        "needs_groups": needs_groups,
+    }
+
+
+def _with_grad(g: torch.Tensor) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(torch.zeros_like(g))
+    p.grad = g.clone()
+    return p
+
+
+# Calls where rank 0 differs from the others (issue 16, item 5), with the fields the error must
+# name. Before the default check, these hung, aborted a rank or returned garbage.
+MISMATCH_FIELDS = {
+    "qgz_shapes_same_numel": ["tensor shapes"],  # same byte counts: silently wrong before
+    "qgz_shapes": ["tensor shapes"],
+    "qgz_count": ["tensor count", "tensor shapes"],
+    "qgz_dtype": ["dtypes"],
+    "qgz_fallback_shapes": ["tensor shapes"],
+    "qgz_local_error": ["argument error", "dtypes"],  # TypeError on rank 0 only: the others must not wait
+    "loco_shapes": ["tensor shapes"],
+    "loco_err_beta": ["settings"],
+    "loco_no_grad": ["argument error"],
+    "qwz_groups": ["groups"],
+    "qwz_bits": ["bits"],
+    "qwz_shapes": ["shard shape"],
+    "qwz_empty_shard": ["shard shape"],
+    "qwz_local_error": ["argument error", "bits"],
+    "hierarchical_groups": ["local_world_size"],
+}
+
+
+def _check_mismatch(rank: int, groups: dict) -> dict:
+    """Every case of MISMATCH_FIELDS (rank 0 passes something else), the cache, and a matching call after."""
+    from qkit.distributed import consistency
+
+    first = rank == 0
+    world = torch.distributed.get_world_size()
+    res: dict[str, Any] = {}
+
+    def x(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return grad(shape, dtype, rank, 0, 500)
+
+    def param(shape: tuple[int, ...]) -> torch.nn.Parameter:
+        p = torch.nn.Parameter(torch.zeros(shape))
+        p.grad = x(shape)
+        return p
+
+    # Shapes no other check uses: a signature a rank has already checked skips the check by default.
+    cases = {
+        "qgz_shapes_same_numel": lambda: all_to_all_quant_reduce([x((16, 40) if first else (40, 16))], groups),
+        "qgz_shapes": lambda: all_to_all_quant_reduce([x((16, 40) if first else (8, 40))], groups),
+        "qgz_count": lambda: all_to_all_quant_reduce([x((8, 72))] * (2 if first else 1), groups),
+        "qgz_dtype": lambda: all_to_all_quant_reduce([x((8, 72), torch.float32 if first else torch.bfloat16)], groups),
+        "qgz_fallback_shapes": lambda: all_to_all_quant_reduce([x((7,) if first else (9,))], groups),
+        "qgz_local_error": lambda: all_to_all_quant_reduce([x((8, 72)).int() if first else x((8, 72))], groups),
+        "loco_shapes": lambda: LocoReducer()([param((8, 72) if first else (72, 8))], groups),
+        "loco_err_beta": lambda: LocoReducer(err_beta=0.8 if first else 0.5)([param((8, 72))], groups),
+        "loco_no_grad": lambda: LocoReducer()(
+            [torch.nn.Parameter(torch.zeros(8, 72)) if first else param((8, 72))], groups
+        ),
+        "qwz_groups": lambda: all_gather_quantized(x((4, 8)), groups=2 if first else 4),
+        "qwz_bits": lambda: all_gather_quantized(x((4, 8)), bits=8 if first else 4),
+        "qwz_shapes": lambda: all_gather_quantized(x((4, 8) if first else (2, 8))),
+        "qwz_empty_shard": lambda: all_gather_quantized(x((0, 8) if first else (2, 8))),
+        "qwz_local_error": lambda: all_gather_quantized(x((4, 8)), bits=3 if first else 8),
+        "hierarchical_groups": lambda: hierarchical_groups(1 if first else world),
+    }
+    assert list(cases) == list(MISMATCH_FIELDS)
+    for name, fn in cases.items():
+        try:
+            fn()
+        except ValueError as e:
+            res[name] = str(e)
+        except Exception as e:
+            res[name] = f"{type(e).__name__} instead of ValueError: {e}"
+        else:
+            res[name] = "no error"
+    # The cache: by default a signature is checked once; True checks every call; False never.
+    counts = []
+    a, b = x((8, 40)), x((8, 56))
+    for call in (
+        lambda: all_to_all_quant_reduce([a], groups),
+        lambda: all_to_all_quant_reduce([a], groups),
+        lambda: all_to_all_quant_reduce([a], groups, validate=True),
+        lambda: all_to_all_quant_reduce([b], groups, validate=False),
+        lambda: all_gather_quantized(a),
+        lambda: all_gather_quantized(a),
+    ):
+        before = consistency.stats["checks"]
+        call()
+        counts.append(consistency.stats["checks"] - before)
+    res["checks_per_call"] = counts
+    # After all of the above the process group is still in step: a matching call is right.
+    res["after"] = all_to_all_quant_reduce([grad((16, 24), torch.float32, rank, 0, 0)], groups)[0]
+    return res
+
+
 def worker(world: int, local: int, port: int, outdir: str, rank: int, only: tuple[str, ...] = ()) -> None:
     """One rank: every check (or those in ``only``), results to ``rank{r}.pt``."""
     torch.set_num_threads(1)
@@ -229,6 +344,8 @@ def worker(world: int, local: int, port: int, outdir: str, rank: int, only: tupl
             "loco": lambda: _check_loco(rank, groups),
             "qwz": lambda: _check_qwz(rank, groups),
             "errors": lambda: _check_errors(rank, groups, local),
+            "empty_groups": lambda: _check_empty_groups(rank, groups),
+            "mismatch": lambda: _check_mismatch(rank, groups),  # last: before the fix it broke the group
         }
         for name, fn in checks.items():
             if only and name not in only:
@@ -547,6 +664,51 @@ def test_errors_are_clear_and_on_every_rank(world: dict) -> None:
         assert "ranks passed different tensor shapes" in errs["validate"]
         assert "must be floating point" in errs["int_grad"]
         assert res["validated"][0].shape == (16 * 24 // w,)
+
+
+def test_empty_groups_when_every_tensor_falls_back(world: dict) -> None:
+    for rank, res in enumerate(_check(world, "empty_groups")):
+        for got, want in zip(res["empty"], res["with_groups"], strict=True):
+            assert torch.equal(got, want), rank
+        for got, want in zip(res["loco_empty"], res["with_groups"][:2], strict=True):
+            assert torch.equal(got, want), rank
+        msg = res["needs_groups"]
+        assert "`groups` is empty, but tensors[0] (shape (16, 24)" in msg and "hierarchical_groups" in msg, msg
+
+
+def test_mismatched_calls_raise_the_same_error_on_every_rank(world: dict) -> None:
+    _assert_mismatch(world)
+
+
+def _assert_mismatch(world: dict) -> None:
+    """Issue 16 item 5: ranks passing different calls all raise one ValueError naming the fields
+    and the ranks, by default; nothing hangs; the group stays usable; checks are cached."""
+    w, nodes, local = world["world"], world["nodes"], world["local"]
+    res = _check(world, "mismatch")
+    others = "rank 1" if w == 2 else f"ranks 1-{w - 1}"
+    for name, fields in MISMATCH_FIELDS.items():
+        msgs = [r[name] for r in res]
+        assert all(m == msgs[0] for m in msgs), (name, msgs)  # the same error on every rank
+        msg = msgs[0]
+        assert msg.startswith("qkit.distributed.") and "ranks passed different" in msg, (name, msg)
+        for field in fields:
+            assert f"{field}: rank 0 = " in msg and f", {others} = " in msg, (name, field, msg)
+        assert "validate=False" in msg, msg
+    assert "qkit.distributed.all_gather_quantized: ranks passed different groups" in res[0]["qwz_groups"]
+    assert "bits: rank 0 = 8, " + others + " = 4" in res[0]["qwz_bits"]
+    for r in range(w):
+        assert res[r]["checks_per_call"] == [1, 0, 1, 0, 1, 0], (r, res[r]["checks_per_call"])
+    plan = plan_qgz((16, 24), torch.float32, w)
+    sim = simulate_qgz([grad((16, 24), torch.float32, r, 0, 0) for r in range(w)], nodes, local, plan.groups)
+    for r in range(w):
+        assert torch.equal(res[r]["after"], sim[r]), r
+
+
+@pytest.mark.parametrize(("w", "local"), [(2, 2)], ids=["world2_1x2"])
+def test_mismatched_calls_world2(w: int, local: int, tmp_path: Path) -> None:
+    """The same at world 2 (one node of two ranks)."""
+    ranks = _spawn(w, local, tmp_path, only=("mismatch",))
+    _assert_mismatch({"world": w, "local": local, "nodes": w // local, "ranks": ranks})
 
 
 def test_timings(world: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,76 @@ def test_invalid_json(tmp_path: Path) -> None:
     path.write_text("{ not json")
     with pytest.raises(MoQConfigError, match="not valid JSON"):
         MoQConfig.from_deepspeed(path)
+
+
+# The MoQ tutorial's config as a file in DeepSpeed's syntax (hjson): comments and trailing
+# commas, which DeepSpeed accepted and strict JSON refuses (issue 16, item 7).
+TUTORIAL_HJSON = """\
+{
+  // MoQ tutorial: eigenvalue example
+  "optimizer": {"type": "AdamW", "params": {"lr": 2e-5}},
+  "fp16": {"enabled": true, "initial_scale_power": 16},
+  "quantize_training": {
+    "enabled": true,
+    "quantize_verbose": true,
+    "quantizer_kernel": true,
+    "quantize-algo": {"q_type": "asymmetric", "rounding": "stochastic"},
+    "quantize_bits": {"start_bits": 12, "target_bits": 8},
+    "quantize_schedule": {"quantize_period": 10, "schedule_offset": 5},
+    "quantize_groups": 8,
+    "fp16_mixed_quantize": {"enabled": true, "quantize_change_ratio": 0.01},
+    "eigenvalue": {
+      "enabled": true,
+      "verbose": true,
+      "max_iter": 50,
+      "tol": 1e-2,
+      "stability": 0,
+      "gas_boundary_resolution": 2,
+      "layer_name": "bert.encoder.layer",
+      "layer_num": 12,
+    },
+  },
+}
+"""
+
+
+def test_deepspeed_syntax_trailing_commas_and_comments(tmp_path: Path) -> None:
+    path = tmp_path / "ds_config.json"
+    path.write_text(TUTORIAL_HJSON)
+    assert MoQConfig.from_deepspeed(path) == MoQConfig.from_deepspeed(TUTORIAL)
+
+
+def test_deepspeed_syntax_keeps_the_strict_key_checks(tmp_path: Path) -> None:
+    misspelt = tmp_path / "misspelt.json"
+    misspelt.write_text(TUTORIAL_HJSON.replace('"quantize_groups": 8,', '"quantize_group": 8,'))
+    with pytest.raises(MoQConfigError) as info:
+        MoQConfig.from_deepspeed(misspelt)
+    assert info.value.key == "quantize_training.quantize_group", str(info.value)
+    # hjson reads a bare True as the string "True": still a type error naming the key.
+    capital = tmp_path / "capital.json"
+    capital.write_text(TUTORIAL_HJSON.replace('"quantize_verbose": true,', '"quantize_verbose": True\n'))
+    with pytest.raises(MoQConfigError) as info:
+        MoQConfig.from_deepspeed(capital)
+    assert info.value.key == "quantize_training.quantize_verbose", str(info.value)
+    # Duplicate keys: refused (as DeepSpeed does), instead of the last one silently winning.
+    dup = tmp_path / "dup.json"
+    dup.write_text(TUTORIAL_HJSON.replace('"quantize_groups": 8,', '"quantize_groups": 8, "quantize_groups": 4,'))
+    with pytest.raises(MoQConfigError, match="appears twice") as info:
+        MoQConfig.from_deepspeed(dup)
+    assert info.value.key == "quantize_groups"
+
+
+def test_without_hjson_plain_json_still_reads_and_the_error_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "hjson", None)  # as if installed with --no-deps
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(TUTORIAL))
+    assert MoQConfig.from_deepspeed(plain) == MoQConfig.from_deepspeed(TUTORIAL)
+    relaxed = tmp_path / "relaxed.json"
+    relaxed.write_text(TUTORIAL_HJSON)
+    with pytest.raises(MoQConfigError, match="pip install hjson"):
+        MoQConfig.from_deepspeed(relaxed)
 
 
 def test_other_enabled_techniques_warn() -> None:

@@ -29,6 +29,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
+# deviation: ops-defects, ops-ieee-math, ops-stochastic-rng (the module docstring and docs/deviations.md)
 from qkit import ops, zeropp_ops
 
 __all__ = [

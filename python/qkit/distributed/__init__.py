@@ -6,6 +6,9 @@
 - :func:`all_gather_quantized` — qwZ: all-gather of weight shards at 8 (or 4) bits;
 - :func:`wire_bytes` / :func:`count_wire_bytes` — bytes on the wire, predicted and counted.
 
+Every collective first checks, once per distinct call signature, that all ranks made the same
+call (``validate="once"``; see :mod:`qkit.distributed.consistency`).
+
 See ``docs/distributed.md`` for the algorithm, the output contract and the wire-byte table.
 """
 

@@ -32,6 +32,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# deviation: qgz-fallback-slices (summed in fp32, divided once, exact slices)
 def mean_reduce_scatter(tensors: Sequence[Tensor], world: int, rank: int, group: object = None) -> list[Tensor]:
     """Averaging reduce-scatter of each tensor over ``group`` (default: the world), coalesced:
     one collective for the float32-summed tensors, one for float64 ones.

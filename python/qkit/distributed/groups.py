@@ -16,13 +16,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Topology", "hierarchical_groups", "topology"]
+from qkit.distributed.consistency import Validate, check_validate, ensure_consistent
+
+__all__ = ["Topology", "hierarchical_groups", "require_initialized", "topology"]
 
 _LOCAL = re.compile(r"^local_(\d+)$")
 _GLOBAL = re.compile(r"^global_(\d+)$")
 
 
-def _require_initialized(fn: str) -> None:
+def require_initialized(fn: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"qkit.distributed.{fn}: torch.distributed is not initialized; call "
@@ -30,7 +32,8 @@ def _require_initialized(fn: str) -> None:
         )
 
 
-def hierarchical_groups(local_world_size: int | None = None) -> dict[str, Any]:
+# deviation: qgz-hierarchical-groups
+def hierarchical_groups(local_world_size: int | None = None, *, validate: Validate = "once") -> dict[str, Any]:
     """Create the intra-node groups ``local_{n}`` and the cross-node groups ``global_{d}``.
 
     Collective: every rank of the default process group must call it, with the same
@@ -40,6 +43,10 @@ def hierarchical_groups(local_world_size: int | None = None) -> dict[str, Any]:
     Args:
         local_world_size: ``L``, ranks per node. Defaults to ``torch.cuda.device_count()``
             on a machine with GPUs; on CPU it must be given.
+        validate: ``"once"`` (default) or ``True``: first check (one tiny all-gather, at every
+            call: it runs once per job anyway) that every rank resolved the same ``L``, raising the same
+            ``ValueError`` on every rank if not (ranks creating different groups would hang).
+            ``False``: no check, unsafe. See :mod:`qkit.distributed.consistency`.
 
     Returns:
         ``{"local_0": ProcessGroup, …, "global_0": ProcessGroup, …}`` — ``N + L`` entries
@@ -49,10 +56,32 @@ def hierarchical_groups(local_world_size: int | None = None) -> dict[str, Any]:
     Raises:
         RuntimeError: torch.distributed is not initialized.
         ValueError: ``local_world_size`` missing on CPU, not positive, or not dividing
-            the world size.
+            the world size; ranks passing different values.
     """
-    _require_initialized("hierarchical_groups")
+    fn = "hierarchical_groups"
+    check_validate(validate, fn)
+    require_initialized(fn)
     world = dist.get_world_size()
+    error: Exception | None = None
+    try:
+        local_world_size = _resolve_local(local_world_size, world)
+    except ValueError as exc:
+        error = exc
+    # Checked at every call, never from the cache: it runs once per job, and a rank that already
+    # made the same call must still meet a peer that passes another value.
+    ensure_consistent(fn, {"local_world_size": local_world_size}, validate=bool(validate), error=error)
+    assert local_world_size is not None  # _resolve_local returned
+    nodes = world // local_world_size
+    groups: dict[str, Any] = {}
+    for n in range(nodes):
+        groups[f"local_{n}"] = dist.new_group(ranks=list(range(n * local_world_size, (n + 1) * local_world_size)))
+    for d in range(local_world_size):
+        groups[f"global_{d}"] = dist.new_group(ranks=list(range(d, world, local_world_size)))
+    return groups
+
+
+def _resolve_local(local_world_size: int | None, world: int) -> int:
+    """``L`` as given, or the GPU count; checked against the world size."""
     if local_world_size is None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -71,13 +100,7 @@ def hierarchical_groups(local_world_size: int | None = None) -> dict[str, Any]:
             f"qkit.distributed.hierarchical_groups: the world size ({world}) must be a multiple of "
             f"local_world_size ({local_world_size}): every node needs the same number of ranks"
         )
-    nodes = world // local_world_size
-    groups: dict[str, Any] = {}
-    for n in range(nodes):
-        groups[f"local_{n}"] = dist.new_group(ranks=list(range(n * local_world_size, (n + 1) * local_world_size)))
-    for d in range(local_world_size):
-        groups[f"global_{d}"] = dist.new_group(ranks=list(range(d, world, local_world_size)))
-    return groups
+    return local_world_size
 
 
 @dataclass(frozen=True)
@@ -110,7 +133,7 @@ def topology(groups: dict[str, Any], fn: str = "topology") -> Topology:
         RuntimeError: torch.distributed is not initialized.
         ValueError: the dict does not describe the default world (``N * L != W``, missing keys).
     """
-    _require_initialized(fn)
+    require_initialized(fn)
     local_ids = sorted(int(m.group(1)) for k in groups if isinstance(k, str) and (m := _LOCAL.match(k)))
     global_ids = sorted(int(m.group(1)) for k in groups if isinstance(k, str) and (m := _GLOBAL.match(k)))
     nodes, local = len(local_ids), len(global_ids)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from qkit.distributed.consistency import Validate
 from qkit.distributed.groups import Topology
 from qkit.distributed.qgz import ReduceStage, Stage, run
 from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize
@@ -77,6 +78,7 @@ class LocoReducer:
         else:
             self._state.pop(param, None)
 
+    # deviation: loco-per-parameter-reset, loco-buffer-precision (own counter; buffers in the grad's dtype)
     def _prepare(self, param: Tensor, grad: Tensor, topo: Topology, reset_T: int) -> LocoState:
         key = (tuple(grad.shape), grad.dtype, grad.device, topo.world, topo.local)
         st = self._state.get(param)
@@ -101,23 +103,32 @@ class LocoReducer:
         *,
         err_beta: float | None = None,
         reset_T: int | None = None,
-        validate: bool = False,
+        validate: Validate = "once",
     ) -> list[Tensor]:
         """Reduce ``p.grad`` of every parameter (collective); returns what
         :func:`~qkit.distributed.all_to_all_quant_reduce` returns for the gradients.
 
         ``err_beta``/``reset_T`` (when not ``None``) override the reducer's for this call. Gradients that take
-        the fallback path carry no error state (their reduction is not quantized).
+        the fallback path carry no error state (their reduction is not quantized). ``validate`` as for
+        :func:`~qkit.distributed.all_to_all_quant_reduce`; ``err_beta`` and ``reset_T`` are part of the
+        checked signature, so ranks using different ones raise instead of mixing their errors.
         """
-        beta = self.err_beta if err_beta is None else float(err_beta)
+        beta = self.err_beta if err_beta is None else err_beta
         period = self.reset_T if reset_T is None else reset_T
-        _check_hyper(beta, period)
         params = list(params)
+        # Argument errors go through the cross-rank check (run raises them after it), so a rank
+        # with a bad argument fails together with its peers instead of leaving them waiting.
+        error: Exception | None = None
+        try:
+            _check_hyper(beta, period)
+        except (TypeError, ValueError) as exc:
+            error = exc
         grads = []
         for i, p in enumerate(params):
-            if p.grad is None:
-                raise ValueError(f"qkit.distributed.all_to_all_loco_quant_reduce: params[{i}] has no .grad")
-            grads.append(p.grad)
+            if p.grad is None and error is None:
+                error = ValueError(f"qkit.distributed.all_to_all_loco_quant_reduce: params[{i}] has no .grad")
+            grads.append(p if p.grad is None else p.grad)  # the parameter stands in for the fingerprint
+        beta = float(beta) if error is None else beta
         states: dict[int, LocoState] = {}
 
         def state_of(i: int, topo: Topology) -> LocoState:
@@ -128,6 +139,7 @@ class LocoReducer:
         def stage1(topo: Topology) -> Stage:
             def f(i: int, t: Tensor, g: int) -> tuple[Tensor, Tensor]:
                 st = state_of(i, topo)
+                # deviation: loco-fp32-update (the ops compute in fp32 and round e once)
                 return loco_swizzle_quantize(t, st.intra, beta, g, 4, True, 1, topo.nodes, topo.local)
 
             return f
@@ -139,7 +151,8 @@ class LocoReducer:
 
             return f
 
-        out, _ = run(grads, groups, "all_to_all_loco_quant_reduce", stage1, stage3, validate)
+        fn = "all_to_all_loco_quant_reduce"
+        out, _ = run(grads, groups, fn, stage1, stage3, validate, settings=(beta, period), error=error)
         for st in states.values():
             st.steps += 1
         return out
@@ -162,7 +175,7 @@ def all_to_all_loco_quant_reduce(
     reset_T: int | None = None,
     *,
     reducer: LocoReducer | None = None,
-    validate: bool = False,
+    validate: Validate = "once",
 ) -> list[Tensor]:
     """LoCo qgZ of ``p.grad`` for each parameter (collective), with error state kept per parameter.
 

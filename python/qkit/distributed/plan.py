@@ -59,6 +59,7 @@ def _choose_groups(numel: int, world: int, target: int) -> int:
     return world * (min(big_enough) if big_enough else max(divisors))
 
 
+# deviation: qgz-dtypes-and-groups
 def plan_qgz(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, world: int) -> QgzPlan:
     """Decide the path of a gradient of ``shape``/``dtype`` in a world of ``W`` ranks.
 

@@ -18,21 +18,22 @@ Codes and params of all tensors in a call travel together: two collectives per c
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from qkit import ops
 from qkit.distributed import comm
+from qkit.distributed.consistency import Validate, check_validate, ensure_consistent
 from qkit.distributed.fallback import mean_reduce_scatter
-from qkit.distributed.groups import Topology, topology
+from qkit.distributed.groups import Topology, require_initialized, topology
 from qkit.distributed.plan import QgzPlan, plan_qgz, warn_fallback
 from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
 
-__all__ = ["all_to_all_quant_reduce", "check_same_shapes", "reduce"]
+__all__ = ["all_to_all_quant_reduce", "reduce", "run"]
 
 # (index in the call, tensor, G) -> (codes, params)
 Stage = Callable[[int, Tensor, int], tuple[Tensor, Tensor]]
@@ -45,6 +46,7 @@ def _as_bytes(codes: Tensor, params: Tensor, peers: int) -> tuple[Tensor, Tensor
     return codes.reshape(peers, -1), params.contiguous().view(torch.int8).reshape(peers, -1)
 
 
+# deviation: qgz-coalesced (one all_to_all for every tensor's codes and params)
 def _exchange(blocks: list[tuple[Tensor, Tensor]], peers: int, group: Any) -> list[tuple[Tensor, Tensor]]:
     """One ``all_to_all`` of every tensor's (codes, params) blocks; returns the received
     blocks, each ``[peers, ·]`` with row ``k`` from peer ``k``."""
@@ -91,24 +93,40 @@ def reduce(
     for (codes, raw), t, p in zip(_exchange(second, n_nodes, topo.global_group), tensors, plans, strict=True):
         g = p.groups // local
         values = ops.dequantize(codes.reshape(-1), _params_of(raw, g), g, 4, True, torch.float32)
+        # deviation: qgz-mean (DeepSpeed divided by N here, returning L x the mean)
         out.append(values.view(n_nodes, p.numel // world).sum(dim=0).div_(world).to(t.dtype))
     return out
 
 
-def check_same_shapes(tensors: Sequence[Tensor], fn: str) -> None:
-    """Collective: raise on every rank unless every rank passed the same shapes and dtypes."""
-    sig = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
-    device = tensors[0].device if tensors else torch.device("cpu")
-    mine = torch.tensor([zlib.crc32(sig)], dtype=torch.int64, device=device)
-    world = torch.distributed.get_world_size()
-    every = torch.empty(world, dtype=torch.int64, device=device)
-    comm.all_gather(every, mine)
-    if not bool((every == every[0]).all()):
-        differ = [r for r in range(world) if int(every[r]) != int(every[0])]
+# deviation: qgz-hierarchical-groups
+def _topology(groups: dict[str, Any], fn: str, plans: Sequence[QgzPlan], tensors: Sequence[Tensor]) -> Topology | None:
+    """The hierarchy from ``groups``, or ``None`` for ``groups={}`` when no tensor needs it (the
+    fallback runs on the world group alone, as DeepSpeed's did)."""
+    if isinstance(groups, Mapping) and len(groups) == 0:
+        needs = next((i for i, p in enumerate(plans) if p.quantized), None)
+        if needs is None:
+            return None
         raise ValueError(
-            f"qkit.distributed.{fn}: ranks passed different tensor shapes/dtypes (ranks {differ} differ from "
-            f"rank 0); every rank must reduce the same list of shapes"
+            f"qkit.distributed.{fn}: `groups` is empty, but tensors[{needs}] (shape {tuple(tensors[needs].shape)}, "
+            f"{tensors[needs].dtype}) takes the 4-bit path, which needs the hierarchical groups: pass "
+            "qkit.distributed.hierarchical_groups(...) (only calls whose tensors all take the fallback "
+            "accept groups={})"
         )
+    return topology(groups, fn)
+
+
+def _describe_groups(groups: object) -> str:
+    """``groups`` for the fingerprint, read from its keys alone (so that an argument error on one
+    rank does not show up as a difference in groups too)."""
+    if not isinstance(groups, Mapping):
+        return type(groups).__name__
+    if not groups:
+        return "{} (world group only)"
+    keys = [str(k) for k in groups]
+    nodes, local = sum(k.startswith("local_") for k in keys), sum(k.startswith("global_") for k in keys)
+    if nodes + local == len(keys):
+        return f"{nodes} nodes x {local} ranks"
+    return f"keys {sorted(keys)}"
 
 
 def run(
@@ -117,41 +135,67 @@ def run(
     fn: str,
     stage1: Callable[[Topology], Stage],
     stage3: Callable[[Topology], ReduceStage],
-    validate: bool,
+    validate: Validate,
+    *,
+    settings: tuple[Any, ...] = (),
+    error: Exception | None = None,
 ) -> tuple[list[Tensor], list[QgzPlan]]:
     """Plan every tensor, run the quantized ones through :func:`reduce` and the others through
     the fallback; results in input order. ``stage1``/``stage3`` build the stages, which
-    receive each tensor's index in ``tensors``."""
-    topo = topology(groups, fn)
+    receive each tensor's index in ``tensors``.
+
+    Argument errors found here (or passed in ``error`` by the caller) are raised only after the
+    cross-rank check, so that a rank with a bad argument never leaves its peers waiting.
+    ``settings`` (e.g. LoCo's hyper-parameters) are part of the fingerprint."""
+    check_validate(validate, fn)
+    require_initialized(fn)
     tensors = list(tensors)
-    if any(t.device != tensors[0].device for t in tensors):
-        raise ValueError(f"qkit.distributed.{fn}: all tensors of one call must be on one device")
-    if validate:
-        check_same_shapes(tensors, fn)
-    plans = [plan_qgz(tuple(t.shape), t.dtype, topo.world) for t in tensors]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    topo: Topology | None = None
+    plans: list[QgzPlan] = []
+    if error is None:
+        try:
+            if any(t.device != tensors[0].device for t in tensors):
+                raise ValueError(f"qkit.distributed.{fn}: all tensors of one call must be on one device")
+            plans = [plan_qgz(tuple(t.shape), t.dtype, world) for t in tensors]
+            topo = _topology(groups, fn, plans, tensors)
+        except (TypeError, ValueError) as exc:
+            error = exc
+    fields = {
+        "tensor count": len(tensors),
+        "tensor shapes": [tuple(t.shape) for t in tensors],
+        "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+        "device types": sorted({t.device.type for t in tensors}),
+        "groups": _describe_groups(groups),
+        "settings": settings,
+    }
+    device = tensors[0].device if tensors else None
+    ensure_consistent(fn, fields, device=device, validate=validate, error=error)
     main = [i for i, p in enumerate(plans) if p.quantized]
     rest = [i for i, p in enumerate(plans) if not p.quantized]
     for i in rest:
         warn_fallback(plans[i])
     out: list[Tensor | None] = [None] * len(tensors)
     with torch.no_grad():
-        s1, s3 = stage1(topo), stage3(topo)
-        reduced = reduce(
-            [tensors[i] for i in main],
-            [plans[i] for i in main],
-            topo,
-            lambda j, t, g: s1(main[j], t, g),
-            lambda j, q, p, g: s3(main[j], q, p, g),
-        )
-        for i, r in zip(main, reduced, strict=True):
-            out[i] = r
-        for i, r in zip(rest, mean_reduce_scatter([tensors[i] for i in rest], topo.world, topo.rank), strict=True):
+        if main:
+            assert topo is not None  # _topology returned one: a tensor needs it
+            s1, s3 = stage1(topo), stage3(topo)
+            reduced = reduce(
+                [tensors[i] for i in main],
+                [plans[i] for i in main],
+                topo,
+                lambda j, t, g: s1(main[j], t, g),
+                lambda j, q, p, g: s3(main[j], q, p, g),
+            )
+            for i, r in zip(main, reduced, strict=True):
+                out[i] = r
+        for i, r in zip(rest, mean_reduce_scatter([tensors[i] for i in rest], world, rank), strict=True):
             out[i] = r
     return [o for o in out if o is not None], plans
 
 
 def all_to_all_quant_reduce(
-    tensors: Sequence[Tensor], groups: dict[str, Any], *, validate: bool = False
+    tensors: Sequence[Tensor], groups: dict[str, Any], *, validate: Validate = "once"
 ) -> list[Tensor]:
     """ZeRO++ qgZ: averaging reduce-scatter of gradients at 4 bits on the wire (collective).
 
@@ -159,9 +203,14 @@ def all_to_all_quant_reduce(
         tensors: gradients, float32/float16/bfloat16, on one device (CPU with gloo, CUDA with
             NCCL); every rank passes the same shapes in the same order.
         groups: from :func:`qkit.distributed.hierarchical_groups` (``N`` and ``L`` are read
-            from its keys).
-        validate: first check (one tiny all-gather) that every rank passed the same shapes
-            and dtypes, raising the same error on every rank if not.
+            from its keys). ``{}`` is accepted when every tensor takes the fallback (which
+            runs on the world group); a tensor on the 4-bit path then raises ``ValueError``.
+        validate: ``"once"`` (default): before the first call of each distinct signature
+            (tensor count, shapes, dtypes, groups), one tiny all-gather checks that every rank
+            passed the same, and every rank raises the same ``ValueError`` naming what differs
+            if not; later calls with a checked signature communicate nothing extra.
+            ``True``: check every call. ``False``: no check — **unsafe**, ranks that pass
+            different calls can hang or return garbage. See :mod:`qkit.distributed.consistency`.
 
     Returns:
         One 1-D tensor per input in its dtype: with ``c = ceil(M / W)``, elements

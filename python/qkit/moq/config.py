@@ -1,4 +1,4 @@
-"""MoQ configuration: typed, validated, and readable from DeepSpeed JSON configs.
+"""MoQ configuration: typed, validated, and readable from DeepSpeed config files (JSON/hjson).
 
 :class:`MoQConfig` is the one description of a MoQ run. :meth:`MoQConfig.from_deepspeed`
 reads either of DeepSpeed's two spellings of it:
@@ -35,7 +35,15 @@ ROUNDING_MODES = ("nearest", "stochastic")
 MAX_BITS = 16  # MoQ starts at 16 at most (OPS.md §3); qkit's op takes 2..16
 MIN_KERNEL_BITS = 2  # qkit.fake_quantize has no 1-bit mode
 
-__all__ = ["EigenvalueConfig", "GroupConfig", "MoQConfig", "MoQConfigError", "compile_pattern", "pattern_matches"]
+__all__ = [
+    "EigenvalueConfig",
+    "GroupConfig",
+    "MoQConfig",
+    "MoQConfigError",
+    "compile_pattern",
+    "pattern_matches",
+    "read_deepspeed_file",
+]
 
 
 class MoQConfigError(ValueError):
@@ -354,7 +362,10 @@ class MoQConfig:
 
     @classmethod
     def from_deepspeed(cls, cfg: Mapping[str, Any] | str | os.PathLike[str]) -> MoQConfig:
-        """Read a DeepSpeed config (a dict, or the path of a JSON file).
+        """Read a DeepSpeed config (a dict, or the path of a config file).
+
+        A file is parsed as DeepSpeed parses it: hjson, a superset of JSON (comments, trailing
+        commas, unquoted keys), with duplicate keys refused (see :func:`read_deepspeed_file`).
 
         Only the MoQ parts are read: ``quantize_training`` or
         ``compression_training.weight_quantization``; the rest of the file (optimizer,
@@ -363,11 +374,7 @@ class MoQConfig:
         keys that contradict each other raises :class:`MoQConfigError`.
         """
         if isinstance(cfg, (str, os.PathLike)):
-            path = Path(cfg)
-            try:
-                cfg = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise MoQConfigError(str(path), f"is not valid JSON ({exc})") from None
+            cfg = read_deepspeed_file(cfg)
         if not isinstance(cfg, Mapping):
             raise MoQConfigError("<config>", f"must be a JSON object, got {type(cfg).__name__}")
         legacy = cfg.get("quantize_training")
@@ -397,6 +404,53 @@ class MoQConfig:
         return _from_weight_quantization(wq)
 
 
+# ---------------------------------------------------------------- DeepSpeed files
+
+
+def read_deepspeed_file(path: str | os.PathLike[str]) -> Any:
+    """Parse a DeepSpeed config file the way DeepSpeed does: hjson (JSON plus comments, trailing
+    commas and unquoted keys), refusing duplicate keys.
+
+    hjson is a dependency of qkit (DeepSpeed's own parser; pure Python). Where it is missing
+    (qkit installed with ``--no-deps``) the file is read as plain JSON, and a file that needs
+    hjson raises an error saying to install it.
+
+    Raises:
+        MoQConfigError: the file does not parse, or an object repeats a key (a later value
+            would silently replace the earlier one).
+    """
+    path = Path(path)
+    text = path.read_text()
+    try:
+        import hjson
+    except ImportError:
+        try:
+            return json.loads(text, object_pairs_hook=_refuse_duplicates(path))
+        except json.JSONDecodeError as exc:
+            raise MoQConfigError(
+                str(path),
+                f"is not valid JSON ({exc}); DeepSpeed configs may use hjson syntax (comments, trailing "
+                "commas), which needs the `hjson` package: pip install hjson",
+            ) from None
+    try:
+        return hjson.loads(text, object_pairs_hook=_refuse_duplicates(path))
+    except hjson.HjsonDecodeError as exc:
+        raise MoQConfigError(str(path), f"is not valid JSON or hjson, DeepSpeed's config syntax ({exc})") from None
+
+
+def _refuse_duplicates(path: Path) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                # DeepSpeed refuses these too; the last value winning would hide a typo.
+                raise MoQConfigError(str(key), f"appears twice in one object of {path}")
+            out[key] = value
+        return out
+
+    return hook
+
+
 # ---------------------------------------------------------------- DeepSpeed readers
 
 # DeepSpeed's defaults for the `quantize_training` block (runtime constants).
@@ -411,6 +465,7 @@ _QT_DEFAULTS = {
 # ... and for `compression_training.weight_quantization`.
 _WQ_DEFAULTS = {"schedule_offset": 0, "quantize_groups": 1, "quantization_period": 1, "quantize_change_ratio": 0.001}
 
+# deviation: moq-config-strict (DeepSpeed read every key with .get and a default)
 _MISSING_ENABLED = "is missing; DeepSpeed treated that as disabled and trained unquantized - set it explicitly"
 
 

@@ -68,6 +68,7 @@ def power_iteration(
         Hessian-vector product vanishes).
     """
     if generator is None:
+        # deviation: moq-eigenvalue-generator (DeepSpeed drew from the global generator)
         generator = torch.Generator().manual_seed(0)
     v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device) for p in params]
     v = _normalize(v, stability)

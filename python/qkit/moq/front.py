@@ -289,11 +289,13 @@ class MoQ:
         """
         if not self.config.enabled or overflow:
             return []
+        # deviation: moq-schedule-offset-zero (no extra quantize before the first optimizer step)
         self.steps += 1
         if self.steps <= self.config.schedule_offset:
             return []
         params = [e.param for e in self._entries]
         before = [int(p.start_bits) for p in params]
+        # deviation: moq-master-weights (for any optimizer, not only DeepSpeed's fp16 one)
         masters = self._load_masters() if self.config.master_weights else []
         eig_cfg = self.config.eigenvalue
         block_eigenvalue: dict[int, tuple[float, int]] = {}

@@ -57,6 +57,7 @@ logger = logging.getLogger("qkit.moq")
 
 __all__ = ["Quantizer", "quantize_binary", "quantize_highbit", "quantize_ternary", "quantize_weight"]
 
+# deviation: moq-quantizer-fixes (the module docstring lists them)
 _SCHEDULE_ATTRS = ("start_bits", "target_bits", "q_period")
 
 
@@ -285,6 +286,7 @@ class Quantizer:
         params = [p for g in groups for p in g if _scheduled(p)]
         if not params:
             return True
+        # deviation: moq-ds06-counter (DeepSpeed 0.17 looked 6 * layer_num steps ahead)
         next_step = self.qsteps + 1
         return any(p.start_bits != p.target_bits and next_step >= p.q_period for p in params)
 
@@ -332,6 +334,7 @@ class Quantizer:
 
     def step(self) -> None:
         """Advance the quantizer step counter."""
+        # deviation: moq-ds06-counter (once per step, as DeepSpeed 0.17)
         self.qsteps += 1
 
     def quantize_highbit(self, inputs: Tensor, num_bits: int) -> Tensor:
