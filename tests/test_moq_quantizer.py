@@ -428,3 +428,42 @@ def test_load_state_dict_checks_layout() -> None:
     q.quantize([[p]], False, False)
     with pytest.raises(ValueError, match="layout"):
         Quantizer().load_state_dict(q.state_dict(), [[p, p]])
+
+
+def test_state_saved_between_load_and_the_next_step_keeps_the_schedules() -> None:
+    """load_state_dict without parameters defers the schedules to the next quantize(); a
+    checkpoint taken in between must still hold them, and resume like the original."""
+
+    def fresh() -> list[nn.Parameter]:
+        g = torch.Generator().manual_seed(4)
+        ps = [nn.Parameter(torch.randn(4, 6, generator=g)), nn.Parameter(torch.randn(3, 8, generator=g))]
+        schedule(ps[0], 8, 3, 2)
+        schedule(ps[1], 7, 4, 3)
+        return ps
+
+    ref = fresh()
+    gen = torch.Generator().manual_seed(2)
+    q_ref = Quantizer(q_groups=2)
+    _drive(q_ref, ref, 16, gen)
+
+    first = fresh()
+    gen = torch.Generator().manual_seed(2)
+    q1 = Quantizer(q_groups=2)
+    _drive(q1, first, 7, gen)
+    state = q1.state_dict()
+    q2 = Quantizer(q_groups=2)
+    q2.load_state_dict(state)
+    again = q2.state_dict()
+    assert again == state
+    assert len(again["params"]) == 2 and all(again["params"])
+    again["params"][0][0]["start_bits"] = 99  # the saved copy is the caller's, not the pending state
+    assert q2.state_dict() == state
+
+    resumed = [nn.Parameter(p.detach().clone()) for p in first]
+    q3 = Quantizer(q_groups=2)
+    q3.load_state_dict(q2.state_dict())
+    _drive(q3, resumed, 9, gen)
+    for a, b in zip(ref, resumed, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+        assert (a.start_bits, a.target_bits, a.q_period) == (b.start_bits, b.target_bits, b.q_period)
+    assert q3.qsteps == q_ref.qsteps == 16

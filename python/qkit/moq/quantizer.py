@@ -408,12 +408,16 @@ class Quantizer:
 
     def state_dict(self) -> dict[str, Any]:
         """The quantizer's state: step counter, ``r``, and the schedules of the parameters
-        of the last :meth:`quantize` call by position (``None`` for unscheduled ones)."""
-        return {
-            "qsteps": self.qsteps,
-            "quantize_real_ratio": self.quantize_real_ratio,
-            "params": [[_schedule_of(p) for p in group] for group in self._groups_seen],
-        }
+        of the last :meth:`quantize` call by position (``None`` for unscheduled ones).
+
+        Between a :meth:`load_state_dict` without parameters and the next :meth:`quantize`,
+        the schedules are the loaded ones, not yet on any parameter: they are saved as loaded.
+        """
+        if self._pending is not None:
+            params = [[None if s is None else dict(s) for s in group] for group in self._pending]
+        else:
+            params = [[_schedule_of(p) for p in group] for group in self._groups_seen]
+        return {"qsteps": self.qsteps, "quantize_real_ratio": self.quantize_real_ratio, "params": params}
 
     def load_state_dict(
         self, state: Mapping[str, Any], parameter_group: Sequence[Iterable[Tensor]] | None = None
