@@ -467,3 +467,41 @@ def test_state_saved_between_load_and_the_next_step_keeps_the_schedules() -> Non
         assert torch.equal(a.detach(), b.detach())
         assert (a.start_bits, a.target_bits, a.q_period) == (b.start_bits, b.target_bits, b.q_period)
     assert q3.qsteps == q_ref.qsteps == 16
+
+
+def _quantizer_state() -> tuple[Quantizer, dict, list[nn.Parameter]]:
+    ps = [schedule(param([0.3, -0.2, 0.5, 0.1]), 8, 4, 2), schedule(param([0.7, -0.4, 0.2, 0.9]), 6, 4, 3)]
+    q = Quantizer(q_mixed_fp16=True, q_change_ratio=0.25)
+    for _ in range(5):
+        q.quantize([ps[:1], ps[1:]], False, False)
+    return q, q.state_dict(), ps
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"qsteps": -1}, r"`qsteps` must be in \[0, "),
+        ({"qsteps": 2.5}, r"`qsteps` must be an integer"),
+        ({"quantize_real_ratio": float("inf")}, r"`quantize_real_ratio` must be a finite number"),
+        ({"quantize_real_ratio": 2.0}, r"`quantize_real_ratio` must be in \[0, 1\]"),
+        (
+            {"params": [[{"start_bits": 99, "target_bits": 4, "q_period": 8}], [None]]},
+            r"`params\[0\]\[0\]\.start_bits`",
+        ),
+        ({"params": [[{"start_bits": 5, "target_bits": 4}], [None]]}, r"`params\[0\]\[0\]\.q_period` is missing"),
+        ({"params": [[None, None], [None]]}, r"`params` has the parameter layout \[2, 1\]"),
+        ({"params": "abc"}, r"`params` must be a list of parameter groups"),
+    ],
+)
+def test_quantizer_refuses_a_corrupt_state_and_changes_nothing(change: dict, error: str) -> None:
+    q, state, ps = _quantizer_state()
+    q.quantize([ps[:1], ps[1:]], False, False)  # moved on from `state`
+    before = (q.state_dict(), [(p.start_bits, p.target_bits, p.q_period) for p in ps])
+    with pytest.raises(ValueError, match=error):
+        q.load_state_dict({**state, **change}, [ps[:1], ps[1:]])
+    assert (q.state_dict(), [(p.start_bits, p.target_bits, p.q_period) for p in ps]) == before
+    if "layout" in error:
+        return  # without parameters the layout is checked at the next quantize()
+    with pytest.raises(ValueError, match=error):  # the deferred form checks as much, as early
+        q.load_state_dict({**state, **change})
+    assert q.state_dict() == before[0]
