@@ -175,6 +175,19 @@ def test_vmap_of_the_writing_forms(device):
         assert_same(func.vmap(fn)(batch), want, fn.__name__)
 
 
+def test_vmap_of_out_checks_the_per_sample_out():
+    """The unbatched call's checks: no broadcasting into a smaller out, no silent cast."""
+
+    def into(a, out):
+        return qkit.fake_quantize(a, groups=1, bits=BITS, out=out)
+
+    batch = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"qkit\.fake_quantize: `out` must have shape \[8\], got \[1, 8\]"):
+        func.vmap(into)(batch, torch.empty(3, 1, 8))
+    with pytest.raises(TypeError, match=r"qkit\.fake_quantize: `out` must be float32, got float64"):
+        func.vmap(into)(batch, torch.empty(3, 8, dtype=torch.float64))
+
+
 def test_vmap_checks_the_per_sample_groups():
     with pytest.raises(ValueError, match=r"qkit\.fake_quantize: `groups` \(4\) must divide .* \(9\)"):
         func.vmap(lambda a: qkit.fake_quantize(a, groups=4, bits=BITS))(torch.randn(3, 9))

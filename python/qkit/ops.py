@@ -470,16 +470,20 @@ if hasattr(torch.library, "register_vmap"):  # reached at the FuncTorchBatched k
 
 
 # Writing forms under vmap: the functional op's batching rule, then a batched copy (torch's
-# own fallback refuses ops that write). One extra copy, and only under vmap.
+# own fallback refuses ops that write). One extra copy, and only under vmap. The checks
+# are the unbatched call's, on the per-sample view: copy_ alone would broadcast a wrong
+# shape and cast a wrong dtype.
 def _fake_quantize_inplace_batched(
     input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
 ) -> None:
+    check_no_self_overlap(input, "fake_quantize_")
     input.copy_(torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic))
 
 
 def _fake_quantize_out_batched(
     input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False, *, out: Tensor
 ) -> None:
+    check_out(out, "out", input.dtype, list(input.shape), input, "input", "fake_quantize")
     out.copy_(torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic))
 
 
