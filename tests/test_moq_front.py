@@ -373,3 +373,154 @@ def test_load_state_dict_checks_names() -> None:
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not a MoQ state"):
         other.load_state_dict({"qsteps": 3})
+
+
+# ---------------------------------------------------------------- corrupt checkpoints (issue 16, item 4)
+
+
+def _trained_moq(model: nn.Module | None = None, **config) -> MoQ:
+    """A MoQ past its first bit drops, with residuals (master weights) and history."""
+    model = small_model() if model is None else model
+    cfg = MoQConfig(**{"start_bits": 8, "target_bits": 4, "quantize_period": 2, "schedule_offset": 1, **config})
+    moq = MoQ(model, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    moq.attach(opt)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(6):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    assert moq.history and all(r is not None for r in moq.state_dict()["residuals"].values())
+    return moq
+
+
+def _snapshot(moq: MoQ) -> dict:
+    """Everything load_state_dict may write, deep-copied."""
+    state = moq.state_dict()  # clones residuals; schedules, counters, history by value
+    weights = {name: p.detach().clone() for name, p in moq.model.named_parameters()}
+    return {"state": state, "weights": weights, "schedules": moq.schedules(), "history": list(moq.history)}
+
+
+def _assert_same_snapshot(a: dict, b: dict) -> None:
+    assert a["schedules"] == b["schedules"] and a["history"] == b["history"]
+    sa, sb = a["state"], b["state"]
+    assert {k: v for k, v in sa.items() if k != "residuals"} == {k: v for k, v in sb.items() if k != "residuals"}
+    assert sa["residuals"].keys() == sb["residuals"].keys()
+    for name, r in sa["residuals"].items():
+        other = sb["residuals"][name]
+        assert (r is None and other is None) or torch.equal(r, other), name
+    for name, w in a["weights"].items():
+        assert torch.equal(w, b["weights"][name]), name
+
+
+def _corrupt(state: dict, path: str, value: object) -> dict:
+    """A copy of ``state`` with the entry at dotted ``path`` (parameter names whole) set."""
+    out = {**state, "params": {k: dict(v) for k, v in state["params"].items()}}
+    out["residuals"] = dict(state["residuals"])
+    out["history"] = [dict(d) for d in state["history"]]
+    head, _, rest = path.partition(".")
+    if head == "params":
+        name, _, key = rest.rpartition(".")
+        out["params"][name][key] = value
+    elif head == "residuals":
+        out["residuals"][rest] = value
+    elif head.startswith("history["):
+        out["history"][int(head[8:-1])][rest] = value
+    else:
+        out[head] = value
+    return out
+
+
+W = "encoder.2.weight"  # the last-but-one scheduled weight: earlier ones would load first on a non-atomic loader
+CORRUPTIONS = [
+    ("params.head.weight.start_bits", 99, r"`params\.head\.weight\.start_bits` must be in \[1, 16\], got 99"),
+    ("params.head.weight.start_bits", True, r"`params\.head\.weight\.start_bits` must be an integer"),
+    ("params.head.weight.start_bits", 6.0, r"`params\.head\.weight\.start_bits` must be an integer"),
+    ("params.head.weight.target_bits", 0, r"`params\.head\.weight\.target_bits` must be in \[1, 16\]"),
+    ("params.head.weight.target_bits", 8, r"`params\.head\.weight\.target_bits` \(8\) must be <= start_bits"),
+    ("params.head.weight.q_period", 0, r"`params\.head\.weight\.q_period` must be in \[1, "),
+    ("params.head.weight.q_period", 2**64, r"`params\.head\.weight\.q_period` must be in \[1, "),
+    ("params.head.weight.bits", 4, r"`params\.head\.weight\.bits` is not a schedule key"),
+    ("steps", -1, r"`steps` must be in \[0, "),
+    ("steps", "6", r"`steps` must be an integer"),
+    ("qsteps", 10**6, r"`qsteps` \(1000000\) exceeds `steps`"),
+    ("quantize_real_ratio", float("nan"), r"`quantize_real_ratio` must be a finite number"),
+    ("quantize_real_ratio", 1.5, r"`quantize_real_ratio` must be in \[0, 1\]"),
+    ("quantize_real_ratio", -0.25, r"`quantize_real_ratio` must be in \[0, 1\]"),
+    (f"residuals.{W}", torch.zeros(6), rf"`residuals\.{W}` has shape \[6\], but the parameter has \[6, 6\]"),
+    (f"residuals.{W}", torch.zeros(6, 6, dtype=torch.float16), rf"`residuals\.{W}` has dtype torch\.float16"),
+    (f"residuals.{W}", torch.full((6, 6), float("inf")), rf"`residuals\.{W}` holds NaN or infinite values"),
+    (f"residuals.{W}", [[0.0] * 6] * 6, rf"`residuals\.{W}` must be a tensor or None"),
+    ("residuals.extra.weight", None, r"`residuals` names other parameters .* unexpected \['extra\.weight'\]"),
+    ("history[0].new_bits", 3, r"`history\[0\]\.new_bits` \(3\) must be old_bits - 1"),
+    ("history[0].name", "nope", r"`history\[0\]\.name` is 'nope', not a scheduled parameter"),
+    ("history[0].step", 99, r"`history\[0\]\.step` \(99\) is after `steps`"),
+    ("history[0].eigenvalue", float("nan"), r"`history\[0\]\.eigenvalue` must be a finite number"),
+    ("format", "qkit.moq/0", r"`format` is 'qkit\.moq/0': not a MoQ state"),
+    ("optimizer", {}, r"`optimizer` is not a MoQ state key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "error"), CORRUPTIONS, ids=[f"{i}:{c[0]}" for i, c in enumerate(CORRUPTIONS)]
+)
+def test_corrupt_state_is_refused_and_changes_nothing(path: str, value: object, error: str) -> None:
+    source = _trained_moq()
+    target = _trained_moq()
+    target.step()  # different from the source, so a partial load would show
+    before = _snapshot(target)
+    bad = _corrupt(source.state_dict(), path, value)
+    with pytest.raises(ValueError, match=error):
+        target.load_state_dict(bad)
+    _assert_same_snapshot(_snapshot(target), before)
+    target.load_state_dict(source.state_dict())  # a good state still loads ...
+    _assert_same_snapshot(_snapshot(target), _snapshot(source))  # ... whole
+
+
+def test_state_of_a_model_with_other_shapes_is_refused() -> None:
+    """Same parameter names, other shapes: the residuals must not load (they would be
+    broadcast into the weights at the next step)."""
+    state = _trained_moq().state_dict()
+    torch.manual_seed(0)
+    wider = nn.ModuleDict(
+        {
+            "encoder": nn.Sequential(nn.Linear(4, 12), nn.LayerNorm(12), nn.Linear(12, 6)),
+            "head": nn.Linear(6, 2),
+            "emb": nn.Embedding(5, 4),
+        }
+    )
+    other = MoQ(wider, MoQConfig(start_bits=8, target_bits=4, quantize_period=2, schedule_offset=1))
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match=r"`residuals\.encoder\.0\.weight` has shape \[6, 4\], but .* \[12, 4\]"):
+        other.load_state_dict(state)
+    _assert_same_snapshot(_snapshot(other), before)
+
+
+@pytest.mark.parametrize(
+    ("config", "bits", "error"),
+    [
+        ({"use_quantizer_kernel": True}, 1, "but use_quantizer_kernel quantizes 2..16 bits"),
+        ({"symmetric": False}, 2, "but below 3 bits MoQ quantizes symmetric and nearest only"),
+        ({"rounding": "stochastic"}, 2, "but below 3 bits MoQ quantizes symmetric and nearest only"),
+    ],
+)
+def test_state_needing_a_width_this_moq_cannot_quantize_is_refused(config: dict, bits: int, error: str) -> None:
+    """A width this MoQ's quantizer cannot reach would load, then fail at a later step."""
+    state = _trained_moq(**config).state_dict()
+    state["params"]["head.weight"]["target_bits"] = bits
+    moq = _trained_moq(**config)
+    before = _snapshot(moq)
+    with pytest.raises(ValueError, match=rf"`params\.head\.weight\.target_bits` is {bits}, {error}"):
+        moq.load_state_dict(state)
+    _assert_same_snapshot(_snapshot(moq), before)
+
+
+def test_loaded_residuals_are_copies() -> None:
+    source = _trained_moq()
+    state = source.state_dict()
+    target = _trained_moq()
+    target.load_state_dict(state)
+    for r in state["residuals"].values():
+        r.fill_(1e3)  # the caller reusing its checkpoint tensors must not move the loaded masters
+    for name, w in target.master_weights().items():
+        assert torch.equal(w, source.master_weights()[name]), name

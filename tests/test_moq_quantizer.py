@@ -428,3 +428,80 @@ def test_load_state_dict_checks_layout() -> None:
     q.quantize([[p]], False, False)
     with pytest.raises(ValueError, match="layout"):
         Quantizer().load_state_dict(q.state_dict(), [[p, p]])
+
+
+def test_state_saved_between_load_and_the_next_step_keeps_the_schedules() -> None:
+    """load_state_dict without parameters defers the schedules to the next quantize(); a
+    checkpoint taken in between must still hold them, and resume like the original."""
+
+    def fresh() -> list[nn.Parameter]:
+        g = torch.Generator().manual_seed(4)
+        ps = [nn.Parameter(torch.randn(4, 6, generator=g)), nn.Parameter(torch.randn(3, 8, generator=g))]
+        schedule(ps[0], 8, 3, 2)
+        schedule(ps[1], 7, 4, 3)
+        return ps
+
+    ref = fresh()
+    gen = torch.Generator().manual_seed(2)
+    q_ref = Quantizer(q_groups=2)
+    _drive(q_ref, ref, 16, gen)
+
+    first = fresh()
+    gen = torch.Generator().manual_seed(2)
+    q1 = Quantizer(q_groups=2)
+    _drive(q1, first, 7, gen)
+    state = q1.state_dict()
+    q2 = Quantizer(q_groups=2)
+    q2.load_state_dict(state)
+    again = q2.state_dict()
+    assert again == state
+    assert len(again["params"]) == 2 and all(again["params"])
+    again["params"][0][0]["start_bits"] = 99  # the saved copy is the caller's, not the pending state
+    assert q2.state_dict() == state
+
+    resumed = [nn.Parameter(p.detach().clone()) for p in first]
+    q3 = Quantizer(q_groups=2)
+    q3.load_state_dict(q2.state_dict())
+    _drive(q3, resumed, 9, gen)
+    for a, b in zip(ref, resumed, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+        assert (a.start_bits, a.target_bits, a.q_period) == (b.start_bits, b.target_bits, b.q_period)
+    assert q3.qsteps == q_ref.qsteps == 16
+
+
+def _quantizer_state() -> tuple[Quantizer, dict, list[nn.Parameter]]:
+    ps = [schedule(param([0.3, -0.2, 0.5, 0.1]), 8, 4, 2), schedule(param([0.7, -0.4, 0.2, 0.9]), 6, 4, 3)]
+    q = Quantizer(q_mixed_fp16=True, q_change_ratio=0.25)
+    for _ in range(5):
+        q.quantize([ps[:1], ps[1:]], False, False)
+    return q, q.state_dict(), ps
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"qsteps": -1}, r"`qsteps` must be in \[0, "),
+        ({"qsteps": 2.5}, r"`qsteps` must be an integer"),
+        ({"quantize_real_ratio": float("inf")}, r"`quantize_real_ratio` must be a finite number"),
+        ({"quantize_real_ratio": 2.0}, r"`quantize_real_ratio` must be in \[0, 1\]"),
+        (
+            {"params": [[{"start_bits": 99, "target_bits": 4, "q_period": 8}], [None]]},
+            r"`params\[0\]\[0\]\.start_bits`",
+        ),
+        ({"params": [[{"start_bits": 5, "target_bits": 4}], [None]]}, r"`params\[0\]\[0\]\.q_period` is missing"),
+        ({"params": [[None, None], [None]]}, r"`params` has the parameter layout \[2, 1\]"),
+        ({"params": "abc"}, r"`params` must be a list of parameter groups"),
+    ],
+)
+def test_quantizer_refuses_a_corrupt_state_and_changes_nothing(change: dict, error: str) -> None:
+    q, state, ps = _quantizer_state()
+    q.quantize([ps[:1], ps[1:]], False, False)  # moved on from `state`
+    before = (q.state_dict(), [(p.start_bits, p.target_bits, p.q_period) for p in ps])
+    with pytest.raises(ValueError, match=error):
+        q.load_state_dict({**state, **change}, [ps[:1], ps[1:]])
+    assert (q.state_dict(), [(p.start_bits, p.target_bits, p.q_period) for p in ps]) == before
+    if "layout" in error:
+        return  # without parameters the layout is checked at the next quantize()
+    with pytest.raises(ValueError, match=error):  # the deferred form checks as much, as early
+        q.load_state_dict({**state, **change})
+    assert q.state_dict() == before[0]

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -132,10 +133,10 @@ def _gradient_wanted(x):
     return x.clone().requires_grad_(True)
 
 
-@pytest.mark.parametrize(
-    "context",
-    ["grad", "dispatch_mode", "function_mode", "profiler", "jit_trace", "vmap", "fake_tensor", "subclass"],
-)
+CONTEXTS = ["grad", "forward_ad", "dispatch_mode", "function_mode", "profiler", "jit_trace", "vmap", "fake_tensor"]
+
+
+@pytest.mark.parametrize("context", [*CONTEXTS, "subclass"])
 def test_no_straight_call_where_something_else_acts(device, straight_calls, context):
     """Each context that must see (or record, or differentiate) the op gets the normal call,
     and sees it; results stay the op's."""
@@ -149,6 +150,12 @@ def test_no_straight_call_where_something_else_acts(device, straight_calls, cont
             q, p = ops.quantize(x, 8, 8, True)
             qkit.dequantize(q, _gradient_wanted(p), 8, 8)
         assert_same(y.detach(), want)
+    elif context == "forward_ad":
+        with fwAD.dual_level():  # a straight call would drop the tangent
+            y = qkit.fake_quantize(fwAD.make_dual(x, torch.ones_like(x)), groups=8, bits=5)
+            primal, tangent = fwAD.unpack_dual(y)
+            assert_same(primal, want)
+            assert_same(tangent, torch.ones_like(x))
     elif context == "dispatch_mode":
         with RecordingDispatchMode() as mode:
             assert_same(qkit.fake_quantize(x, groups=8, bits=5), want)

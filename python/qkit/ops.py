@@ -8,8 +8,12 @@ all arithmetic is fp32; params are float32 ``[G, 1]`` (symmetric: the step) or
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from qkit import _loader
 
@@ -38,6 +42,35 @@ def define(schema: str, *, seeded: bool = False) -> None:
 
         for key in ("CPU", "CUDA"):
             _lib.impl(name, raiser, key)
+
+
+FORWARD_HINT = "pass the primal (torch.autograd.forward_ad.unpack_dual(t).primal) to drop the tangent on purpose"
+
+
+# Private torch state, read only where present; without it every call takes the
+# (correct, slower) per-tensor look at the tangent.
+_fw_grad_enabled = getattr(torch._C, "_is_fwd_grad_enabled", lambda: True)
+if isinstance(getattr(_forward_ad, "_current_level", None), int):
+
+    def _dual_level_open() -> bool:
+        return _forward_ad._current_level >= 0
+
+else:
+
+    def _dual_level_open() -> bool:
+        return True
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``forward_ad.dual_level``, which
+    ``torch.func.jvp`` uses too) with forward gradients enabled: only then can a
+    tensor carry a tangent."""
+    return _dual_level_open() and _fw_grad_enabled()
+
+
+def has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` is a dual tensor at the current forward-AD level."""
+    return _forward_ad.unpack_dual(t).tangent is not None
 
 
 def register_autograd_rules(
@@ -81,6 +114,15 @@ def register_autograd_rules(
                 if arg(args, kwargs, index, arg_name).requires_grad:
                     raise QkitValueError(
                         f"qkit.{op_name}: `{arg_name}` requires grad, but {name} has no gradient - {hint}"
+                    )
+        if forward_ad_active():
+            # Forward mode has no "requires grad" flag: the tangent itself is the signal.
+            # Dropping it would hand the caller a silent zero (torch.func.jvp) or None.
+            for index, arg_name in positions:
+                if has_tangent(arg(args, kwargs, index, arg_name)):
+                    raise QkitValueError(
+                        f"qkit.{op_name}: `{arg_name}` carries a forward-mode tangent, but {name} has no "
+                        f"derivative - {FORWARD_HINT}"
                     )
         result = redispatch(keyset & below_autograd, *args, **kwargs)
         # The version bump aten does at ADInplaceOrView, done here to save a second
@@ -134,12 +176,14 @@ def kernel_keys(a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> 
     strided plain Tensors (no subclass, FakeTensor, proxy, sparse or nested tensor) of one
     device kind, none requiring grad (or grad mode off), no dispatch or torch-function
     mode, no profiler (a redispatch records no op event), outside torch.compile and
-    torch.jit tracing and functorch transforms. After a straight call to an op that
-    writes into an argument, the caller bumps that argument's version (:func:`bump`), as
-    the skipped Autograd kernel would have.
+    torch.jit tracing and functorch transforms, and with no forward-AD level open. After a
+    straight call to an op that writes into an argument, the caller bumps that argument's
+    version (:func:`bump`), as the skipped Autograd kernel would have.
     """
     # Spelled out for three tensors, cheapest tests first: every 30 ns is 1% of a call.
     if _compiling() or _functorch_active() or _dispatch_modes() or _function_modes() or _profiling() or _jit_tracing():
+        return None
+    if _dual_level_open():  # a tensor may carry a forward-mode tangent: the Autograd kernel decides
         return None
     if not (_plain(a) and (b is None or _plain(b)) and (c is None or _plain(c))):
         return None
@@ -304,16 +348,147 @@ register_autograd_rules(
 )
 
 
-def _fake_quantize_setup(ctx, inputs, output) -> None:
-    pass
+_RNG_STATE = {
+    "cpu": (lambda device: torch.get_rng_state(), lambda state, device: torch.set_rng_state(state)),
+    "cuda": (torch.cuda.get_rng_state, torch.cuda.set_rng_state),
+}
 
 
-def _fake_quantize_backward(ctx, grad: Tensor):
-    # Straight-through estimator: d fake_quantize(x) / dx := 1.
-    return grad, None, None, None, None
+def _fake_quantize_vmap(
+    info, in_dims: tuple, input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
+) -> tuple[Tensor, int | None]:
+    """Batching rule of ``fake_quantize``: ``B`` samples of ``groups`` groups each are one
+    call with ``B * groups`` groups, since groups are contiguous runs of the flattened
+    batch-first tensor. ``info.randomness`` decides stochastic rounding: "error" refuses,
+    "different" draws once for the whole batch, "same" replays one draw for every sample."""
+    op = "fake_quantize"
+    bdim = in_dims[0]
+    batch = info.batch_size
+    if bdim is None:  # torch's vmap helper calls unbatched inputs plainly; kept for direct callers
+        return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic), None
+    x = input.movedim(bdim, 0)
+    per_sample = x[0].numel() if batch else math.prod(x.shape[1:])
+    check_float_input(x, op)
+    check_fake_bits(bits, op)
+    check_groups(per_sample, groups, op)  # the words the unbatched call would use
+    if stochastic and info.randomness == "error":
+        raise QkitValueError(
+            f"qkit.{op}: stochastic rounding draws random numbers, refused under vmap(randomness='error'); "
+            "pass randomness='different' or 'same' to torch.vmap"
+        )
+    if batch == 0:
+        return x.new_empty(x.shape), 0
+    if stochastic and info.randomness == "same":
+        if x.device.type not in _RNG_STATE:
+            raise QkitValueError(f"qkit.{op}: vmap(randomness='same') is supported on CPU and CUDA, not {x.device}")
+        get_state, set_state = _RNG_STATE[x.device.type]
+        state = get_state(x.device)
+        samples = []
+        for sample in x:
+            set_state(state, x.device)
+            samples.append(torch.ops.qkit.fake_quantize.default(sample, groups, bits, symmetric, True))
+        return torch.stack(samples), 0
+    return torch.ops.qkit.fake_quantize.default(x, batch * groups, bits, symmetric, stochastic), 0
 
 
-torch.library.register_autograd("qkit::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
+# The estimator below is applied from inside the Autograd kernel, where a functorch
+# transform is already being processed: torch.autograd.Function.apply would hand it to
+# functorch's custom_function_call, which cannot be dispatched from there. The
+# single-level base class applies it at the current level instead, exactly as a C++
+# derivative formula would be; functorch itself applies such Functions the same way.
+_SingleLevelFunction = getattr(torch.autograd.function, "_SingleLevelFunction", None)
+_fw_grad_mode = getattr(_forward_ad, "_set_fwd_grad_enabled", None)
+try:
+    from torch._functorch.utils import enable_single_level_autograd_function as _single_level_allowed
+except ImportError:  # a torch without it: torch.autograd works, torch.func transforms are refused
+    _single_level_allowed = None
+_FUNCTORCH_READY = None not in (_SingleLevelFunction, _fw_grad_mode, _single_level_allowed)
+if _fw_grad_mode is None:
+
+    def _fw_grad_mode(enabled: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+_fake_quantize_redispatch = torch.ops.qkit.fake_quantize.default.redispatch
+_below_autograd = torch._C._after_autograd_keyset
+
+
+class _FakeQuantizeSTE(_SingleLevelFunction if _FUNCTORCH_READY else torch.autograd.Function):
+    """``fake_quantize`` with the straight-through estimator, d fake_quantize(x)/dx := 1,
+    for backward (``backward``) and forward mode (``jvp``), at one autograd level."""
+
+    @staticmethod
+    def forward(
+        input: Tensor, groups: int, bits: int, symmetric: bool, stochastic: bool, keyset: torch._C.DispatchKeySet
+    ) -> Tensor:
+        # Past this level's Autograd key, with both grad modes back on: apply() turned them
+        # off, and an enclosing torch.func level below must still record the call.
+        with torch.enable_grad(), _fw_grad_mode(True):
+            return _fake_quantize_redispatch(keyset & _below_autograd, input, groups, bits, symmetric, stochastic)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        pass  # the estimator needs nothing from the forward
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        return grad, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, *_: object) -> Tensor:
+        return tangent
+
+
+def _fake_quantize_autograd(
+    keyset: torch._C.DispatchKeySet,
+    input: Tensor,
+    groups: int,
+    bits: int,
+    symmetric: bool = True,
+    stochastic: bool = False,
+) -> Tensor:
+    # The estimator only where something differentiates: a tensor that requires grad
+    # (under torch.func.grad/vjp, the transform's wrapper does) or carries a tangent
+    # (forward_ad, torch.func.jvp). Otherwise a plain redispatch, as before.
+    args = (input, groups, bits, symmetric, stochastic)
+    if (input.requires_grad and _grad_enabled()) or (forward_ad_active() and has_tangent(input)):
+        if not _functorch_active():
+            return _FakeQuantizeSTE.apply(*args, keyset)
+        if not _FUNCTORCH_READY:
+            raise QkitValueError(
+                f"qkit.fake_quantize: torch.func transforms of it need torch's single-level autograd.Function, "
+                f"which torch {torch.__version__} lacks; differentiate with torch.autograd instead"
+            )
+        with _single_level_allowed():
+            return _FakeQuantizeSTE.apply(*args, keyset)
+    return _fake_quantize_redispatch(keyset & _below_autograd, *args)
+
+
+_lib.impl("fake_quantize", _fake_quantize_autograd, "Autograd", with_keyset=True)
+if hasattr(torch.library, "register_vmap"):  # reached at the FuncTorchBatched key, below autograd
+    torch.library.register_vmap("qkit::fake_quantize", _fake_quantize_vmap, lib=_lib)
+
+
+# Writing forms under vmap: the functional op's batching rule, then a batched copy (torch's
+# own fallback refuses ops that write). One extra copy, and only under vmap. The checks
+# are the unbatched call's, on the per-sample view: copy_ alone would broadcast a wrong
+# shape and cast a wrong dtype.
+def _fake_quantize_inplace_batched(
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
+) -> None:
+    check_no_self_overlap(input, "fake_quantize_")
+    input.copy_(torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic))
+
+
+def _fake_quantize_out_batched(
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False, *, out: Tensor
+) -> None:
+    check_out(out, "out", input.dtype, list(input.shape), input, "input", "fake_quantize")
+    out.copy_(torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic))
+
+
+_lib.impl("fake_quantize_", _fake_quantize_inplace_batched, "FuncTorchBatched")
+_lib.impl("fake_quantize.out", _fake_quantize_out_batched, "FuncTorchBatched")
 _fake_quantize_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize.default)
 _fake_quantize_out_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize.out)
 _fake_quantize_in_place_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize_.default)

@@ -40,12 +40,11 @@ from torch import Tensor, nn
 from qkit.moq.config import GroupConfig, MoQConfig, MoQConfigError, pattern_matches
 from qkit.moq.eigenvalue import block_eigenvalues, normalize_eigenvalues, resolve_module
 from qkit.moq.quantizer import Quantizer
+from qkit.moq.state import STATE_FORMAT, ScheduledParam, parse_moq_state
 
 logger = logging.getLogger("qkit.moq")
 
 __all__ = ["BitDrop", "MoQ"]
-
-_STATE_FORMAT = "qkit.moq/1"
 
 
 class ScalarWriter(Protocol):
@@ -399,7 +398,7 @@ class MoQ:
         rounding is stochastic).
         """
         return {
-            "format": _STATE_FORMAT,
+            "format": STATE_FORMAT,
             "steps": self.steps,
             "qsteps": self.quantizer.qsteps,
             "quantize_real_ratio": self.quantizer.quantize_real_ratio,
@@ -416,30 +415,39 @@ class MoQ:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the scheduled parameter names must match exactly."""
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"MoQ.load_state_dict: not a MoQ state (format {state.get('format')!r})")
-        saved = state["params"]
-        names = set(self.parameter_names)
-        missing = sorted(names - set(saved))
-        unexpected = sorted(set(saved) - names)
-        if missing or unexpected:
-            raise ValueError(
-                f"MoQ.load_state_dict: scheduled parameters differ: missing {missing}, unexpected {unexpected}"
+        """Restore :meth:`state_dict`: the scheduled parameter names must match exactly.
+
+        The whole state is checked first (:func:`qkit.moq.state.parse_moq_state`: names,
+        schedules within reach of this MoQ's quantizer, residual shapes and dtypes against
+        the parameters, counters, ratio, history) and only then applied, so a bad state
+        raises :class:`qkit.moq.state.MoQStateError` (a ``ValueError``) naming the key
+        and leaves this object as it was.
+        """
+        params = [
+            ScheduledParam(
+                name=e.name,
+                shape=e.param.shape,
+                master_dtype=_master_dtype(e.param.dtype),
+                device=e.param.device,
+                kernel=self.config.use_quantizer_kernel,
+                scheme=getattr(e.param, "q_spec", None) is not None,
             )
-        self.steps = int(state["steps"])
-        self.quantizer.qsteps = int(state["qsteps"])
-        self.quantizer.quantize_real_ratio = float(state["quantize_real_ratio"])
+            for e in self._entries
+        ]
+        parsed = parse_moq_state(
+            state, params, symmetric=self.quantizer.symmetric, stochastic=self.quantizer.stochastic
+        )
+        # Nothing below can fail: plain assignments of checked values.
+        self.steps = parsed.steps
+        self.quantizer.qsteps = parsed.qsteps
+        self.quantizer.quantize_real_ratio = parsed.quantize_real_ratio
         for e in self._entries:
-            sched = saved[e.name]
-            e.param.start_bits = int(sched["start_bits"])
-            e.param.target_bits = int(sched["target_bits"])
-            e.param.q_period = int(sched["q_period"])
-        self.history = [BitDrop(**d) for d in state.get("history", [])]
-        residuals = state.get("residuals", {})
-        for e in self._entries:
-            r = residuals.get(e.name)
-            e.residual = None if r is None else r.to(device=e.param.device, dtype=_master_dtype(e.param.dtype))
+            sched = parsed.schedules[e.name]
+            e.param.start_bits = sched["start_bits"]
+            e.param.target_bits = sched["target_bits"]
+            e.param.q_period = sched["q_period"]
+            e.residual = parsed.residuals[e.name]
+        self.history = [BitDrop(**d) for d in parsed.history]
 
 
 def _master_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from qkit import ops
+from qkit.moq.state import parse_quantizer_state
 
 logger = logging.getLogger("qkit.moq")
 
@@ -411,27 +412,37 @@ class Quantizer:
 
     def state_dict(self) -> dict[str, Any]:
         """The quantizer's state: step counter, ``r``, and the schedules of the parameters
-        of the last :meth:`quantize` call by position (``None`` for unscheduled ones)."""
-        return {
-            "qsteps": self.qsteps,
-            "quantize_real_ratio": self.quantize_real_ratio,
-            "params": [[_schedule_of(p) for p in group] for group in self._groups_seen],
-        }
+        of the last :meth:`quantize` call by position (``None`` for unscheduled ones).
+
+        Between a :meth:`load_state_dict` without parameters and the next :meth:`quantize`,
+        the schedules are the loaded ones, not yet on any parameter: they are saved as loaded.
+        """
+        if self._pending is not None:
+            params = [[None if s is None else dict(s) for s in group] for group in self._pending]
+        else:
+            params = [[_schedule_of(p) for p in group] for group in self._groups_seen]
+        return {"qsteps": self.qsteps, "quantize_real_ratio": self.quantize_real_ratio, "params": params}
 
     def load_state_dict(
         self, state: Mapping[str, Any], parameter_group: Sequence[Iterable[Tensor]] | None = None
     ) -> None:
         """Restore :meth:`state_dict`. Parameter schedules go onto ``parameter_group``
-        now, or onto the parameters of the next :meth:`quantize` call (same layout)."""
-        self.qsteps = int(state["qsteps"])
-        self.quantize_real_ratio = float(state["quantize_real_ratio"])
-        schedules = state.get("params", [])
-        if parameter_group is None:
-            self._pending = schedules
+        now, or onto the parameters of the next :meth:`quantize` call (same layout).
+
+        The state is checked first (:func:`qkit.moq.state.parse_quantizer_state`) and only
+        then applied: a bad one raises a ``ValueError`` naming the key, changing nothing.
+        """
+        groups = None if parameter_group is None else [list(g) for g in parameter_group]
+        layout = None if groups is None else [len(g) for g in groups]
+        parsed = parse_quantizer_state(state, layout)
+        self.qsteps = parsed.qsteps
+        self.quantize_real_ratio = parsed.quantize_real_ratio
+        if groups is None:
+            self._pending = parsed.params
         else:
-            groups = [list(g) for g in parameter_group]
-            self._apply_schedules(groups, schedules)
+            self._apply_schedules(groups, parsed.params)
             self._groups_seen = groups
+            self._pending = None
 
     @staticmethod
     def _apply_schedules(groups: list[list[Tensor]], schedules: list[list[dict[str, int] | None]]) -> None:
@@ -446,7 +457,7 @@ class Quantizer:
             for p, sched in zip(group, group_state, strict=True):
                 if sched is not None:
                     for attr in _SCHEDULE_ATTRS:
-                        setattr(p, attr, int(sched[attr]))
+                        setattr(p, attr, sched[attr])
 
 
 def _schedule_of(p: Tensor) -> dict[str, int] | None:
