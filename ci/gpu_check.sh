@@ -4,9 +4,10 @@
 #
 #   wheel      find the wheel (QKIT_WHEEL, or qkit-*-cp310-abi3-*.whl in QKIT_WHEEL_DIR,
 #              default wheelhouse/ then dist/) and check its build record has CUDA kernels
-#   install    a venv with --system-site-packages (the machine's torch), the wheel installed
-#              offline with --no-deps; pytest/hypothesis/numpy from the wheel folder if missing
-#   info       python -m qkit.info (and --json), qkit imported from the venv, a GPU visible
+#   install    pip install --target SITE --no-index --no-deps WHEEL (offline; the machine's
+#              own Python and torch run it, SITE first on PYTHONPATH); pytest, hypothesis,
+#              numpy from the wheel folder if the machine lacks them
+#   info       python -m qkit.info (and --json), qkit imported from SITE, a GPU visible
 #   tests      the suite's CUDA cases only (ci/qkit_gpu_select.py: -m cuda, the [cuda]
 #              device cases and the GPU-gated unmarked ones) against the installed package,
 #              junit XML + log
@@ -20,10 +21,14 @@
 # Every step runs under `timeout`, with at most its own limit and never more than the budget
 # leaves once the later required steps have their minimum; an optional step that would not
 # get its minimum is skipped. OUTDIR gets summary.json (status, seconds, command of every
-# step, test counts, sanitizer error counts, bench figures), one <step>.log per step,
-# tests.xml, info.json, bench_*.json and gpu_check.log.
+# step, test counts, sanitizer error counts, bench figures; rewritten after every step),
+# gpu_check.log (all the output), logs/<step>.log, steps.tsv, tests.xml, info.json and
+# bench_*.json.
 #
-# Usage: bash ci/gpu_check.sh [--dry-run] OUTDIR
+# Usage: bash ci/gpu_check.sh [--dry-run] [--pack] OUTDIR
+#   --pack (or QKIT_GPU_CHECK_PACK=1): at the end, move logs/, steps.tsv, tests.xml and
+#       info.json into OUTDIR/logs.tar.gz, leaving at most 5 files (the device tool's `run`
+#       brings back at most 8 from $OUT).
 #   --dry-run (or QKIT_GPU_CHECK_DRY_RUN=1): no GPU needed. The wheel step runs for real;
 #       every other step prints and logs the command it would run and runs a stand-in
 #       (`true`) under the same timeout and bookkeeping. QKIT_GPU_CHECK_SIMULATE="tests=300,
@@ -38,6 +43,8 @@
 #   QKIT_GPU_CHECK_BUDGET_S     the whole run's budget in seconds (default 480)
 #   QKIT_GPU_CHECK_MAX_<STEP>   one step's limit in seconds (e.g. QKIT_GPU_CHECK_MAX_TESTS=300)
 #   QKIT_GPU_CHECK_PYTEST_ARGS  extra pytest arguments (word-split), e.g. "-x"
+#   QKIT_GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers for the tests (default: 4 when
+#                               xdist is importable, else none; 0: none)
 #   QKIT_GPU_CHECK_BENCH_ARGS   replaces the bench's size/dtype/group/repeat arguments
 #   QKIT_GPU_CHECK_SANITIZER_FILTER  compute-sanitizer --kernel-name filter (default
 #                               kns=qkit: only qkit's kernels are instrumented; empty: all)
@@ -54,48 +61,41 @@ die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 # Steps made of several commands run as `bash ci/gpu_check.sh __<step> ...`, so that
 # `timeout` bounds all of them and the planned command is one readable line.
 
-internal_install() {  # __install VENV WHEEL WHEEL_DIR
-  local venv="$1" wheel="$2" wheel_dir="$3"
-  local vpy="$venv/bin/python"
-  local pip
-  if "$PY" -m venv --system-site-packages "$venv" 2>/dev/null; then
-    pip=("$vpy" -m pip)
-  else  # no ensurepip here: a venv without pip, filled by the base Python's pip
-    echo "gpu_check.sh: no ensurepip; venv --without-pip, installing with $PY -m pip --python"
-    rm -rf "$venv"
-    "$PY" -m venv --system-site-packages --without-pip "$venv"
-    pip=("$PY" -m pip --python "$vpy")
+internal_install() {  # __install SITE WHEEL WHEEL_DIR
+  # Installed with pip --target into SITE, put first on PYTHONPATH by every later step: the
+  # machine's own Python (and its torch) runs, untouched. (A venv --system-site-packages
+  # would not do there: its python3 is itself a venv, /opt/torch/.venv, and a venv made
+  # from a venv sees the base interpreter's site-packages, not that venv's torch.)
+  local site="$1" wheel="$2" wheel_dir="$3"
+  "$PY" -c 'import sys, torch; print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__} (CUDA {torch.version.cuda})")'
+  mkdir -p "$site"
+  if "$PY" -m pip --version > /dev/null 2>&1; then
+    # Offline, no dependencies: nothing can replace the machine's torch.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --no-index --no-deps --no-cache-dir --target "$site" "$wheel"
+  else  # a wheel is a zip of the package: unpacked, it imports the same (no console script)
+    echo "gpu_check.sh: no pip for $PY: unpacking the wheel into $site"
+    "$PY" -m zipfile -e "$wheel" "$site"
   fi
-  "$vpy" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}) from {torch.__file__}")'
-  # Offline, and never touching the machine's torch.
-  PIP_DISABLE_PIP_VERSION_CHECK=1 "${pip[@]}" install --no-index --no-deps --no-cache-dir "$wheel"
   local missing=() module
   for module in pytest hypothesis numpy; do
-    "$vpy" -c "import $module" 2>/dev/null || missing+=("$module")
+    PYTHONPATH="$site" "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "gpu_check.sh: the tests need ${missing[*]}: installing from $wheel_dir (offline)"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "${pip[@]}" install --no-index --no-cache-dir --find-links "$wheel_dir" "${missing[@]}" \
-      || { echo "gpu_check.sh: carry their wheels: pip download -d $(basename "$wheel_dir") ${missing[*]} (docs/gpu_check.md)" >&2; exit 1; }
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --no-index --no-cache-dir --target "$site" \
+      --find-links "$wheel_dir" "${missing[@]}" \
+      || { echo "gpu_check.sh: carry their wheels in $wheel_dir (docs/gpu_check.md)" >&2; exit 1; }
   fi
-  "$vpy" -c 'import os, sys, qkit; p = os.path.realpath(qkit.__file__); v = os.path.realpath(sys.argv[1])
-print("qkit", qkit.__version__, "from", p)
-sys.exit(0 if p.startswith(v + os.sep) else f"qkit comes from {p}, not from the venv {v}")' "$venv"
+  PYTHONPATH="$site" "$PY" "$HELPER" installed "$site"
 }
 
-internal_info() {  # __info VPY OUTDIR SANITIZER
-  local vpy="$1" out="$2" sanitizer="$3" rc=0
+internal_info() {  # __info SITE OUTDIR SANITIZER
+  local site="$1" out="$2" sanitizer="$3" rc=0
+  export PYTHONPATH="$site"
   nvidia-smi -L || echo "gpu_check.sh: nvidia-smi failed (continuing)"
-  "$vpy" -m qkit.info || rc=$?
-  "$vpy" -m qkit.info --json > "$out/info.json" || true
-  "$vpy" -c 'import sys, torch, qkit._loader as L
-r = L.build_record() or {}
-if not torch.cuda.is_available():
-    sys.exit("gpu_check.sh: torch sees no CUDA device")
-if not r.get("cuda_kernels"):
-    sys.exit("gpu_check.sh: the installed qkit has no CUDA kernels")
-p = torch.cuda.get_device_properties(0)
-print(f"GPU {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB; qkit archs {r.get(\"cuda_arch_list\")}")' || rc=1
+  "$PY" -m qkit.info || rc=$?
+  "$PY" -m qkit.info --json > "$out/info.json" || true
+  "$PY" "$HELPER" gpu || rc=1
   # A missing sanitizer fails the sanitizer steps, not this one (the tests still run).
   "$sanitizer" --version 2>&1 | tail -n 2 \
     || echo "gpu_check.sh: $sanitizer not found: set COMPUTE_SANITIZER (the memcheck and racecheck steps will fail)"
@@ -110,17 +110,19 @@ esac
 # ---------------------------------------------------------------- arguments
 
 DRY="${QKIT_GPU_CHECK_DRY_RUN:-0}"
+PACK="${QKIT_GPU_CHECK_PACK:-0}"
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --pack) PACK=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    -*) die "unknown option $1 (usage: bash ci/gpu_check.sh [--dry-run] OUTDIR)" ;;
+    -*) die "unknown option $1 (usage: bash ci/gpu_check.sh [--dry-run] [--pack] OUTDIR)" ;;
     *) [ -z "$OUT" ] || die "one OUTDIR only"; OUT="$1" ;;
   esac
   shift
 done
-[ -n "$OUT" ] || die "usage: bash ci/gpu_check.sh [--dry-run] OUTDIR"
+[ -n "$OUT" ] || die "usage: bash ci/gpu_check.sh [--dry-run] [--pack] OUTDIR"
 [ "$DRY" = 0 ] || DRY=1
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -130,6 +132,8 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/qkit-gpu-check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
+rm -rf "$OUT/logs" "$OUT/logs.tar.gz"
+mkdir "$OUT/logs"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 STARTED_AT="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 export PYTHONUNBUFFERED=1  # a step killed by its timeout still leaves its output in the log
@@ -174,7 +178,7 @@ reserve_after() {
 FAILED=0
 # record NAME STATUS RC SECONDS TIMEOUT COMMAND REASON
 record() {
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${REQUIRED[$1]}" "$2" "$3" "$4" "$5" "$OUT/$1.log" "$6" "$7" >> "$STEPS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${REQUIRED[$1]}" "$2" "$3" "$4" "$5" "logs/$1.log" "$6" "$7" >> "$STEPS"
   if [ "${REQUIRED[$1]}" = 1 ] && [ "$2" != ok ]; then FAILED=1; fi
   write_summary
 }
@@ -200,7 +204,7 @@ run_step() {
   local name="$1"; shift
   local real=0
   if [ "${1:-}" = --real ]; then real=1; shift; fi
-  local log="$OUT/$name.log" command
+  local log="$OUT/logs/$name.log" command
   command="$(quote "$@")"
   local left=$(( BUDGET - $(elapsed) - END_RESERVE ))
   local allowed=$(( left - $(reserve_after "$name") ))
@@ -261,8 +265,7 @@ fi
 [ -n "$WHEEL_DIR" ] || WHEEL_DIR="$(dirname "$WHEEL")"
 run_step wheel --real "$PY" "$HELPER" wheel "${WHEEL:-$WHEEL_DIR/qkit-*-cp310-abi3-*.whl}"
 
-VENV="$WORK/venv"
-VPY="$VENV/bin/python"
+SITE="$WORK/site-packages"
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || true)}"
 for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
   if [ -z "$SANITIZER" ] && [ -x "$candidate" ]; then SANITIZER="$candidate"; fi
@@ -275,42 +278,61 @@ if [ -n "${QKIT_GPU_CHECK_SANITIZER_FILTER-kns=qkit}" ]; then
 fi
 
 if [ "$FAILED" = 0 ]; then
-  run_step install bash "$ROOT/ci/gpu_check.sh" __install "$VENV" "$WHEEL" "$WHEEL_DIR"
+  run_step install bash "$ROOT/ci/gpu_check.sh" __install "$SITE" "$WHEEL" "$WHEEL_DIR"
 fi
 if [ "$FAILED" = 0 ]; then
-  run_step info bash "$ROOT/ci/gpu_check.sh" __info "$VPY" "$OUT" "$SANITIZER"
+  run_step info bash "$ROOT/ci/gpu_check.sh" __info "$SITE" "$OUT" "$SANITIZER"
 fi
 if [ "$FAILED" = 1 ]; then
   # Nothing below can run without the installed package on a visible GPU.
   for name in "${STEP_NAMES[@]}"; do
     if ! grep -q "^$name"$'\t' "$STEPS"; then
-      echo "skipped: an earlier step failed" > "$OUT/$name.log"
+      echo "skipped: an earlier step failed" > "$OUT/logs/$name.log"
       record "$name" skipped "" 0 0 "" "an earlier step failed"
     fi
   done
 else
   read -r -a pytest_extra <<< "${QKIT_GPU_CHECK_PYTEST_ARGS:-}"
+  # pytest-xdist, where the machine has it (the lent H200's image does): 4 workers share
+  # the GPU, and the many small compile-heavy cases finish sooner.
+  workers="${QKIT_GPU_CHECK_PYTEST_WORKERS:-auto}"
+  if [ "$workers" = auto ]; then
+    if "$PY" -c 'import xdist' 2> /dev/null; then workers=4; else workers=0; fi
+  fi
+  [[ "$workers" =~ ^[0-9]+$ ]] || die "QKIT_GPU_CHECK_PYTEST_WORKERS must be a number or auto"
+  xdist=()
+  if [ "$workers" -gt 0 ]; then xdist=(-n "$workers"); fi
   # From a scratch directory, so that only the installed qkit can be imported.
   cd "$WORK"
-  run_step tests env QKIT_TEST_INSTALLED=1 PYTHONPATH="$ROOT/ci" \
-    "$VPY" -m pytest -q -p no:cacheprovider -p qkit_gpu_select -o faulthandler_timeout=120 \
-    --junitxml="$OUT/tests.xml" "${pytest_extra[@]}" "$ROOT/tests"
+  run_step tests env QKIT_TEST_INSTALLED=1 PYTHONPATH="$SITE:$ROOT/ci" \
+    "$PY" -m pytest -q -p no:cacheprovider -p qkit_gpu_select -o faulthandler_timeout=120 \
+    --junitxml="$OUT/tests.xml" "${xdist[@]}" "${pytest_extra[@]}" "$ROOT/tests"
   # Every tensor its own cudaMalloc, so that memcheck sees an access past its end.
-  run_step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  run_step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH="$SITE" \
     "$SANITIZER" --tool memcheck "${FILTER[@]}" --error-exitcode 1 --print-limit 50 \
-    "$VPY" "$ROOT/ci/gpu_sanitize.py" --device cuda
-  run_step racecheck "$SANITIZER" --tool racecheck "${FILTER[@]}" --error-exitcode 1 --print-limit 50 \
-    "$VPY" "$ROOT/ci/gpu_sanitize.py" --device cuda --quick
+    "$PY" "$ROOT/ci/gpu_sanitize.py" --device cuda
+  run_step racecheck env PYTHONPATH="$SITE" \
+    "$SANITIZER" --tool racecheck "${FILTER[@]}" --error-exitcode 1 --print-limit 50 \
+    "$PY" "$ROOT/ci/gpu_sanitize.py" --device cuda --quick
   read -r -a bench_args <<< "${QKIT_GPU_CHECK_BENCH_ARGS:---sizes 64M --dtypes float32,bfloat16 --groups 128,4096 --repeat 20 --warmup 0.2}"
-  run_step bench_core env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" \
-    "$VPY" -m qkit bench --device cuda "${bench_args[@]}" --ops fake_quantize,quantize8 \
+  run_step bench_core env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" PYTHONPATH="$SITE" \
+    "$PY" -m qkit bench --device cuda "${bench_args[@]}" --ops fake_quantize,quantize8 \
     --no-jit --no-progress --json "$OUT/bench_core.json"
-  run_step bench_more env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" \
-    "$VPY" -m qkit bench --device cuda "${bench_args[@]}" --ops quantize4,dequantize8 \
+  run_step bench_more env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" PYTHONPATH="$SITE" \
+    "$PY" -m qkit bench --device cuda "${bench_args[@]}" --ops quantize4,dequantize8 \
     --no-jit --no-progress --json "$OUT/bench_more.json"
 fi
 
 write_summary
 echo
 "$PY" "$HELPER" report "$OUT/summary.json" || true
+if [ "$PACK" = 1 ]; then
+  # The device tool brings back at most 8 files: keep summary.json, gpu_check.log and the
+  # bench JSON loose, and everything else in logs.tar.gz.
+  packed=(logs steps.tsv)
+  for name in tests.xml info.json; do [ ! -f "$OUT/$name" ] || packed+=("$name"); done
+  tar -czf "$OUT/logs.tar.gz" -C "$OUT" "${packed[@]}"
+  (cd "$OUT" && rm -rf "${packed[@]}")
+  echo "gpu_check.sh: packed ${packed[*]} into $OUT/logs.tar.gz"
+fi
 exit "$FAILED"

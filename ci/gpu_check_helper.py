@@ -3,6 +3,8 @@
 python ci/gpu_check_helper.py wheel WHEEL      check the wheel's name and build record
 python ci/gpu_check_helper.py summary OUTDIR --steps STEPS.tsv ...   write OUTDIR/summary.json
 python ci/gpu_check_helper.py report SUMMARY   print a summary.json briefly
+PYTHONPATH=SITE python ci/gpu_check_helper.py installed SITE   qkit is imported from SITE
+PYTHONPATH=SITE python ci/gpu_check_helper.py gpu    torch sees a GPU and qkit has CUDA kernels
 """
 
 from __future__ import annotations
@@ -43,6 +45,34 @@ def check_wheel(path: Path) -> list[str]:
     if not record.get("cuda_kernels"):
         problems.append(f"{path.name} was built without CUDA kernels: rebuild with QKIT_BUILD_CUDA=1")
     return problems
+
+
+# ---------------------------------------------------------------- the installed package (venv's Python)
+
+
+def check_installed(site: Path) -> list[str]:
+    """qkit must come from ``site`` (where the wheel was installed), not from a source tree
+    or the machine's site-packages."""
+    import qkit
+
+    where = Path(qkit.__file__).resolve()
+    print(f"qkit {qkit.__version__} from {where}")
+    return [] if where.is_relative_to(site.resolve()) else [f"qkit comes from {where}, not from {site}"]
+
+
+def check_gpu() -> list[str]:
+    """torch sees a CUDA device and the installed qkit has CUDA kernels for it."""
+    import torch
+
+    from qkit import _loader
+
+    if not torch.cuda.is_available():
+        return [f"torch {torch.__version__} sees no CUDA device"]
+    record = _loader.build_record() or {}
+    props = torch.cuda.get_device_properties(0)
+    archs = record.get("cuda_arch_list")
+    print(f"GPU {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB; qkit archs {archs}")
+    return [] if record.get("cuda_kernels") else ["the installed qkit has no CUDA kernels"]
 
 
 # ---------------------------------------------------------------- summary
@@ -152,7 +182,7 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
         except json.JSONDecodeError:
             summary["info"] = {"error": "unreadable info.json"}
     summary["tests"] = junit_counts(out / "tests.xml")
-    summary["sanitizers"] = {tool: sanitizer_counts(out / f"{tool}.log") for tool in ("memcheck", "racecheck")}
+    summary["sanitizers"] = {tool: sanitizer_counts(out / "logs" / f"{tool}.log") for tool in ("memcheck", "racecheck")}
     summary["bench"] = {p.stem: bench_figures(p) for p in sorted(out.glob("bench_*.json"))}
     return summary
 
@@ -198,13 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--wheel", default="")
     show = sub.add_parser("report")
     show.add_argument("summary")
+    installed = sub.add_parser("installed")
+    installed.add_argument("site")
+    sub.add_parser("gpu")
     args = parser.parse_args(argv)
 
-    if args.command == "wheel":
-        problems = check_wheel(Path(args.path))
+    if args.command in ("wheel", "installed", "gpu"):
+        if args.command == "wheel":
+            problems = check_wheel(Path(args.path))
+        elif args.command == "installed":
+            problems = check_installed(Path(args.site))
+        else:
+            problems = check_gpu()
         for problem in problems:
             print(f"gpu_check.sh: {problem}", file=sys.stderr)
-        if not problems:
+        if args.command == "wheel" and not problems:
             print(f"wheel: {args.path}")
         return 1 if problems else 0
     if args.command == "summary":

@@ -7,10 +7,9 @@ when it needs a GPU to run, which the suite expresses in three ways:
    with a ``device`` parameter is kept only for ``cuda`` (``cpu`` and any emulated backend
    are dropped, whatever their marks);
 2. the ``cuda`` marker on the test (``@pytest.mark.cuda``) or on a parameter;
-3. no marker, but the test is gated on a GPU at run time (``if not
-   torch.cuda.is_available(): pytest.skip(...)``, ``.cuda()``, ``device="cuda"``): its
-   source mentions ``torch.cuda`` or the ``cuda`` device. All its parameter sets are kept
-   (the ones that need no GPU are cheap).
+3. no marker, but the test is gated on a GPU at run time: its code (not its strings)
+   calls ``torch.cuda.is_available()`` or ``.cuda()``, or passes ``device="cuda"``. All
+   its parameter sets are kept (the ones that need no GPU are cheap).
 
 ``-m cuda`` alone would miss the third kind. Everything else is deselected (and reported
 as such). ``QKIT_GPU_SELECT_LIST=PATH`` also writes the kept node ids to PATH.
@@ -18,14 +17,12 @@ as such). ``QKIT_GPU_SELECT_LIST=PATH`` also writes the kept node ids to PATH.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
-import re
+import textwrap
 
 import pytest
-
-#: How a test body names the GPU (the third kind above).
-GPU_SOURCE = re.compile(r"torch\.cuda\.|\.cuda\(|device=[\"']cuda[\"']|[\"']cuda[\"']\s*(?:if|,|\))")
 
 
 def _device_param(item: pytest.Item) -> str | None:
@@ -35,15 +32,32 @@ def _device_param(item: pytest.Item) -> str | None:
     return str(callspec.params["device"])
 
 
+def _uses_gpu(node: ast.AST) -> bool:
+    """``torch.cuda.is_available``, ``<x>.cuda(...)`` or ``device="cuda"`` (the third kind above)."""
+    if isinstance(node, ast.Attribute) and node.attr == "is_available":
+        inner = node.value
+        return (
+            isinstance(inner, ast.Attribute)
+            and inner.attr == "cuda"
+            and isinstance(inner.value, ast.Name)
+            and inner.value.id == "torch"
+        )
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return node.func.attr == "cuda"
+    if isinstance(node, ast.keyword) and node.arg == "device" and isinstance(node.value, ast.Constant):
+        return node.value.value == "cuda"
+    return False
+
+
 def _source_names_gpu(item: pytest.Item) -> bool:
     function = getattr(item, "function", None)
     if function is None:
         return False
     try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
         return False
-    return GPU_SOURCE.search(source) is not None
+    return any(_uses_gpu(node) for node in ast.walk(tree))
 
 
 def is_cuda_case(item: pytest.Item) -> bool:

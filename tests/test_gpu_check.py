@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def dry_run(tmp_path: Path, cuda_kernels: bool = True, **env: str) -> tuple[subp
         make_wheel(wheels, cuda_kernels)
     out = tmp_path / "out"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("QKIT_GPU_CHECK_")}
-    environ |= {"QKIT_WHEEL_DIR": str(wheels), "PYTHON": sys.executable, "TMPDIR": str(tmp_path), **env}
+    environ |= {"QKIT_WHEEL_DIR": str(wheels), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    environ |= {"QKIT_GPU_CHECK_PYTEST_WORKERS": "0", **env}  # not "auto": the same plan with or without xdist
     done = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run", str(out)], env=environ, capture_output=True, text=True, timeout=120
     )
@@ -70,24 +72,25 @@ def test_dry_run_plans_every_step(tmp_path):
     # Every step has a timeout, within the budget; every log was written.
     assert all(0 < step["timeout_s"] <= summary["budget_s"] for step in summary["steps"])
     for name in STEPS:
-        assert (out / f"{name}.log").is_file()
+        assert steps[name]["log"] == f"logs/{name}.log" and (out / "logs" / f"{name}.log").is_file()
     # The wheel step ran for real (it reads the wheel's build record); the others are planned.
-    assert "cuda_kernels=True" in (out / "wheel.log").read_text()
+    assert "cuda_kernels=True" in (out / "logs" / "wheel.log").read_text()
     for name in STEPS[1:]:
-        assert "[dry-run] would run: " in (out / f"{name}.log").read_text()
+        assert "[dry-run] would run: " in (out / "logs" / f"{name}.log").read_text()
         assert f"[dry-run] would run: {steps[name]['command']}" in done.stdout
 
     commands = {name: shlex.split(steps[name]["command"]) for name in STEPS}
-    venv_python = commands["info"][3]
-    assert venv_python.endswith("/venv/bin/python")
-    assert commands["install"][2:4] == ["__install", venv_python.removesuffix("/bin/python")]
-    assert commands["install"][4] == summary["wheel"]
+    python = sys.executable  # the machine's Python (PYTHON), with the wheel in SITE first on its path
+    site = commands["install"][3]
+    assert commands["install"][:5] == ["bash", str(SCRIPT), "__install", site, summary["wheel"]]
+    assert site.endswith("/site-packages") and not site.startswith(str(ROOT))
+    assert commands["info"][:5] == ["bash", str(SCRIPT), "__info", site, str(out)]
 
     tests = commands["tests"]
-    assert tests[tests.index(venv_python) :][:3] == [venv_python, "-m", "pytest"]
-    assert "QKIT_TEST_INSTALLED=1" in tests and f"PYTHONPATH={ROOT / 'ci'}" in tests
+    assert tests[tests.index(python) :][:3] == [python, "-m", "pytest"]
+    assert "QKIT_TEST_INSTALLED=1" in tests and f"PYTHONPATH={site}:{ROOT / 'ci'}" in tests
     assert "qkit_gpu_select" in tests and f"--junitxml={out / 'tests.xml'}" in tests
-    assert tests[-1] == str(ROOT / "tests")
+    assert tests[-1] == str(ROOT / "tests") and "-n" not in tests
 
     for tool, extra in (("memcheck", ["--device", "cuda"]), ("racecheck", ["--device", "cuda", "--quick"])):
         words = commands[tool]
@@ -95,14 +98,15 @@ def test_dry_run_plans_every_step(tmp_path):
         assert words[at - 1].endswith("compute-sanitizer") and words[at + 1] == tool
         assert words[words.index("--error-exitcode") + 1] == "1"
         assert words[words.index("--kernel-name") + 1] == "kns=qkit"
-        assert words[-len(extra) - 2 :] == [venv_python, str(ROOT / "ci" / "gpu_sanitize.py"), *extra]
+        assert words[-len(extra) - 2 :] == [python, str(ROOT / "ci" / "gpu_sanitize.py"), *extra]
+        assert f"PYTHONPATH={site}" in words[:at]
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in commands["memcheck"]
 
     timed_ops = set()
     for name in ("bench_core", "bench_more"):
         words = commands[name]
         at = words.index("bench")
-        assert words[at - 3 : at] == [venv_python, "-m", "qkit"]
+        assert words[at - 3 : at] == [python, "-m", "qkit"] and f"PYTHONPATH={site}" in words[:at]
         args = bench.build_parser().parse_args(words[at + 1 :])  # qkit bench accepts every planned flag
         assert args.device == "cuda" and args.no_jit and args.json == str(out / f"{name}.json")
         assert min(bench._parse_sizes(args.sizes)) >= 64 * 2**20
@@ -150,13 +154,28 @@ def test_a_wheel_without_cuda_kernels_stops_the_run(tmp_path):
     assert all(steps[name]["status"] == "skipped" for name in STEPS[1:])
 
 
+def test_pack_leaves_few_files(tmp_path):
+    """--pack: what the device tool brings back (at most 8 files) holds everything."""
+    done, summary = dry_run(tmp_path, QKIT_GPU_CHECK_PACK="1", QKIT_GPU_CHECK_PYTEST_WORKERS="4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    tests = shlex.split(steps_by_name(summary)["tests"]["command"])
+    assert tests[tests.index("-n") + 1] == "4"  # pytest-xdist workers
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "logs.tar.gz", "summary.json"]
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {"steps.tsv", *(f"logs/{name}.log" for name in STEPS)} <= names
+    assert summary["ok"]
+
+
 def test_bad_usage(tmp_path):
     done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "usage" in done.stderr
 
 
 def test_gpu_select_keeps_only_the_cuda_cases(tmp_path):
-    """The three ways the suite marks a CUDA case, and the cases it must drop."""
+    """The three ways the suite marks a CUDA case, and the cases it must drop (CPU and
+    emulated device values, unmarked tests, GPU words inside strings)."""
     (tmp_path / "test_cases.py").write_text(
         "import pytest\n"
         "CUDA = pytest.mark.cuda\n"
@@ -174,6 +193,8 @@ def test_gpu_select_keeps_only_the_cuda_cases(tmp_path):
         "        pytest.skip('needs a GPU')\n"
         "def test_cpu_only():\n"
         "    pass\n"
+        "def test_only_a_string():\n"
+        "    assert 'torch.cuda.is_available()' != 'device=\"cuda\"'\n"
     )
     listing = tmp_path / "kept.txt"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "ci"), "QKIT_GPU_SELECT_LIST": str(listing)}
@@ -194,7 +215,7 @@ def test_gpu_select_keeps_only_the_cuda_cases(tmp_path):
         "test_cases.py::test_gated[eager]",
         "test_cases.py::test_gated[fake]",
     ]
-    assert re.search(r"4/7 tests collected \(3 deselected\)", done.stdout), done.stdout
+    assert re.search(r"4/8 tests collected \(4 deselected\)", done.stdout), done.stdout
 
 
 def test_sanitizer_workload_calls_every_op(tmp_path):
