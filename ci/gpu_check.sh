@@ -263,6 +263,11 @@ if [ -z "$WHEEL" ]; then
     | sort -rn | head -n 1 | cut -d' ' -f2- || true)"
 fi
 [ -n "$WHEEL_DIR" ] || WHEEL_DIR="$(dirname "$WHEEL")"
+# Absolute: every step below runs in the scratch directory.
+WHEEL_DIR="$(cd "$WHEEL_DIR" 2> /dev/null && pwd || echo "$WHEEL_DIR")"
+if [ -n "$WHEEL" ] && [ -d "$(dirname "$WHEEL")" ]; then WHEEL="$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")"; fi
+# From a scratch directory: nothing of the source tree can be imported by accident.
+cd "$WORK"
 run_step wheel --real "$PY" "$HELPER" wheel "${WHEEL:-$WHEEL_DIR/qkit-*-cp310-abi3-*.whl}"
 
 SITE="$WORK/site-packages"
@@ -302,8 +307,6 @@ else
   [[ "$workers" =~ ^[0-9]+$ ]] || die "QKIT_GPU_CHECK_PYTEST_WORKERS must be a number or auto"
   xdist=()
   if [ "$workers" -gt 0 ]; then xdist=(-n "$workers"); fi
-  # From a scratch directory, so that only the installed qkit can be imported.
-  cd "$WORK"
   run_step tests env QKIT_TEST_INSTALLED=1 PYTHONPATH="$SITE:$ROOT/ci" \
     "$PY" -m pytest -q -p no:cacheprovider -p qkit_gpu_select -o faulthandler_timeout=120 \
     --junitxml="$OUT/tests.xml" "${xdist[@]}" "${pytest_extra[@]}" "$ROOT/tests"

@@ -145,10 +145,14 @@ def test_a_failed_required_step_fails_the_run(tmp_path, simulate, step, status):
         assert steps[step]["timeout_s"] == 240 <= steps[step]["seconds"]
 
 
-def test_a_wheel_without_cuda_kernels_stops_the_run(tmp_path):
+@pytest.mark.parametrize("problem", ["no CUDA kernels", "no wheel"])
+def test_a_wheel_problem_stops_the_run(tmp_path, problem):
+    if problem == "no wheel":
+        (tmp_path / "wheelhouse").mkdir()
     done, summary = dry_run(tmp_path, cuda_kernels=False)
     assert done.returncode == 1
-    assert "built without CUDA kernels" in done.stdout + done.stderr
+    words = "built without CUDA kernels" if problem == "no CUDA kernels" else "QKIT_BUILD_CUDA=1 bash ci/build_wheel.sh"
+    assert words in done.stdout + done.stderr
     steps = steps_by_name(summary)
     assert steps["wheel"]["status"] == "failed"
     assert all(steps[name]["status"] == "skipped" for name in STEPS[1:])
