@@ -159,7 +159,7 @@ def bench_figures(path: Path) -> dict[str, Any] | None:
             }
         )
     env = report.get("environment", {})
-    return {"gpu": env.get("gpu"), "torch": env.get("torch"), "rows": rows}
+    return {"gpu": env.get("gpu"), "torch": env.get("torch"), "baselines": env.get("baselines"), "rows": rows}
 
 
 def summarize(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ writes summary.json; its helpers (the CUDA-case selection, the sanitizer workloa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -234,3 +235,45 @@ def test_sanitizer_workload_calls_every_op(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     calls = re.search(r"gpu_sanitize\.py: (\d+) calls on cpu, 0 failed", done.stdout)
     assert calls and int(calls.group(1)) > 100, done.stdout
+
+
+def test_summary_reads_what_the_gpu_steps_write(tmp_path):
+    """The parsers of ci/gpu_check_helper.py on outputs shaped like the real ones: junit XML,
+    compute-sanitizer's summaries, gpu_sanitize.py's verdict, a qkit bench JSON."""
+    spec = importlib.util.spec_from_file_location("gpu_check_helper", ROOT / "ci" / "gpu_check_helper.py")
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "memcheck.log").write_text(
+        "========= COMPUTE-SANITIZER\nFAIL quantize g=3: differs from the CPU\n"
+        "gpu_sanitize.py: 161 calls on cuda, 1 failed (9.0 s)\n========= ERROR SUMMARY: 2 errors\n"
+    )
+    (tmp_path / "logs" / "racecheck.log").write_text(
+        "gpu_sanitize.py: 156 calls on cuda, 0 failed (3.0 s)\n"
+        "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n"
+    )
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="4" failures="1" errors="0" skipped="1" time="2.5">'
+        '<testcase classname="tests.test_core_ops" name="test_a[cuda]"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_core_ops" name="test_b[cuda]"/>'
+        "</testsuite></testsuites>"
+    )
+    row = {"op": "fake_quantize", "dtype": "float32", "group": "128", "numel": 2**26, "copy_gbps": 4000.0}
+    row |= {"gbps": {"compile": 2000.0, "qkit": 3000.0, "qkit_out": 3400.0}, "skipped": {"deepspeed": "not installed"}}
+    env = {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "baselines": {"deepspeed": None}}
+    (tmp_path / "bench_core.json").write_text(json.dumps({"environment": env, "rows": [row]}))
+    (tmp_path / "steps.tsv").write_text("tests\t1\tfailed\t1\t30\t240\tlogs/tests.log\tpytest\texit status 1\n")
+    args = ["summary", str(tmp_path), "--steps", str(tmp_path / "steps.tsv"), "--budget", "480"]
+    assert helper.main([*args, "--elapsed", "100", "--exit-status", "1"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["ok"] and summary["steps"][0]["status"] == "failed" and summary["steps"][0]["rc"] == 1
+    tests = summary["tests"]
+    assert (tests["tests"], tests["failures"], tests["skipped"], tests["passed"]) == (4, 1, 1, 2)
+    assert tests["failing"] == ["tests.test_core_ops::test_a[cuda]"]
+    memcheck, racecheck = summary["sanitizers"]["memcheck"], summary["sanitizers"]["racecheck"]
+    assert memcheck["errors"] == 2 and memcheck["calls_failed"] == 1
+    assert memcheck["call_failures"] == ["quantize g=3: differs from the CPU"]
+    assert (racecheck["hazards"], racecheck["errors"], racecheck["calls"]) == (1, 1, 156)
+    (bench_row,) = summary["bench"]["bench_core"]["rows"]
+    assert bench_row["qkit_share_of_copy"] == 0.85 and bench_row["not_timed"] == {"deepspeed": "not installed"}
+    assert summary["bench"]["bench_core"]["gpu"] == "NVIDIA H200"

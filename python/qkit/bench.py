@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -475,7 +476,16 @@ def environment(device: str) -> dict:
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["baselines"] = {name: _installed_version(name) for name in ("deepspeed", "bitsandbytes")}
     return info
+
+
+def _installed_version(distribution: str) -> str | None:
+    """The installed version of a baseline library (None when absent), without importing it."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _cpu_name() -> str:
