@@ -41,7 +41,9 @@ def make_wheel(folder: Path, cuda_kernels: bool = True) -> Path:
     return wheel
 
 
-def dry_run(tmp_path: Path, cuda_kernels: bool = True, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+def dry_run(
+    tmp_path: Path, cuda_kernels: bool = True, flag: str = "--dry-run", **env: str
+) -> tuple[subprocess.CompletedProcess, dict]:
     wheels = tmp_path / "wheelhouse"
     if not wheels.exists():
         make_wheel(wheels, cuda_kernels)
@@ -49,9 +51,8 @@ def dry_run(tmp_path: Path, cuda_kernels: bool = True, **env: str) -> tuple[subp
     environ = {k: v for k, v in os.environ.items() if not k.startswith("QKIT_GPU_CHECK_")}
     environ |= {"QKIT_WHEEL_DIR": str(wheels), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     environ |= {"QKIT_GPU_CHECK_PYTEST_WORKERS": "0", **env}  # not "auto": the same plan with or without xdist
-    done = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run", str(out)], env=environ, capture_output=True, text=True, timeout=120
-    )
+    command = ["bash", str(SCRIPT), *([flag] if flag else []), str(out)]
+    done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=120)
     summary = json.loads((out / "summary.json").read_text())
     return done, summary
 
@@ -161,7 +162,9 @@ def test_a_wheel_problem_stops_the_run(tmp_path, problem):
 
 def test_pack_leaves_few_files(tmp_path):
     """--pack: what the device tool brings back (at most 8 files) holds everything."""
-    done, summary = dry_run(tmp_path, QKIT_GPU_CHECK_PACK="1", QKIT_GPU_CHECK_PYTEST_WORKERS="4")
+    done, summary = dry_run(  # the environment's spellings of --dry-run and --pack
+        tmp_path, flag="", QKIT_GPU_CHECK_DRY_RUN="1", QKIT_GPU_CHECK_PACK="1", QKIT_GPU_CHECK_PYTEST_WORKERS="4"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     tests = shlex.split(steps_by_name(summary)["tests"]["command"])
     assert tests[tests.index("-n") + 1] == "4"  # pytest-xdist workers
@@ -170,7 +173,7 @@ def test_pack_leaves_few_files(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as archive:
         names = set(archive.getnames())
     assert {"steps.tsv", *(f"logs/{name}.log" for name in STEPS)} <= names
-    assert summary["ok"]
+    assert summary["ok"] and summary["dry_run"]
 
 
 def test_bad_usage(tmp_path):
