@@ -43,7 +43,7 @@
 #   QKIT_GPU_CHECK_BUDGET_S     the whole run's budget in seconds (default 480)
 #   QKIT_GPU_CHECK_MAX_<STEP>   one step's limit in seconds (e.g. QKIT_GPU_CHECK_MAX_TESTS=300)
 #   QKIT_GPU_CHECK_PYTEST_ARGS  extra pytest arguments (word-split), e.g. "-x"
-#   QKIT_GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers for the tests (default: 4 when
+#   QKIT_GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers for the tests (default: 8 when
 #                               xdist is importable, else none; 0: none)
 #   QKIT_GPU_CHECK_BENCH_ARGS   replaces the bench's size/dtype/group/repeat arguments
 #   QKIT_GPU_CHECK_SANITIZER_FILTER  compute-sanitizer --kernel-name filter (default
@@ -298,11 +298,11 @@ if [ "$FAILED" = 1 ]; then
   done
 else
   read -r -a pytest_extra <<< "${QKIT_GPU_CHECK_PYTEST_ARGS:-}"
-  # pytest-xdist, where the machine has it (the lent H200's image does): 4 workers share
-  # the GPU, and the many small compile-heavy cases finish sooner.
+  # pytest-xdist, where the machine has it (the lent H200's image does): 8 workers share
+  # the GPU and its 16 cores: 338 of the CUDA cases compile (torch.compile), which adds up.
   workers="${QKIT_GPU_CHECK_PYTEST_WORKERS:-auto}"
   if [ "$workers" = auto ]; then
-    if "$PY" -c 'import xdist' 2> /dev/null; then workers=4; else workers=0; fi
+    if "$PY" -c 'import xdist' 2> /dev/null; then workers=8; else workers=0; fi
   fi
   [[ "$workers" =~ ^[0-9]+$ ]] || die "QKIT_GPU_CHECK_PYTEST_WORKERS must be a number or auto"
   xdist=()
