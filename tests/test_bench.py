@@ -102,3 +102,38 @@ def test_warm_up_runs_for_its_seconds_before_the_timed_calls():
     calls.clear()
     bench.time_seconds(fn, repeat=3, warmup=0)
     assert len(calls) == 1 + 3
+
+
+@pytest.mark.parametrize("prebuilt", [False, True])
+def test_no_jit_takes_deepspeed_only_when_prebuilt(monkeypatch, prebuilt):
+    """--no-jit (ci/gpu_check.sh): DeepSpeed's quantizer op is loaded only when DeepSpeed was
+    installed with it prebuilt, never compiled just in time; without --no-jit it loads as before."""
+    import sys
+    import types
+
+    loads = []
+
+    class QuantizerBuilder:
+        name = "quantizer"
+
+        def load(self):
+            loads.append(self.name)
+            return types.SimpleNamespace(name="ds op")
+
+    modules = {name: types.ModuleType(name) for name in ("deepspeed", "deepspeed.ops", "deepspeed.ops.op_builder")}
+    modules["deepspeed.ops.op_builder"].QuantizerBuilder = QuantizerBuilder
+    modules["deepspeed.git_version_info"] = types.ModuleType("deepspeed.git_version_info")
+    modules["deepspeed.git_version_info"].installed_ops = {"quantizer": prebuilt}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    op, reason = base.load_deepspeed(allow_jit=False)
+    if prebuilt:
+        assert op is not None and reason is None and loads == ["quantizer"]
+    else:
+        assert op is None and "not prebuilt" in reason and loads == []
+    loads.clear()
+    op, reason = base.load_deepspeed()
+    assert op is not None and loads == ["quantizer"]
+    assert bench.build_parser().parse_args(["--no-jit"]).no_jit

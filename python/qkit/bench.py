@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -114,10 +115,10 @@ class Baselines:
     bnb_reason: str | None
 
     @classmethod
-    def load(cls, device: str) -> Baselines:
+    def load(cls, device: str, allow_jit: bool = True) -> Baselines:
         if not device.startswith("cuda"):
             return cls(None, "CUDA only", None, "CUDA only")
-        ds, ds_reason = base.load_deepspeed()
+        ds, ds_reason = base.load_deepspeed(allow_jit)
         bnb, bnb_reason = base.load_bitsandbytes()
         return cls(ds, ds_reason, bnb, bnb_reason)
 
@@ -276,9 +277,11 @@ def run(
     row: int = 16384,
     show_progress: bool = True,
     warmup: float = WARMUP_SECONDS,
+    allow_jit: bool = True,
 ) -> list[dict]:
-    """Time every case; one row per (threads, numel, dtype, group, op)."""
-    libs = Baselines.load(device)
+    """Time every case; one row per (threads, numel, dtype, group, op). ``allow_jit=False``:
+    no baseline is compiled just in time (DeepSpeed's op only when prebuilt)."""
+    libs = Baselines.load(device, allow_jit)
     total = len(threads) * len(sizes) * len(dtypes) * len(group_specs) * len(ops)
     step = _progress(total) if show_progress else (lambda description: None)
     rows = []
@@ -473,7 +476,16 @@ def environment(device: str) -> dict:
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["baselines"] = {name: _installed_version(name) for name in ("deepspeed", "bitsandbytes")}
     return info
+
+
+def _installed_version(distribution: str) -> str | None:
+    """The installed version of a baseline library (None when absent), without importing it."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -545,7 +557,8 @@ def _check_group_specs(specs: list[str]) -> None:
             raise ValueError(f"--groups: {spec!r} is neither a group size >= 1 nor 'row'")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``qkit bench``'s command line (ci/gpu_check.sh's test parses its planned arguments with it)."""
     parser = argparse.ArgumentParser(prog="qkit bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="32M", help="tensor sizes in elements, e.g. 32M or 1K,64K,1M,32M")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
@@ -557,7 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=float, default=WARMUP_SECONDS, help="seconds of untimed calls per implementation first"
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda[:N]); CUDA adds the GPU baselines")
+    parser.add_argument(
+        "--no-jit", action="store_true", help="never JIT-build a baseline: DeepSpeed's op is timed only when prebuilt"
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure and the machine as JSON")
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw GB/s vs size (use several --sizes)")
     parser.add_argument("--latency", action="store_true", help="per-call time on 64..64K-element tensors")
@@ -565,6 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", default=None, metavar="JSON", help="no run: print a saved --json report as Markdown (and --plot it)"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.report:
         with open(args.report) as f:
@@ -595,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = run(
         sizes, dtypes, args.groups.split(","), ops, threads, args.repeat, args.device,
-        row=args.row, show_progress=not args.no_progress, warmup=args.warmup,
+        row=args.row, show_progress=not args.no_progress, warmup=args.warmup, allow_jit=not args.no_jit,
     )  # fmt: skip
     shown = [name for name in IMPLS if any(name in r["gbps"] for r in rows)]
     print_table(rows, shown)

@@ -121,14 +121,24 @@ def eager_loco_stage3(
 # ---------------------------------------------------------------- GPU libraries, when installed
 
 
-def load_deepspeed() -> tuple[ModuleType | None, str | None]:
-    """DeepSpeed's quantizer op (``QuantizerBuilder().load()``), or why it is unavailable."""
+def load_deepspeed(allow_jit: bool = True) -> tuple[ModuleType | None, str | None]:
+    """DeepSpeed's quantizer op (``QuantizerBuilder().load()``), or why it is unavailable.
+
+    ``allow_jit=False`` takes the op only when DeepSpeed was installed with it prebuilt
+    (``DS_BUILD_QUANTIZER=1``), never compiling it just in time (minutes of nvcc)."""
     if not torch.cuda.is_available():
         return None, "CUDA only"
     try:
         from deepspeed.ops.op_builder import QuantizerBuilder
     except Exception as error:  # any import failure means "not available"
         return None, f"not installed ({type(error).__name__})"
+    if not allow_jit:
+        try:
+            from deepspeed.git_version_info import installed_ops
+        except Exception as error:
+            return None, f"no prebuilt op list ({type(error).__name__}); JIT build off (--no-jit)"
+        if not installed_ops.get(QuantizerBuilder().name, False):
+            return None, "quantizer op not prebuilt; JIT build off (--no-jit)"
     try:
         return QuantizerBuilder().load(), None
     except Exception as error:  # its JIT build fails in many ways
