@@ -19,7 +19,14 @@ import torch
 
 import qkit
 from helpers import assert_same, make_input
-from reference import ref_fake_quantize, ref_quantize, ref_stochastic_fake_quantize
+from reference import (
+    ref_dequantize,
+    ref_dequantize_unsigned,
+    ref_fake_quantize,
+    ref_quantize,
+    ref_stochastic_fake_quantize,
+)
+from test_zeropp_ops import check_loco_swizzle, check_reduction, check_swizzle, make_tensors
 
 # Class capacities 32, 256, 1024, 8192 (then the chunked path); 16-bit vectors hold 8
 # elements, fp32 vectors 4: sizes that are multiples of 8 take vectors in every dtype,
@@ -99,3 +106,59 @@ def test_grids_that_stride(device, group_size, groups):
     want_q, want_params = ref_quantize(x, groups, 8, False)
     assert_same(params, want_params, "params")
     assert_same(q, want_q, "codes")
+
+
+# The element-wise kernels stop at 4096 blocks of 256 threads as well: past that many
+# threads' worth of work (8 elements a thread in the quantizer's value pass and in
+# dequantize, one in the ZeRO++ kernels) they stride.
+VALUE_PASS_STRIDE = 4096 * 256 * 8
+ZEROPP_STRIDE = 4096 * 256
+
+
+def test_chunked_value_pass_and_dequantize_stride(device):
+    """Two groups of 4M elements take the chunked path; its value pass and dequantize both stride."""
+    groups = 2
+    x = make_input((groups, VALUE_PASS_STRIDE // 2 + 4), torch.float32, seed=5)
+    q, params = qkit.quantize(x.to(device), groups=groups, bits=8, symmetric=False)
+    want_q, want_params = ref_quantize(x, groups, 8, False)
+    assert_same(params, want_params, "params")
+    assert_same(q, want_q, "codes")
+    got = qkit.dequantize(q, params, groups=groups, bits=8, symmetric=False, dtype=torch.float32)
+    assert_same(got, ref_dequantize(want_q, want_params, groups, 8, False, torch.float32), "dequantize")
+
+
+def test_zeropp_kernels_stride(device):
+    """Every ZeRO++ kernel over more than 4096 x 256 elements: swizzling by the two-pass route
+    (32 slices of 40,000 elements), LoCo's error passes, the reduction's sum, unsigned codes."""
+    groups, group_size = 160, 8000  # 1.28M elements; layout 4 nodes x 4 devices x pipeline 2
+    assert groups * group_size > ZEROPP_STRIDE
+    x = make_input((groups, group_size), torch.bfloat16, seed=3)
+    e = make_input((groups * group_size,), torch.bfloat16, seed=4) * 1e-2
+    check_swizzle(x, groups, 8, False, (4, 4, 2), device)
+    check_loco_swizzle(x, e, 0.5, groups, 8, True, (4, 4, 2), device)
+    values = ZEROPP_STRIDE + 4
+    q, params = make_tensors(2, 2, values, 8, True, "quantized", seed=6)
+    check_reduction(q, params, 4, 4, 8, True, 2, device)
+    data = torch.randint(0, 256, (ZEROPP_STRIDE + 64,), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    scale, minv = torch.tensor([3.0, 5.0]), torch.tensor([-1.0, 0.5])
+    got = torch.ops.qkit.dequantize_unsigned(
+        data.to(device), scale.to(device), minv.to(device), 2, data.numel() // 2, 8
+    )
+    assert_same(got, ref_dequantize_unsigned(data, scale, minv, 2, data.numel() // 2, 8), "dequantize_unsigned")
+
+
+CHUNK = 8192  # the chunked path's statistics work item (kChunk)
+
+
+@pytest.mark.parametrize("spot", [0, CHUNK - 1, CHUNK, 2 * CHUNK - 1, 2 * CHUNK, 3 * CHUNK + 4])
+def test_chunked_statistics_see_both_sides_of_every_chunk_boundary(device, spot):
+    """One element far outside the rest of its group, on either side of a chunk boundary."""
+    groups, group_size = 2, 3 * CHUNK + 5
+    x = make_input((groups, group_size), torch.float32, seed=spot)
+    x = x / x.abs().max()
+    x[0, spot], x[1, spot] = -64.0, 64.0  # group 0's minimum and max |x|, group 1's maximum
+    for symmetric in (True, False):
+        q, params = qkit.quantize(x.to(device), groups=groups, bits=8, symmetric=symmetric)
+        want_q, want_params = ref_quantize(x, groups, 8, symmetric)
+        assert_same(params, want_params, f"params, spike at {spot}")
+        assert_same(q, want_q, f"codes, spike at {spot}")

@@ -31,10 +31,10 @@ constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int64_t kChunk = 8192;      // elements per statistics work item
 constexpr int64_t kWarpItemMax = 1024;  // items up to this size get a warp, not a block
 constexpr int kRun = 8;               // consecutive elements per thread in element passes
-constexpr int64_t kMaxBlocks = 1 << 16;
-// Single-pass grids stop here and stride: about four waves of 256-thread blocks
-// on a 132-SM GPU, enough to keep every SM streaming.
-constexpr int64_t kSinglePassMaxBlocks = 4096;
+// Grids stop here and stride: about four waves of 256-thread blocks on a 132-SM
+// GPU, enough to keep every SM streaming (and small enough that tests reach the
+// strided iterations of every kernel).
+constexpr int64_t kMaxBlocks = 4096;
 constexpr int64_t kSinglePassMax = 256 * 32;  // the largest class: a block of 256 threads x 32 elements
 // Our "warp" is 32 lanes everywhere. On AMD a wavefront is 64 lanes and the
 // shuffle mask is 64-bit; the explicit width keeps shuffles inside 32 lanes.
@@ -358,7 +358,7 @@ void launch_single_pass(const QuantJob& job, const T* in, void* out, float* para
   auto launch = [&](auto kernel, int group_threads) {
     const int64_t groups_per_block = kThreads / group_threads;
     const int64_t blocks = (job.groups + groups_per_block - 1) / groups_per_block;
-    const auto grid = static_cast<unsigned>(std::min<int64_t>(blocks, kSinglePassMaxBlocks));
+    const auto grid = static_cast<unsigned>(std::min<int64_t>(blocks, kMaxBlocks));
     kernel<<<grid, kThreads, 0, stream>>>(job, in, out, params_out);
   };
   if (group_size <= 4 * 8) {

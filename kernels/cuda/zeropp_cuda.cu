@@ -12,7 +12,7 @@ namespace qkit::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 1 << 16;
+constexpr int64_t kMaxBlocks = 4096;  // then grid-stride, as in quantize_cuda.cu
 
 unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
