@@ -42,6 +42,31 @@ DType float_dtype(const Tensor& t, const char* op, const char* arg) {
   }
 }
 
+int64_t checked_product(std::initializer_list<int64_t> factors, const char* what, const char* op) {
+  // Non-negative factors: unless one is 0, an intermediate product that overflows
+  // means the whole does.
+  int64_t product = 1;
+  bool overflow = false;
+  for (int64_t f : factors) {
+    if (f == 0) return 0;
+    overflow |= __builtin_mul_overflow(product, f, &product);
+  }
+  if (!overflow) return product;
+  std::ostringstream text;
+  const char* separator = "";
+  for (int64_t f : factors) {
+    text << separator << f;
+    separator = " * ";
+  }
+  fail(op, what, " (", text.str(), ") overflows int64");
+}
+
+void check_params_size(int64_t groups, bool symmetric, const char* op, const char* name) {
+  const std::string what = std::string("the bytes of the float32 params, `") + name + "` * " +
+                           (symmetric ? "1" : "2") + " * 4";
+  checked_product({groups, symmetric ? 1 : 2, 4}, what.c_str(), op);
+}
+
 void check_groups(int64_t numel, int64_t groups, const char* op, const char* numel_of, const char* name) {
   QKIT_CHECK(groups >= 1, op, "`", name, "` must be >= 1, got ", groups);
   QKIT_CHECK(numel % groups == 0, op, "`", name, "` (", groups, ") must divide the number of elements of `", numel_of,

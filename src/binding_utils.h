@@ -44,6 +44,14 @@ const char* dtype_name(ScalarType t);
 // The kernels' element type for a float tensor; errors for anything else.
 DType float_dtype(const Tensor& t, const char* op, const char* arg);
 
+// The product of non-negative int arguments (or sizes), `what` naming them (e.g. "`nodes` *
+// `devices_per_node`"); an error saying so when it does not fit in int64, where it
+// would silently wrap (to 0, 1 or -1 among others).
+int64_t checked_product(std::initializer_list<int64_t> factors, const char* what, const char* op);
+// The bytes of a [groups, 1|2] float32 params output must fit in int64: an empty input
+// accepts any `groups`, so only the allocation would notice, without naming it.
+void check_params_size(int64_t groups, bool symmetric, const char* op, const char* name = "groups");
+
 void check_groups(int64_t numel, int64_t groups, const char* op, const char* numel_of, const char* name = "groups");
 // A tensor written in place must not have elements that share memory (expanded views).
 void check_no_self_overlap(const Tensor& t, const char* op, const char* arg);

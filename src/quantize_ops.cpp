@@ -141,10 +141,11 @@ Shape code_sizes(const Tensor& input, int64_t bits) {
   return sizes;
 }
 
-DType check_quantize_args(const Tensor& input, int64_t groups, int64_t bits, const char* op) {
+DType check_quantize_args(const Tensor& input, int64_t groups, int64_t bits, bool symmetric, const char* op) {
   const DType dtype = float_dtype(input, op, "input");
   check_storage_bits(bits, op);
   check_groups(input.numel(), groups, op, "input");
+  check_params_size(groups, symmetric, op);
   check_packable(input, bits, op, "input");
   return dtype;
 }
@@ -159,7 +160,8 @@ void quantize_tensors(const Tensor& input, const QuantJob& job, Tensor& codes, T
 
 std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric) {
   const char* op = "quantize";
-  const QuantJob job = make_job(check_quantize_args(input, groups, bits, op), input.numel(), groups, bits, symmetric);
+  const DType dtype = check_quantize_args(input, groups, bits, symmetric, op);
+  const QuantJob job = make_job(dtype, input.numel(), groups, bits, symmetric);
   Tensor codes = empty_on(input, code_sizes(input, bits), ScalarType::Char);
   Tensor params = empty_on(input, {groups, symmetric ? 1 : 2}, ScalarType::Float);
   quantize_tensors(input, job, codes, params, op);
@@ -168,7 +170,8 @@ std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, 
 
 void quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, Tensor q, Tensor params) {
   const char* op = "quantize";
-  const QuantJob job = make_job(check_quantize_args(input, groups, bits, op), input.numel(), groups, bits, symmetric);
+  const DType dtype = check_quantize_args(input, groups, bits, symmetric, op);
+  const QuantJob job = make_job(dtype, input.numel(), groups, bits, symmetric);
   check_code_outputs(input, q, code_sizes(input, bits), params, groups, symmetric, op);
   quantize_tensors(input, job, q, params, op);
 }

@@ -17,15 +17,17 @@ SwizzleLayout check_layout(int64_t groups, int64_t pipeline, int64_t nodes, int6
   QKIT_CHECK(pipeline >= 1, op, "`pipeline` must be >= 1, got ", pipeline);
   QKIT_CHECK(nodes >= 1, op, "`nodes` must be >= 1, got ", nodes);
   QKIT_CHECK(devices >= 1, op, "`devices_per_node` must be >= 1, got ", devices);
-  QKIT_CHECK(groups % (nodes * devices * pipeline) == 0, op, "`groups` (", groups,
-             ") must be a multiple of nodes * devices_per_node * pipeline (", nodes * devices * pipeline, ")");
+  const int64_t slices = checked_product({nodes, devices, pipeline}, "`nodes` * `devices_per_node` * `pipeline`", op);
+  QKIT_CHECK(groups % slices == 0, op, "`groups` (", groups,
+             ") must be a multiple of `nodes` * `devices_per_node` * `pipeline` (", slices, ")");
   return SwizzleLayout{groups, pipeline, nodes, devices};
 }
 
-void check_swizzle_input(const Tensor& input, int64_t groups, int64_t bits, const char* op) {
+void check_swizzle_input(const Tensor& input, int64_t groups, int64_t bits, bool symmetric, const char* op) {
   float_dtype(input, op, "input");
   check_storage_bits(bits, op);
   check_groups(input.numel(), groups, op, "input");
+  check_params_size(groups, symmetric, op);
   QKIT_CHECK(bits == 8 || (input.numel() / groups) % 2 == 0, op,
              "4-bit swizzling moves whole bytes: `groups` must leave an even group size, got ", input.numel() / groups);
 }
@@ -153,7 +155,7 @@ void swizzle_into(const Tensor& in, std::optional<Tensor> error, double beta, co
 std::tuple<Tensor, Tensor> swizzle_common(const Tensor& input, std::optional<Tensor> error, double beta, int64_t groups,
                                           int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
                                           int64_t devices, const char* op) {
-  check_swizzle_input(input, groups, bits, op);
+  check_swizzle_input(input, groups, bits, symmetric, op);
   const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices, op);
   const Tensor in = dense(input);
   auto [codes, params] = new_outputs(in, {in.numel() * bits / 8}, groups, symmetric);
@@ -178,7 +180,7 @@ std::tuple<Tensor, Tensor> loco_swizzle_quantize(Tensor input, Tensor error_feed
 void swizzle_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, int64_t pipeline, int64_t nodes,
                           int64_t devices_per_node, Tensor q, Tensor params) {
   const char* op = "swizzle_quantize";
-  check_swizzle_input(input, groups, bits, op);
+  check_swizzle_input(input, groups, bits, symmetric, op);
   const SwizzleLayout layout = check_layout(groups, pipeline, nodes, devices_per_node, op);
   check_code_outputs(input, q, {input.numel() * bits / 8}, params, groups, symmetric, op);
   const Tensor in = dense(input);
@@ -194,13 +196,14 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
   check_codes_and_params(q, params, bits, op);
   QKIT_CHECK(devices >= 1, op, "`devices_per_node` must be >= 1, got ", devices);
   QKIT_CHECK(q.dim() >= 1 && q.sizes()[q.dim() - 1] % devices == 0, op,
-             "the last dimension of `q` must split into devices_per_node (", devices, ") equal tensors");
+             "the last dimension of `q` must split into `devices_per_node` (", devices, ") equal tensors");
   QKIT_CHECK(in_groups >= 1 && in_groups % devices == 0, op, "`in_groups` (", in_groups,
-             ") must be a positive multiple of devices_per_node (", devices, ")");
+             ") must be a positive multiple of `devices_per_node` (", devices, ")");
   const int64_t values = q.numel() * (8 / bits) / devices;
   QKIT_CHECK(values % (in_groups / devices) == 0, op, "`in_groups` / devices_per_node (", in_groups / devices,
              ") must divide the values per tensor (", values, ")");
   check_groups(values, out_groups, op, "the reduced output", "out_groups");
+  check_params_size(out_groups, symmetric, op, "out_groups");
   const int64_t per_group = params_per_group(symmetric);
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == in_groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [in_groups, ", per_group, "] = [", in_groups, ", ", per_group, "]");
@@ -257,16 +260,18 @@ Tensor dequantize_unsigned(Tensor data, Tensor scale, Tensor minv, int64_t num_g
   check_storage_bits(bits, op);
   QKIT_CHECK(num_groups >= 0, op, "`num_groups` must be >= 0, got ", num_groups);
   QKIT_CHECK(group_size >= 1, op, "`group_size` must be >= 1, got ", group_size);
-  const int64_t numel = num_groups * group_size;
+  const int64_t numel = checked_product({num_groups, group_size}, "`num_groups` * `group_size`", op);
+  checked_product({num_groups, group_size, 2}, "the bytes of the float16 output, `num_groups` * `group_size` * 2", op);
   QKIT_CHECK(bits == 8 || numel % 2 == 0, op, "4-bit codes come in pairs: `num_groups` * `group_size` (", numel,
              ") must be even");
-  QKIT_CHECK(data.numel() == numel * bits / 8, op, "`data` must hold num_groups * group_size * bits / 8 = ",
-             numel * bits / 8, " bytes, got ", data.numel());
+  const int64_t nbytes = bits == 8 ? numel : numel / 2;  // numel * bits / 8, which could overflow
+  QKIT_CHECK(data.numel() == nbytes, op, "`data` must hold `num_groups` * `group_size` * `bits` / 8 = ", nbytes,
+             " bytes, got ", data.numel());
   const DType pdt = float_dtype(scale, op, "scale");
   QKIT_CHECK(minv.scalar_type() == scale.scalar_type(), op, "`minv` must have the dtype of `scale`");
-  QKIT_CHECK(scale.numel() == num_groups, op, "`scale` must have num_groups (", num_groups, ") elements, got ",
+  QKIT_CHECK(scale.numel() == num_groups, op, "`scale` must have `num_groups` (", num_groups, ") elements, got ",
              scale.numel());
-  QKIT_CHECK(minv.numel() == num_groups, op, "`minv` must have num_groups (", num_groups, ") elements, got ",
+  QKIT_CHECK(minv.numel() == num_groups, op, "`minv` must have `num_groups` (", num_groups, ") elements, got ",
              minv.numel());
   check_same_device(data, "data", scale, "scale", op);
   check_same_device(data, "data", minv, "minv", op);

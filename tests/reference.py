@@ -6,15 +6,16 @@ results must match the kernels bit for bit. No qkit import on purpose.
 Conventions the spec leaves open, chosen here (and checked by the tests):
 - a group holding a NaN or +-Inf gets NaN params and NaN output; its codes are
   undefined (``ref_quantize`` returns them, but tests mask them with ``ref_finite_mask``);
-- an empty group (``E == 0``) has ``m == 0`` (``mx == mn``): step 1, offset 0.
+- an empty group (``E == 0``) has ``m == 0`` (``mx == mn``): step 1, offset 0;
+- a tiny-range group, whose fp32 scale ``2^(b-1) / half_range`` overflows to +inf, gets
+  the step ``range / 2^b`` rounded up to fp32 (range = ``2m`` or ``mx - mn`` in fp32) and
+  codes ``(x - offset) / step``: its step is subnormal and has no fp32 reciprocal.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-FLT_MAX = torch.finfo(torch.float32).max
 
 
 def code_range(bits: int) -> tuple[float, float]:
@@ -32,36 +33,52 @@ def ref_finite_mask(x: Tensor, groups: int) -> Tensor:
     return torch.isfinite(xg).all(dim=1, keepdim=True).expand_as(xg).reshape(-1)
 
 
+def _rounded_up_to_fp32(exact: Tensor) -> Tensor:
+    """float64 values -> the smallest fp32 values at or above them."""
+    nearest = exact.to(torch.float32)
+    up = torch.nextafter(nearest, torch.full_like(nearest, torch.inf))
+    return torch.where(nearest.to(torch.float64) < exact, up, nearest)
+
+
 def ref_params(x: Tensor, groups: int, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(scale, step, offset), each fp32 ``[G, 1]``."""
+    """(scale, step, offset), each fp32 ``[G, 1]``; scale is +inf for a tiny-range group."""
     xg = _groups_of(x, groups)
     half = torch.tensor(float(2 ** (bits - 1)), dtype=torch.float32)
     zero = torch.zeros(groups, 1, dtype=torch.float32)
     if xg.shape[1] == 0:
-        scale, offset = torch.ones(groups, 1), zero
+        scale, offset, spread = torch.ones(groups, 1), zero, zero
     elif symmetric:
         m = xg.abs().amax(dim=1, keepdim=True)
-        scale = torch.where(m == 0, 1.0, torch.clamp(half / m, max=FLT_MAX))
+        scale = torch.where(m == 0, 1.0, half / m)
         offset = zero
+        spread = 2 * m
     else:
         mx = xg.amax(dim=1, keepdim=True)
         mn = xg.amin(dim=1, keepdim=True)
         hmx, hmn = 0.5 * mx, 0.5 * mn
-        scale = torch.where(mx == mn, 1.0, torch.clamp(half / (hmx - hmn), max=FLT_MAX))
+        scale = torch.where(mx == mn, 1.0, half / (hmx - hmn))
         offset = hmx + hmn
+        spread = mx - mn
     finite = torch.isfinite(xg).all(dim=1, keepdim=True)
     scale = torch.where(finite, scale, torch.nan)
     offset = torch.where(finite, offset, torch.nan)
-    step = torch.div(torch.ones_like(scale), scale)
+    # spread / 2^b is exact in float64 (a power-of-two quotient of an fp32 value)
+    tiny_step = _rounded_up_to_fp32(spread.to(torch.float64) / 2**bits)
+    step = torch.where(torch.isinf(scale), tiny_step, torch.div(torch.ones_like(scale), scale))
     return scale, step, offset
+
+
+def ref_code_units(x: Tensor, groups: int, bits: int, symmetric: bool) -> Tensor:
+    """``(x - offset) * scale`` (``/ step`` for a tiny-range group), fp32 ``[G, E]``, unclamped."""
+    scale, step, offset = ref_params(x, groups, bits, symmetric)
+    d = _groups_of(x, groups) - offset
+    return torch.where(torch.isinf(scale), d / step, d * scale)
 
 
 def ref_codes(x: Tensor, groups: int, bits: int, symmetric: bool) -> Tensor:
     """Nearest (half-even) integer codes, fp32 ``[G, E]``."""
-    scale, _, offset = ref_params(x, groups, bits, symmetric)
     qmin, qmax = code_range(bits)
-    v = (_groups_of(x, groups) - offset) * scale
-    return torch.round(torch.clamp(v, qmin, qmax))
+    return torch.round(torch.clamp(ref_code_units(x, groups, bits, symmetric), qmin, qmax))
 
 
 def pack_int4(codes: Tensor, shape: torch.Size) -> Tensor:
@@ -141,12 +158,12 @@ def ref_philox_uniforms(seed: int, numel: int) -> Tensor:
 
 
 def ref_stochastic_fake_quantize(x: Tensor, groups: int, bits: int, symmetric: bool, seed: int) -> Tensor:
-    """Stochastic fake quantization: code ``floor(clamp((x - offset) * scale + u))`` with u from
+    """Stochastic fake quantization: code ``floor(clamp(v + u))`` (v: :func:`ref_code_units`) with u from
     :func:`ref_philox_uniforms`, each step one fp32 op, then dequantized as for nearest."""
-    scale, step, offset = ref_params(x, groups, bits, symmetric)
+    _, step, offset = ref_params(x, groups, bits, symmetric)
     u = ref_philox_uniforms(seed, x.numel()).reshape(groups, -1)
     qmin, qmax = code_range(bits)
-    codes = torch.floor(torch.clamp((_groups_of(x, groups) - offset) * scale + u, qmin, qmax))
+    codes = torch.floor(torch.clamp(ref_code_units(x, groups, bits, symmetric) + u, qmin, qmax))
     return dequant_codes(codes, step, offset, x.dtype).reshape(x.shape)
 
 

@@ -9,7 +9,7 @@ import torch
 
 import qkit
 from helpers import FLOAT_DTYPES, assert_same, make_input
-from reference import code_range, dequant_codes, ref_params, ref_stochastic_fake_quantize
+from reference import code_range, dequant_codes, ref_code_units, ref_params, ref_stochastic_fake_quantize
 
 ops = torch.ops.qkit
 DTYPE = pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -67,10 +67,10 @@ def test_gradient_flows_to_other_operands(device):
 
 
 def neighbours(x: torch.Tensor, groups: int, bits: int, symmetric: bool):
-    """(v, low, high): v = (x - offset) * scale, and the outputs of codes floor(v), floor(v) + 1
+    """(v, low, high): v = (x - offset) * scale (ref_code_units), and the outputs of codes floor(v), floor(v) + 1
     (clamped to the code range), in x's dtype, all flat."""
-    scale, step, offset = ref_params(x, groups, bits, symmetric)
-    v = (x.cpu().reshape(groups, -1).to(torch.float32) - offset) * scale
+    _, step, offset = ref_params(x, groups, bits, symmetric)
+    v = ref_code_units(x.cpu(), groups, bits, symmetric)
     qmin, qmax = code_range(bits)
     lo = torch.clamp(torch.floor(v), qmin, qmax)
     hi = torch.clamp(torch.floor(v) + 1, qmin, qmax)

@@ -33,7 +33,8 @@ ISAS = {
 
 # Sizes chosen to leave tails after every vector width and tile, and to take
 # the block-of-groups path (full and ragged last blocks), the per-group sweep and
-# the chunked large-group path; one group in a block sees NaN, another Inf.
+# the chunked large-group path; one group in a block sees NaN, another Inf; some
+# groups have tiny ranges.
 SCRIPT = r"""
 import torch, qkit
 from reference import codes_of_storage, ref_dequantize, ref_fake_quantize, ref_finite_mask, ref_quantize
@@ -46,6 +47,12 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = (torch.randn(numel, generator=gen) * 3).to(dtype)
         if groups == 40:
             x[5 * 64 + 3], x[20 * 64 + 63] = float("nan"), float("-inf")
+        # tiny-range groups (their steps are subnormal: codes divide by the step); the
+        # last of a 2-group tensor takes the chunked large-group path
+        n = numel // groups
+        x[(groups - 1) * n :] *= 1e-40
+        if groups >= 5:
+            x[2 * n : 3 * n] *= 1e-45
         x = x.reshape(-1, 2)
         for sym in (True, False):
             assert_same(qkit.fake_quantize(x, groups, 5, sym), ref_fake_quantize(x, groups, 5, sym), "fake")

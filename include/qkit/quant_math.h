@@ -61,28 +61,45 @@ QKIT_HD float code_max(int bits) { return pow2(bits - 1) - 1.0f; }
 
 // scale = 2^b / range, written as 2^(b-1) / (range/2) so that no finite input
 // overflows an intermediate (the two forms are equal for every normal range).
-// A scale that would overflow (subnormal ranges) is capped at FLT_MAX so the
-// group quantizes to zeros instead of producing inf*0.
-QKIT_HD float scale_for_half_range(float half_range, int bits) {
-  const float s = pow2(bits - 1) / half_range;
-  return s > FLT_MAX ? FLT_MAX : s;
+// It is +inf exactly when the half range is below about 2^(b-1)/FLT_MAX: see
+// divides_by_step.
+QKIT_HD float scale_for_half_range(float half_range, int bits) { return pow2(bits - 1) / half_range; }
+
+// A group whose scale overflows fp32 has a step below 1/FLT_MAX (a subnormal) whose
+// reciprocal is no float, so its codes divide by the step instead of multiplying by
+// the scale (code_units). The cap at FLT_MAX this replaces gave such groups a step of
+// 1/FLT_MAX, far coarser than range/2^b, and all-zero codes for deep subnormals.
+QKIT_HD bool divides_by_step(const QuantParams& p) { return p.scale > FLT_MAX; }
+
+// The step of such a group: range/2^b rounded up to a float (a multiple of the
+// smallest subnormal, never 0), so that range/step <= 2^b and every value stays
+// within one step. `range` is below 2^b/FLT_MAX here, so step * 2^b is exact.
+QKIT_HD float step_for_tiny_range(float range, int bits) {
+  const float levels = pow2(bits);
+  const float step = range * (1.0f / levels);  // one rounding, to nearest
+  return step * levels < range ? step + FLT_TRUE_MIN : step;
 }
 
 QKIT_HD QuantParams make_params(const GroupStats& s, int bits, bool symmetric) {
   QuantParams p;
+  float range;  // max - min (2 max|x| symmetric): read only for a group that divides by its step
   if (symmetric) {
     p.scale = s.hi == 0.0f ? 1.0f : scale_for_half_range(s.hi, bits);
     p.offset = 0.0f;
+    range = 2.0f * s.hi;
   } else {
     // hi < lo only for a group with no elements: step 1, offset 0 (as symmetric).
     p.scale = s.hi > s.lo ? scale_for_half_range(0.5f * s.hi - 0.5f * s.lo, bits) : 1.0f;
     p.offset = s.hi < s.lo ? 0.0f : 0.5f * s.hi + 0.5f * s.lo;  // the midpoint, without overflowing hi+lo
+    range = s.hi - s.lo;
   }
   if (s.poison != 0.0f) {  // NaN (never anything else): a non-finite value was seen
     p.scale = s.poison;
     p.offset = s.poison;
   }
-  p.step = 1.0f / p.scale;
+  // Both computed, then selected: keeps the CPU's per-block params loop branch-free.
+  const float tiny_step = step_for_tiny_range(range, bits);
+  p.step = divides_by_step(p) ? tiny_step : 1.0f / p.scale;
   return p;
 }
 
@@ -114,19 +131,39 @@ QKIT_HD float round_down(float v) {
   return r > v ? r - 1.0f : r;
 }
 
+// x in code units: (x - offset) * scale, or (x - offset) / step for a group that
+// divides_by_step. kByStep must be divides_by_step(p): the CPU kernels hoist that test
+// out of their element loops (an if-converted division would cost every group).
+template <bool kByStep>
+QKIT_HD float code_units(float x, const QuantParams& p) {
+  return kByStep ? (x - p.offset) / p.step : (x - p.offset) * p.scale;
+}
+
 // x scaled into code units and clamped to [qmin, qmax]: what nearest rounding rounds.
+template <bool kByStep>
 QKIT_HD float clamped_code_value(float x, const QuantParams& p, float qmin, float qmax) {
-  return clamp_code((x - p.offset) * p.scale, qmin, qmax);
+  return clamp_code(code_units<kByStep>(x, p), qmin, qmax);
 }
 
 // The integer code of x in [code_min, code_max], as a float (exact).
+template <bool kByStep>
 QKIT_HD float quantize_nearest(float x, const QuantParams& p, float qmin, float qmax) {
-  return round_half_even(clamped_code_value(x, p, qmin, qmax));
+  return round_half_even(clamped_code_value<kByStep>(x, p, qmin, qmax));
 }
 
 // Stochastic rounding floor(v + u), u in [0, 1): unbiased inside the range.
+template <bool kByStep>
 QKIT_HD float quantize_stochastic(float x, const QuantParams& p, float qmin, float qmax, float u) {
-  return round_down(clamp_code((x - p.offset) * p.scale + u, qmin, qmax));
+  return round_down(clamp_code(code_units<kByStep>(x, p) + u, qmin, qmax));
+}
+
+// The same, choosing per element (for kernels that do not hoist the choice).
+QKIT_HD float quantize_nearest(float x, const QuantParams& p, float qmin, float qmax) {
+  return divides_by_step(p) ? quantize_nearest<true>(x, p, qmin, qmax) : quantize_nearest<false>(x, p, qmin, qmax);
+}
+QKIT_HD float quantize_stochastic(float x, const QuantParams& p, float qmin, float qmax, float u) {
+  return divides_by_step(p) ? quantize_stochastic<true>(x, p, qmin, qmax, u)
+                            : quantize_stochastic<false>(x, p, qmin, qmax, u);
 }
 
 QKIT_HD float dequantize_code(float q, float step, float offset) { return step * q + offset; }

@@ -278,11 +278,11 @@ const float* uniforms_for(uint64_t seed, int64_t first, int64_t n, float (&buf)[
 // p and put are taken by value: through a reference, an int8 store may alias them
 // (char aliasing), so the params and put's captured pointer would be reloaded per
 // element and the loop would not vectorise (6x slower).
-template <typename Put>
-void emit_codes(const float* v, int64_t n, int64_t first, const QuantParams p, const QuantJob& job, Put put) {
+template <bool kByStep, typename Put>
+void emit_codes_as(const float* v, int64_t n, int64_t first, const QuantParams p, const QuantJob& job, Put put) {
   const float qmin = code_min(job.bits), qmax = code_max(job.bits);
   if (job.seed == nullptr) {
-    for (int64_t i = 0; i < n; ++i) put(i, quantize_nearest(v[i], p, qmin, qmax));
+    for (int64_t i = 0; i < n; ++i) put(i, quantize_nearest<kByStep>(v[i], p, qmin, qmax));
     return;
   }
   const uint64_t seed = static_cast<uint64_t>(*job.seed);
@@ -290,14 +290,25 @@ void emit_codes(const float* v, int64_t n, int64_t first, const QuantParams p, c
   for (int64_t s = 0; s < n; s += kTile) {
     const int64_t m = min_of(kTile, n - s);
     const float* u = uniforms_for(seed, first + s, m, buf);
-    for (int64_t i = 0; i < m; ++i) put(s + i, quantize_stochastic(v[s + i], p, qmin, qmax, u[i]));
+    for (int64_t i = 0; i < m; ++i) put(s + i, quantize_stochastic<kByStep>(v[s + i], p, qmin, qmax, u[i]));
+  }
+}
+
+// The tiny-range test (divides_by_step) once per call, not per element.
+template <typename Put>
+void emit_codes(const float* v, int64_t n, int64_t first, const QuantParams p, const QuantJob& job, Put put) {
+  if (divides_by_step(p)) {
+    emit_codes_as<true>(v, n, first, p, job, put);
+  } else {
+    emit_codes_as<false>(v, n, first, p, job, put);
   }
 }
 
 // quantize_nearest's code as an int8, read from the low byte of the rounding sum's bits
 // (see kRoundingMagic): no subtract and no float->int conversion per element.
+template <bool kByStep>
 inline int8_t nearest_code_byte(float x, const QuantParams& p, float qmin, float qmax) {
-  const float sum = clamped_code_value(x, p, qmin, qmax) + kRoundingMagic;
+  const float sum = clamped_code_value<kByStep>(x, p, qmin, qmax) + kRoundingMagic;
   uint32_t bits;
   std::memcpy(&bits, &sum, sizeof bits);
   return static_cast<int8_t>(bits & 0xFFu);
@@ -307,7 +318,11 @@ inline int8_t nearest_code_byte(float x, const QuantParams& p, float qmin, float
 void int_codes_of(const float* v, int64_t n, int64_t first, const QuantParams p, const QuantJob& job, int8_t* q) {
   if (job.seed == nullptr) {
     const float qmin = code_min(job.bits), qmax = code_max(job.bits);
-    for (int64_t i = 0; i < n; ++i) q[i] = nearest_code_byte(v[i], p, qmin, qmax);
+    if (divides_by_step(p)) {
+      for (int64_t i = 0; i < n; ++i) q[i] = nearest_code_byte<true>(v[i], p, qmin, qmax);
+    } else {
+      for (int64_t i = 0; i < n; ++i) q[i] = nearest_code_byte<false>(v[i], p, qmin, qmax);
+    }
     return;
   }
   emit_codes(v, n, first, p, job, [q](int64_t i, float code) { q[i] = static_cast<int8_t>(static_cast<int>(code)); });

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -236,6 +237,25 @@ def check_groups(numel: int, groups: int, op: str, numel_of: str = "input", name
         raise QkitValueError(
             f"qkit.{op}: `{name}` ({groups}) must divide the number of elements of `{numel_of}` ({numel})"
         )
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def checked_product(factors: Sequence[int], what: str, op: str) -> int:
+    """The product of non-negative int arguments (or sizes) that ``what`` names; the C++
+    bindings' error when it does not fit in int64 (where theirs would wrap)."""
+    product = math.prod(factors)
+    if product > _INT64_MAX:
+        raise QkitValueError(f"qkit.{op}: {what} ({' * '.join(str(f) for f in factors)}) overflows int64")
+    return product
+
+
+def check_params_size(groups: int, symmetric: bool, op: str, name: str = "groups") -> None:
+    """The bytes of a ``[groups, 1|2]`` float32 params output fit in int64 (an empty input
+    accepts any ``groups``, and only the allocation would notice, naming nothing)."""
+    per_group = 1 if symmetric else 2
+    checked_product((groups, per_group, 4), f"the bytes of the float32 params, `{name}` * {per_group} * 4", op)
 
 
 def check_fake_bits(bits: int, op: str) -> None:
@@ -565,17 +585,18 @@ define(
 define("dequantize.out(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, *, Tensor(a!) out) -> ()")
 
 
-def _check_quantize_args(input: Tensor, groups: int, bits: int) -> None:
+def _check_quantize_args(input: Tensor, groups: int, bits: int, symmetric: bool) -> None:
     op = "quantize"
     check_float_input(input, op)
     check_storage_bits(bits, op)
     check_groups(input.numel(), groups, op)
+    check_params_size(groups, symmetric, op)
     check_packable(input, bits, op, "input")
 
 
 @torch.library.register_fake("qkit::quantize")
 def _quantize_fake(input: Tensor, groups: int, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
-    _check_quantize_args(input, groups, bits)
+    _check_quantize_args(input, groups, bits, symmetric)
     codes = input.new_empty(_code_shape(input.shape, bits), dtype=torch.int8)
     params = input.new_empty((groups, 1 if symmetric else 2), dtype=torch.float32)
     return codes, params
@@ -585,7 +606,7 @@ def _quantize_fake(input: Tensor, groups: int, bits: int, symmetric: bool = True
 def _quantize_out_fake(
     input: Tensor, groups: int, bits: int, symmetric: bool = True, *, q: Tensor, params: Tensor
 ) -> None:
-    _check_quantize_args(input, groups, bits)
+    _check_quantize_args(input, groups, bits, symmetric)
     check_code_outputs(q, params, _code_shape(input.shape, bits), groups, symmetric, input, "quantize")
 
 

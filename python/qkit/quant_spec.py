@@ -219,38 +219,47 @@ class QuantSpec:
         y = ops.dequantize(q, params, groups, self.bits, self.symmetric, dtype)
         return self.from_op_layout(y)
 
-    def _scale_offset(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-group fp32 ``(scale, offset)`` with the kernels' arithmetic (``[G]`` each)."""
+    def _scale_offset(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-group fp32 ``(scale, offset, step)`` with the kernels' arithmetic (``[G]`` each)."""
         xs = self.to_op_layout(x.detach()).float().reshape(self._op_groups(x), -1)
         # include/qkit/quant_math.h, one correctly rounded fp32 operation at a time:
-        # scale = 2^(b-1) / half_range, capped at FLT_MAX, 1 for a zero range; a
-        # non-finite group gets a NaN scale and offset.
+        # scale = 2^(b-1) / half_range, 1 for a zero range; a non-finite group gets a
+        # NaN scale and offset.
         if self.symmetric:
             half = xs.abs().amax(dim=1)
             nonzero = half != 0
             offset = torch.zeros_like(half)
+            spread = 2.0 * half
         else:
             hi, lo = xs.amax(dim=1), xs.amin(dim=1)
             half = 0.5 * hi - 0.5 * lo
             nonzero = hi > lo
             offset = 0.5 * hi + 0.5 * lo
-        scale = (float(1 << (self.bits - 1)) / half).clamp(max=torch.finfo(torch.float32).max)
+            spread = hi - lo
+        scale = float(1 << (self.bits - 1)) / half
         scale = torch.where(nonzero, scale, torch.ones_like(scale))
         poison = (xs * 0.0).sum(dim=1)  # 0, or NaN when the group holds a NaN/Inf
-        return scale + poison, offset + poison
+        scale, offset = scale + poison, offset + poison
+        # A tiny range overflows the scale to +inf; its step is then spread / 2^b rounded
+        # up to a float (a subnormal), and its codes divide by the step (see _code_units).
+        levels = float(1 << self.bits)
+        tiny = spread * (1.0 / levels)
+        tiny = torch.where(tiny * levels < spread, torch.nextafter(tiny, torch.full_like(tiny, torch.inf)), tiny)
+        step = torch.where(torch.isinf(scale), tiny, 1.0 / scale)
+        return scale, offset, step
 
     def steps(self, x: Tensor) -> Tensor:
-        """The per-group step (``1/scale``) qkit uses for ``x``, float32 ``[G]``.
+        """The per-group step qkit uses for ``x`` (``1/scale`` but for tiny ranges), float32 ``[G]``.
 
         For symmetric schemes this is also the ``scale`` of PyTorch's affine
         quantization (zero point 0, codes ``[quant_min, quant_max]``).
         """
-        return 1.0 / self._scale_offset(x)[0]
+        return self._scale_offset(x)[2]
 
     def qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(steps, offsets)`` of ``x``, float32 ``[G]`` each (offsets: the midpoints; 0 if symmetric)."""
-        scale, offset = self._scale_offset(x)
-        return 1.0 / scale, offset
+        _, offset, step = self._scale_offset(x)
+        return step, offset
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unpacked int8 codes and params of ``x``, for any ``bits`` up to 8.
@@ -265,13 +274,14 @@ class QuantSpec:
         """
         if self.bits > 8:
             raise ValueError(f"QuantSpec: codes() stores one int8 per element, `bits` must be <= 8, got {self.bits}")
-        scale, offset = self._scale_offset(x)
+        scale, offset, step = self._scale_offset(x)
         groups = scale.shape[0]
         xs = self.to_op_layout(x.detach()).float().reshape(groups, -1)
-        v = ((xs - offset[:, None]) * scale[:, None]).clamp(self.quant_min, self.quant_max)
+        d = xs - offset[:, None]
+        v = torch.where(torch.isinf(scale)[:, None], d / step[:, None], d * scale[:, None])
+        v = v.clamp(self.quant_min, self.quant_max)
         # The kernels clamp NaN to the lowest code (the group's params are NaN anyway).
         v = torch.where(torch.isnan(v), float(self.quant_min), v)
         q = torch.round(v).to(torch.int8).reshape(self.to_op_layout(x).shape)
-        step = 1.0 / scale
         params = step[:, None] if self.symmetric else torch.stack([step, offset], dim=1)
         return q, params

@@ -21,7 +21,9 @@ from qkit.ops import (
     check_float_input,
     check_groups,
     check_no_self_overlap,
+    check_params_size,
     check_storage_bits,
+    checked_product,
     define,
     register_autograd_rules,
 )
@@ -68,11 +70,19 @@ def _check_positive(value: int, name: str, op: str) -> None:
 
 
 def _check_swizzle(
-    input: Tensor, groups: int, bits: int, pipeline: int, nodes: int, devices_per_node: int, op: str
+    input: Tensor,
+    groups: int,
+    bits: int,
+    symmetric: bool,
+    pipeline: int,
+    nodes: int,
+    devices_per_node: int,
+    op: str,
 ) -> None:
     check_float_input(input, op)
     check_storage_bits(bits, op)
     check_groups(input.numel(), groups, op)
+    check_params_size(groups, symmetric, op)
     if bits == 4 and (input.numel() // groups) % 2 != 0:
         raise QkitValueError(
             f"qkit.{op}: 4-bit swizzling moves whole bytes: `groups` must leave an even group size, "
@@ -81,10 +91,10 @@ def _check_swizzle(
     _check_positive(pipeline, "pipeline", op)
     _check_positive(nodes, "nodes", op)
     _check_positive(devices_per_node, "devices_per_node", op)
-    parts = nodes * devices_per_node * pipeline
+    parts = checked_product((nodes, devices_per_node, pipeline), "`nodes` * `devices_per_node` * `pipeline`", op)
     if groups % parts != 0:
         raise QkitValueError(
-            f"qkit.{op}: `groups` ({groups}) must be a multiple of nodes * devices_per_node * pipeline ({parts})"
+            f"qkit.{op}: `groups` ({groups}) must be a multiple of `nodes` * `devices_per_node` * `pipeline` ({parts})"
         )
 
 
@@ -109,11 +119,11 @@ def _check_reduction(
     _check_positive(devices, "devices_per_node", op)
     if q.dim() == 0 or q.shape[-1] % devices != 0:
         raise QkitValueError(
-            f"qkit.{op}: the last dimension of `q` must split into devices_per_node ({devices}) equal tensors"
+            f"qkit.{op}: the last dimension of `q` must split into `devices_per_node` ({devices}) equal tensors"
         )
     if in_groups < 1 or in_groups % devices != 0:
         raise QkitValueError(
-            f"qkit.{op}: `in_groups` ({in_groups}) must be a positive multiple of devices_per_node ({devices})"
+            f"qkit.{op}: `in_groups` ({in_groups}) must be a positive multiple of `devices_per_node` ({devices})"
         )
     values = q.numel() * (8 // bits) // devices
     if values % (in_groups // devices) != 0:
@@ -122,6 +132,7 @@ def _check_reduction(
             f"tensor ({values})"
         )
     check_groups(values, out_groups, op, "the reduced output", name="out_groups")
+    check_params_size(out_groups, symmetric, op, "out_groups")
     per_group = 1 if symmetric else 2
     if params.dim() != 2 or tuple(params.shape) != (in_groups, per_group):
         raise QkitValueError(
@@ -148,7 +159,7 @@ def _reduction_outputs(q: Tensor, out_groups: int, symmetric: bool, devices: int
 def _swizzle_quantize_fake(
     input: Tensor, groups: int, bits: int, symmetric: bool, pipeline: int, nodes: int, devices_per_node: int
 ) -> tuple[Tensor, Tensor]:
-    _check_swizzle(input, groups, bits, pipeline, nodes, devices_per_node, "swizzle_quantize")
+    _check_swizzle(input, groups, bits, symmetric, pipeline, nodes, devices_per_node, "swizzle_quantize")
     return _swizzle_outputs(input, groups, bits, symmetric)
 
 
@@ -166,7 +177,7 @@ def _swizzle_quantize_out_fake(
     params: Tensor,
 ) -> None:
     op = "swizzle_quantize"
-    _check_swizzle(input, groups, bits, pipeline, nodes, devices_per_node, op)
+    _check_swizzle(input, groups, bits, symmetric, pipeline, nodes, devices_per_node, op)
     check_code_outputs(q, params, [input.numel() * bits // 8], groups, symmetric, input, op)
 
 
@@ -183,7 +194,7 @@ def _loco_swizzle_quantize_fake(
     devices_per_node: int,
 ) -> tuple[Tensor, Tensor]:
     op = "loco_swizzle_quantize"
-    _check_swizzle(input, groups, bits, pipeline, nodes, devices_per_node, op)
+    _check_swizzle(input, groups, bits, symmetric, pipeline, nodes, devices_per_node, op)
     _check_error_feedback(error_feedback, input, input.numel(), True, err_beta, op)
     return _swizzle_outputs(input, groups, bits, symmetric)
 
@@ -227,14 +238,15 @@ def _dequantize_unsigned_fake(
     if num_groups < 0:
         raise QkitValueError(f"qkit.{op}: `num_groups` must be >= 0, got {num_groups}")
     _check_positive(group_size, "group_size", op)
-    numel = num_groups * group_size
+    numel = checked_product((num_groups, group_size), "`num_groups` * `group_size`", op)
+    checked_product((num_groups, group_size, 2), "the bytes of the float16 output, `num_groups` * `group_size` * 2", op)
     if bits == 4 and numel % 2 != 0:
         raise QkitValueError(
             f"qkit.{op}: 4-bit codes come in pairs: `num_groups` * `group_size` ({numel}) must be even"
         )
     if data.numel() != numel * bits // 8:
         raise QkitValueError(
-            f"qkit.{op}: `data` must hold num_groups * group_size * bits / 8 = {numel * bits // 8} bytes, "
+            f"qkit.{op}: `data` must hold `num_groups` * `group_size` * `bits` / 8 = {numel * bits // 8} bytes, "
             f"got {data.numel()}"
         )
     check_float_input(scale, op, "scale")
@@ -242,7 +254,7 @@ def _dequantize_unsigned_fake(
         raise QkitTypeError(f"qkit.{op}: `minv` must have the dtype of `scale`")
     for name, t in (("scale", scale), ("minv", minv)):
         if t.numel() != num_groups:
-            raise QkitValueError(f"qkit.{op}: `{name}` must have num_groups ({num_groups}) elements, got {t.numel()}")
+            raise QkitValueError(f"qkit.{op}: `{name}` must have `num_groups` ({num_groups}) elements, got {t.numel()}")
         if t.device != data.device:
             raise QkitValueError(f"qkit.{op}: `{name}` must be on the same device as `data`")
     return data.new_empty((num_groups, group_size), dtype=torch.float16)

@@ -8,8 +8,9 @@ two agree bit for bit because ``1/(1/s) == s`` in fp32 whenever ``s`` is itself 
 correctly rounded quotient ``2^k / m`` (checked for every fp32 mantissa; a
 reciprocal applied three times equals the reciprocal applied once), both round
 half to even, clamping before or after rounding to integer bounds is the same,
-and ``step·q`` is a single rounded product. The exceptions are ranges outside
-fp32's normal numbers (``max|x| < 2^(b-1)/FLT_MAX``, where qkit caps the scale).
+and ``step·q`` is a single rounded product. The exceptions are tiny ranges
+(``max|x|`` below about ``2^(b-1)/FLT_MAX``): their step is a subnormal with no fp32
+reciprocal, so qkit divides by it where torch multiplies by an infinite ``1/scale``.
 """
 
 from __future__ import annotations
