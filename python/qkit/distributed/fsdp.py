@@ -455,7 +455,7 @@ def zeropp(
     fields = {
         "grad": (grad_bits, grad_group_size),
         "weight": (weight_bits, weight_group_size),
-        "loco": repr(loco),
+        "loco": None if loco is None else type(loco).__name__,  # not repr: it may hold an address
         "local_world_size": local_world_size,
         "fsdp modules": len(modules),
     }
