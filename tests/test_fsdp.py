@@ -150,14 +150,15 @@ def make_model(param_dtype: torch.dtype) -> torch.nn.Module:
     return model.to(param_dtype)
 
 
-# label -> (param dtype, fully_shard kwargs name, gradient divide factor as a multiple of the world)
-RUNS: dict[str, tuple[torch.dtype, str, int | None]] = {
-    "fp32": (torch.float32, "plain", None),
-    "bf16": (torch.bfloat16, "plain", None),
-    "mp": (torch.float32, "bf16_params_fp32_reduce", None),  # AVG on bf16 all-gathers, fp32 reduce
-    "fp16_reduce": (torch.float32, "fp16_reduce", None),  # FSDP2: SUM with pre/post divide
-    "no_reshard": (torch.float32, "no_reshard", None),  # reshard_after_forward=False
-    "divide": (torch.float32, "plain", 2),  # set_gradient_divide_factor(2 W): PREMUL_SUM(1 / (2 W))
+# label -> (param dtype, fully_shard kwargs name, gradient divide factor as a multiple of the world, LoCo)
+RUNS: dict[str, tuple[torch.dtype, str, int | None, bool]] = {
+    "fp32": (torch.float32, "plain", None, False),
+    "bf16": (torch.bfloat16, "plain", None, False),
+    "mp": (torch.float32, "bf16_params_fp32_reduce", None, False),  # AVG on bf16 all-gathers, fp32 reduce
+    "fp16_reduce": (torch.float32, "fp16_reduce", None, False),  # FSDP2: SUM with pre/post divide
+    "no_reshard": (torch.float32, "no_reshard", None, False),  # reshard_after_forward=False
+    "divide": (torch.float32, "plain", 2, False),  # set_gradient_divide_factor(2 W): PREMUL_SUM(1 / (2 W))
+    "loco": (torch.float32, "plain", None, True),  # LocoConfig(0.8, 1024)
 }
 
 
@@ -180,7 +181,7 @@ def _train(rank: int, world: int, label: str, zero: bool) -> dict:
     import qkit.distributed as qd
     import qkit.distributed.fsdp as fsdp_impl
 
-    param_dtype, kw_name, divide = RUNS[label]
+    param_dtype, kw_name, divide, use_loco = RUNS[label]
     kw = _shard_kwargs(kw_name)
     model = make_model(param_dtype)
     for layer in model:
@@ -195,7 +196,8 @@ def _train(rank: int, world: int, label: str, zero: bool) -> dict:
             if isinstance(m, type(model)) or hasattr(m, "set_gradient_divide_factor"):
                 m.set_gradient_divide_factor(float(divide * world))
         lr *= divide
-    handle = qd.zeropp(model, grad_bits=4, weight_bits=8) if zero else None
+    loco = qd.LocoConfig(beta=0.8, reset_T=1024) if use_loco else None
+    handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco) if zero else None
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(99 + rank)
     losses: list[float] = []
@@ -253,8 +255,8 @@ def _check_handle(rank: int, world: int) -> dict:
 
     out: dict[str, Any] = {}
     h = qd.zeropp(sharded())
-    h.reduce_scatter.stats.load({"calls": 3, "sent": 30, "baseline": 300})
-    h.all_gather.stats.load({"calls": 2, "sent": 20, "baseline": 80})
+    h.stats["reduce_scatter"].load({"calls": 3, "sent": 30, "baseline": 300})
+    h.stats["all_gather"].load({"calls": 2, "sent": 20, "baseline": 80})
     sd = h.state_dict()
     h2 = qd.zeropp(sharded())
     h2.load_state_dict(torch.load(_roundtrip(sd, rank), weights_only=True))
@@ -268,7 +270,21 @@ def _check_handle(rank: int, world: int) -> dict:
     out["bad_config"] = _expect(ValueError, lambda: h4.load_state_dict(sd))
     h5 = qd.zeropp(sharded(), weight_bits=None)
     out["weight_default"] = (h5.all_gather is None, sorted(h5.state_dict()["stats"]))
-    out["loco"] = _expect(NotImplementedError, lambda: qd.zeropp(sharded(), loco=object()))
+    out["loco"] = _expect(TypeError, lambda: qd.zeropp(sharded(), loco=object()))
+    out["loco_hyper"] = _expect(ValueError, lambda: qd.LocoConfig(beta=1.5))
+    # LoCo state: a malformed error buffer, or another model's module names, change nothing
+    hl = qd.zeropp(sharded(), loco=qd.LocoConfig())
+    sd_l = hl.state_dict()
+    name = next(iter(sd_l["loco"]))
+    bad_l = {
+        **sd_l,
+        "loco": {**sd_l["loco"], name: {"error": torch.zeros(3), "steps": 1, "layout": [2, 9, 10, "float32"]}},
+    }
+    before = hl.state_dict()
+    out["bad_loco"] = (_expect(ValueError, lambda: hl.load_state_dict(bad_l)), _same(hl.state_dict(), before))
+    other = {**sd_l, "loco": {"nope": sd_l["loco"][name]}}
+    out["bad_loco_names"] = _expect(ValueError, lambda: hl.load_state_dict(other))
+    out["loco_vs_plain"] = _expect(ValueError, lambda: h2.load_state_dict(sd_l))
     out["two_hop"] = _expect(NotImplementedError, lambda: qd.zeropp(sharded(), local_world_size=1))
     out["no_fsdp"] = _expect(ValueError, lambda: qd.zeropp(make_model(torch.float32)))
     # ranks that disagree: every rank raises the same error
@@ -276,6 +292,15 @@ def _check_handle(rank: int, world: int) -> dict:
     out["bad_bits"] = _expect(ValueError, lambda: qd.QuantizedReduceScatter(bits=3))
     out["hsdp"] = _hsdp(world)
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of nested state dicts that may hold tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 def _hsdp(world: int) -> str:
@@ -301,11 +326,96 @@ def _roundtrip(obj: Any, rank: int) -> Any:
     return buf
 
 
+LOCO_CASES = [("f32_odd", 13, torch.float32), ("bf16_odd", 9, torch.bfloat16), ("f32_two_groups", 300, torch.float32)]
+LOCO_BETA, LOCO_RESET_T, LOCO_CALLS = 0.5, 3, 5
+
+
+def _check_loco_reduce_scatter(rank: int, world: int) -> dict:
+    import qkit.distributed as qd
+
+    out = {}
+    for salt, (name, s, dtype) in enumerate(LOCO_CASES):
+        comm = qd.QuantizedReduceScatter(bits=4, loco=qd.LocoConfig(beta=LOCO_BETA, reset_T=LOCO_RESET_T))
+        outs = []
+        for call in range(LOCO_CALLS):
+            inp = rank_input(world * s, dtype, rank, 1000 + 10 * salt + call)
+            res = torch.empty(s, dtype=dtype)
+            comm(res, inp, torch.distributed.group.WORLD, _ops()["avg"])
+            outs.append(res)
+        out[name] = {"outs": outs, "error": comm.error.clone(), "steps": comm.steps}
+    return out
+
+
+def _resume_model(rank: int, loco: Any) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
+
+    import qkit.distributed as qd
+
+    model = make_model(torch.float32)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco)
+    return model, handle, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def _resume_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        gen = torch.Generator().manual_seed(7 * step + 1000 * rank)
+        x, y = torch.randn(16, 17, generator=gen), torch.randn(16, 5, generator=gen)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _local(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.to_local().detach().clone() for k, v in model.state_dict().items()}
+
+
+def _check_resume(rank: int, world: int) -> dict:
+    import io
+
+    import qkit.distributed as qd
+
+    loco = qd.LocoConfig(beta=0.8, reset_T=1024)
+    # one run of 4 steps
+    model, _, opt = _resume_model(rank, loco)
+    straight = _resume_steps(model, opt, rank, range(4))
+    straight_params = _local(model)
+    # 2 steps, checkpoint (this rank's shards + the handle's state), fresh processes' worth of
+    # objects, 2 more steps; SGD without momentum has no state to save
+    model, handle, opt = _resume_model(rank, loco)
+    first = _resume_steps(model, opt, rank, range(2))
+    buf = io.BytesIO()
+    torch.save({"model": _local(model), "zeropp": handle.state_dict()}, buf)
+    del model, handle, opt
+    out = {"straight": straight, "straight_params": straight_params}
+    for label, load_zeropp in (("resumed", True), ("resumed_without_loco_state", False)):
+        buf.seek(0)
+        ckpt = torch.load(buf, weights_only=True)
+        model, handle, opt = _resume_model(rank, loco)
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.to_local().copy_(ckpt["model"][k])
+        if load_zeropp:
+            handle.load_state_dict(ckpt["zeropp"])
+        out[label] = first + _resume_steps(model, opt, rank, range(2, 4))
+        out[f"{label}_params"] = _local(model)
+    return out
+
+
 CHECKS = {
     "reduce_scatter": _check_reduce_scatter,
     "all_gather": _check_all_gather,
     "training": _check_training,
     "handle": _check_handle,
+    "loco": _check_loco_reduce_scatter,
+    "resume": _check_resume,
 }
 
 
@@ -525,7 +635,12 @@ def test_handle_state_dict_and_refusals(world: dict) -> None:
         assert "non-negative" in msg and unchanged
         assert "config" in res["bad_config"]
         assert res["weight_default"] == (True, ["reduce_scatter"])
-        assert "`loco`" in res["loco"]
+        assert "`loco`" in res["loco"] and "TypeError" in res["loco"]
+        assert "err_beta" in res["loco_hyper"]
+        msg, unchanged = res["bad_loco"]
+        assert "`error` must be" in msg and unchanged
+        assert "LoCo state for modules" in res["bad_loco_names"]
+        assert "config" in res["loco_vs_plain"]
         assert "`local_world_size`" in res["two_hop"]
         assert "no FSDP2 module" in res["no_fsdp"]
         assert "`bits` must be 4 or 8" in res["bad_bits"]
@@ -534,3 +649,43 @@ def test_handle_state_dict_and_refusals(world: dict) -> None:
     # rank-dependent grad_bits: the same ValueError on every rank
     msgs = {res["mismatch"] for res in ranks}
     assert len(msgs) == 1 and "ValueError" in next(iter(msgs)) and "grad" in next(iter(msgs))
+
+
+def test_loco_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
+    from reference import ref_loco_swizzle_quantize
+
+    w = world["world"]
+    ranks = _check(world, "loco")
+    for salt, (name, s, dtype) in enumerate(LOCO_CASES):
+        groups, elems = _layout(s, 4, 256)
+        errors = [torch.zeros(w * groups * elems, dtype=dtype) for _ in range(w)]
+        for call in range(LOCO_CALLS):
+            if call and call % LOCO_RESET_T == 0:
+                errors = [torch.zeros_like(e) for e in errors]
+            deq = []
+            for j in range(w):
+                padded = torch.zeros(w, groups * elems, dtype=dtype)
+                padded[:, :s] = rank_input(w * s, dtype, j, 1000 + 10 * salt + call).view(w, s)
+                q, params, errors[j] = ref_loco_swizzle_quantize(
+                    padded.reshape(-1), errors[j], LOCO_BETA, w * groups, 4, True, 1, 1, 1
+                )
+                deq.append(ref_dequantize(q, params, w * groups, 4, True, torch.float32).view(w, -1)[:, :s])
+            for r in range(w):
+                acc = deq[0][r].clone()
+                for j in range(1, w):
+                    acc = acc + deq[j][r]
+                want = (acc / w).to(dtype)
+                got = ranks[r][name]["outs"][call]
+                assert torch.equal(got, want), f"{name} call {call} rank {r}"
+        for r in range(w):
+            assert torch.equal(ranks[r][name]["error"], errors[r])
+            assert ranks[r][name]["steps"] == LOCO_CALLS - LOCO_RESET_T  # reset before call 3 (0-based)
+            assert errors[r].abs().max() > 0  # the feedback is not trivially zero
+
+
+def test_loco_resumes_bit_for_bit(world: dict) -> None:
+    for r, res in enumerate(_check(world, "resume")):
+        assert res["resumed"] == res["straight"], f"rank {r}"
+        assert all(torch.equal(res["resumed_params"][k], v) for k, v in res["straight_params"].items())
+        # and the LoCo state is what made it exact: resuming without it diverges
+        assert res["resumed_without_loco_state"][3] != res["straight"][3]

@@ -15,14 +15,17 @@ qkit's ``quantize``/``dequantize`` ops and plain ``torch.distributed`` collectiv
 - :class:`QuantizedAllGather`: each rank quantizes its shard, codes and params of all
   ranks travel in one ``all_gather``, and every rank dequantizes all shards into
   ``output_tensor`` (its own shard too, so every rank holds the same weights).
-- :func:`zeropp`: installs both on every FSDP module of a model and returns a
-  :class:`ZeroPP` handle (byte statistics, ``state_dict``).
+- :class:`LocoConfig`: LoCo error feedback for the reduce-scatter (the error of each
+  quantization is carried, per module and rank, into the next step's);
+- :func:`zeropp`: installs them on every FSDP module of a model (one reduce-scatter per
+  module, so LoCo state is per module) and returns a :class:`ZeroPP` handle (byte
+  statistics, ``state_dict`` with the LoCo state).
 
 The private torch API is imported lazily behind feature detection: importing this module
 works on any torch; using the comms on a torch without it raises ``RuntimeError``.
 
-Not supported (refused with an error naming the option): LoCo error feedback (``loco``),
-the two-hop intra/inter-node exchange (``local_world_size``), HSDP / replicated meshes.
+Not supported (refused with an error naming the option): the two-hop intra/inter-node
+exchange (``local_world_size``), HSDP / replicated meshes.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ from torch import Tensor
 from qkit import ops
 from qkit.distributed import comm
 from qkit.distributed.consistency import ensure_consistent
+from qkit.distributed.loco import DEFAULT_ERR_BETA, DEFAULT_RESET_T, _check_hyper
+from qkit.zeropp_ops import loco_swizzle_quantize
 
 __all__ = [
     "DEFAULT_GRAD_GROUP_SIZE",
     "DEFAULT_WEIGHT_GROUP_SIZE",
+    "LocoConfig",
     "QuantizedAllGather",
     "QuantizedReduceScatter",
     "ZeroPP",
@@ -123,10 +129,28 @@ def _check_bits_and_group(fn: str, bits: int, group_size: int | None, default: i
     return g
 
 
+@dataclass(frozen=True)
+class LocoConfig:
+    """LoCo error feedback of :class:`QuantizedReduceScatter`.
+
+    Each rank keeps, per FSDP module, an error buffer ``e`` over its whole (padded) input, in the
+    reduce dtype; every call quantizes ``s = input + e`` (fp32) and updates
+    ``e <- beta * e + (1 - beta) * (s - dequant(q))`` (qkit's ``loco_swizzle_quantize`` with one
+    node of one device, i.e. no swizzle). The buffer restarts from zero after every ``reset_T``
+    calls (0: never).
+    """
+
+    beta: float = DEFAULT_ERR_BETA
+    reset_T: int = DEFAULT_RESET_T
+
+    def __post_init__(self) -> None:
+        _check_hyper(self.beta, self.reset_T)
+
+
 def _refuse_unsupported(fn: str, loco: object, local_world_size: int | None) -> None:
-    if loco is not None:
-        raise NotImplementedError(
-            f"qkit.distributed.{fn}: `loco` (LoCo error feedback) is not implemented for FSDP2 yet; pass loco=None"
+    if loco is not None and not isinstance(loco, LocoConfig):
+        raise TypeError(
+            f"qkit.distributed.{fn}: `loco` must be a qkit.distributed.LocoConfig or None, got a {type(loco).__name__}"
         )
     if local_world_size is not None:
         raise NotImplementedError(
@@ -221,17 +245,50 @@ class QuantizedReduceScatter(_Alloc):
     Args:
         bits: 4 (default) or 8.
         group_size: largest number of elements per quantization group (default 256; even for 4 bits).
-        loco, local_world_size: not implemented; anything but ``None`` raises ``NotImplementedError``.
+        loco: :class:`LocoConfig` for error feedback, or ``None``. The state belongs to this
+            object: use one object per FSDP module (as :func:`zeropp` does); it restarts from zero
+            when the buffer's layout (group size, chunk size, dtype) changes.
+        local_world_size: not implemented; anything but ``None`` raises ``NotImplementedError``.
     """
 
     def __init__(
-        self, bits: int = 4, group_size: int | None = None, loco: object = None, local_world_size: int | None = None
+        self,
+        bits: int = 4,
+        group_size: int | None = None,
+        loco: LocoConfig | None = None,
+        local_world_size: int | None = None,
     ) -> None:
         _fsdp_api()
         _refuse_unsupported("QuantizedReduceScatter", loco, local_world_size)
         self.bits = bits
         self.group_size = _check_bits_and_group("QuantizedReduceScatter", bits, group_size, DEFAULT_GRAD_GROUP_SIZE)
+        self.loco = loco
         self.stats = _Stats()
+        self.error: Tensor | None = None  # LoCo: flat [k * padded] in the reduce dtype
+        self.steps = 0  # LoCo: calls since the last reset
+        self.error_key: tuple[int, int, int, str] | None = None  # (k, chunk numel, padded chunk, dtype)
+
+    def _loco_quantize_rows(self, rows: Tensor, layout: ChunkLayout) -> Tensor:
+        """:func:`_quantize_rows` of ``rows + error`` with the LoCo update of ``self.error``."""
+        assert self.loco is not None
+        k = rows.shape[0]
+        key = (k, layout.numel, layout.padded, str(rows.dtype).removeprefix("torch."))
+        if self.error is None or self.error_key != key:
+            self.error = torch.zeros(k * layout.padded, dtype=rows.dtype, device=rows.device)
+            self.error_key, self.steps = key, 0
+        elif self.loco.reset_T and self.steps >= self.loco.reset_T:
+            self.error.zero_()
+            self.steps = 0
+        if self.error.device != rows.device:
+            self.error = self.error.to(rows.device)
+        padded = rows.new_zeros(k, layout.padded)
+        padded[:, : layout.numel] = rows
+        # padding stays zero: s = 0 + 0 quantizes to 0 exactly, so its error stays 0
+        codes, params = loco_swizzle_quantize(
+            padded.reshape(-1), self.error, self.loco.beta, k * layout.groups, layout.bits, True, 1, 1, 1
+        )
+        self.steps += 1
+        return torch.cat([params.view(torch.int8).reshape(k, -1), codes.reshape(k, -1)], dim=1)
 
     def __call__(
         self, output_tensor: Tensor, input_tensor: Tensor, group: Any, op: Any, async_op: bool = False
@@ -256,7 +313,8 @@ class QuantizedReduceScatter(_Alloc):
             return None
         layout = chunk_layout(s, self.bits, self.group_size)
         with torch.no_grad():
-            send = _quantize_rows(input_tensor.view(k, s), layout)
+            rows = input_tensor.view(k, s)
+            send = _quantize_rows(rows, layout) if self.loco is None else self._loco_quantize_rows(rows, layout)
             recv = torch.empty_like(send)
             comm.all_to_all(recv, send, group)
             values = _dequantize_rows(recv, layout, torch.float32)
@@ -326,26 +384,33 @@ class QuantizedAllGather(_Alloc):
 
 
 class ZeroPP:
-    """What :func:`zeropp` installed: the comms, their byte statistics, and ``state_dict``."""
+    """What :func:`zeropp` installed: the comms, their byte statistics, the LoCo state.
+
+    Attributes:
+        modules: FSDP module name (``model.named_modules()``; ``""`` for the root) -> module.
+        reduce_scatters: module name -> its :class:`QuantizedReduceScatter` (empty when
+            ``grad_bits=None``); they share one byte counter.
+        all_gather: the :class:`QuantizedAllGather` shared by every module, or ``None``.
+        stats: ``"reduce_scatter"`` / ``"all_gather"`` -> the byte counter of that side (only the
+            sides installed).
+    """
 
     def __init__(
         self,
-        modules: list[torch.nn.Module],
-        reduce_scatter: QuantizedReduceScatter | None,
+        modules: dict[str, torch.nn.Module],
+        reduce_scatters: dict[str, QuantizedReduceScatter],
         all_gather: QuantizedAllGather | None,
+        config: dict[str, Any],
     ) -> None:
         self.modules = modules
-        self.reduce_scatter = reduce_scatter
+        self.reduce_scatters = reduce_scatters
         self.all_gather = all_gather
-
-    def _config(self) -> dict[str, int | None]:
-        rs, ag = self.reduce_scatter, self.all_gather
-        return {
-            "grad_bits": rs.bits if rs else None,
-            "grad_group_size": rs.group_size if rs else None,
-            "weight_bits": ag.bits if ag else None,
-            "weight_group_size": ag.group_size if ag else None,
-        }
+        self.stats: dict[str, _Stats] = {}
+        if reduce_scatters:
+            self.stats["reduce_scatter"] = next(iter(reduce_scatters.values())).stats
+        if all_gather is not None:
+            self.stats["all_gather"] = all_gather.stats
+        self._config = config
 
     def wire_bytes(self) -> dict[str, int]:
         """Bytes this rank handed to torch.distributed since install (input buffers of its
@@ -353,50 +418,99 @@ class ZeroPP:
         ``{"reduce_scatter", "all_gather", "baseline_reduce_scatter", "baseline_all_gather"}``.
         A side left at FSDP2's default (``grad_bits=None`` / ``weight_bits=None``) reads 0."""
         out = {"reduce_scatter": 0, "all_gather": 0, "baseline_reduce_scatter": 0, "baseline_all_gather": 0}
-        for name, c in (("reduce_scatter", self.reduce_scatter), ("all_gather", self.all_gather)):
-            if c is not None:
-                out[name] = c.stats.sent
-                out[f"baseline_{name}"] = c.stats.baseline
+        for name, st in self.stats.items():
+            out[name] = st.sent
+            out[f"baseline_{name}"] = st.baseline
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"version", "config", "stats"}``: plain ints (no tensors), for ``torch.save``."""
-        stats = {}
-        for name, c in (("reduce_scatter", self.reduce_scatter), ("all_gather", self.all_gather)):
-            if c is not None:
-                stats[name] = c.stats.as_dict()
-        return {"version": _STATE_VERSION, "config": self._config(), "stats": stats}
+        """``{"version", "config", "stats", "loco"}``. ``loco`` maps each module name to
+        ``{"error": Tensor | None, "steps": int, "layout": [k, chunk, padded chunk, dtype]}`` (empty
+        without LoCo); the error tensors are this rank's (save one state per rank)."""
+        loco: dict[str, Any] = {}
+        if self._config["loco"] is not None:
+            for name, rs in self.reduce_scatters.items():
+                loco[name] = {
+                    "error": None if rs.error is None else rs.error.detach().clone(),
+                    "steps": rs.steps,
+                    "layout": None if rs.error_key is None else list(rs.error_key),
+                }
+        return {
+            "version": _STATE_VERSION,
+            "config": dict(self._config),
+            "stats": {name: st.as_dict() for name, st in self.stats.items()},
+            "loco": loco,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the statistics. Everything is checked first (version, the same config as this
-        handle, well-formed counters); on any error nothing changes and ``ValueError`` is raised."""
+        """Restore statistics and LoCo state (so a resumed run continues bit for bit). Everything
+        is checked first (version, the same config and module names as this handle, well-formed
+        counters and error buffers); on any error nothing changes and ``ValueError`` is raised."""
         fn = "qkit.distributed.ZeroPP.load_state_dict"
-        if not isinstance(state, dict) or set(state) != {"version", "config", "stats"}:
-            raise ValueError(f"{fn}: expected a dict with keys version, config, stats; got {state!r:.200}")
+        if not isinstance(state, dict) or set(state) != {"version", "config", "stats", "loco"}:
+            raise ValueError(f"{fn}: expected a dict with keys version, config, stats, loco; got {state!r:.200}")
         if state["version"] != _STATE_VERSION:
             raise ValueError(f"{fn}: state version {state['version']!r}, this qkit reads {_STATE_VERSION}")
-        if state["config"] != self._config():
-            raise ValueError(f"{fn}: state was saved with config {state['config']}, this handle has {self._config()}")
-        comms = {n: c for n, c in (("reduce_scatter", self.reduce_scatter), ("all_gather", self.all_gather)) if c}
+        if state["config"] != self._config:
+            raise ValueError(f"{fn}: state was saved with config {state['config']}, this handle has {self._config}")
         stats = state["stats"]
-        if not isinstance(stats, dict) or set(stats) != set(comms):
+        if not isinstance(stats, dict) or set(stats) != set(self.stats):
             got = sorted(stats) if isinstance(stats, dict) else repr(stats)
-            raise ValueError(f"{fn}: stats for {got}, expected {sorted(comms)}")
+            raise ValueError(f"{fn}: stats for {got}, expected {sorted(self.stats)}")
         for name, d in stats.items():
             if not isinstance(d, dict) or set(d) != {"calls", "sent", "baseline"}:
                 raise ValueError(f"{fn}: stats[{name!r}] must have keys calls, sent, baseline; got {d!r:.200}")
             if not all(type(v) is int and v >= 0 for v in d.values()):
                 raise ValueError(f"{fn}: stats[{name!r}] must hold non-negative ints; got {d!r:.200}")
+        loco = state["loco"]
+        want = set(self.reduce_scatters) if self._config["loco"] is not None else set()
+        if not isinstance(loco, dict) or set(loco) != want:
+            got = sorted(loco) if isinstance(loco, dict) else repr(loco)
+            raise ValueError(f"{fn}: LoCo state for modules {got}, this handle has {sorted(want)}")
+        for name, d in loco.items():
+            _check_loco_entry(fn, name, d)
         for name, d in stats.items():
-            comms[name].stats.load(d)
+            self.stats[name].load(d)
+        for name, d in loco.items():
+            rs = self.reduce_scatters[name]
+            rs.error = None if d["error"] is None else d["error"].detach().clone()
+            rs.steps = d["steps"]
+            rs.error_key = None if d["layout"] is None else tuple(d["layout"])
 
 
-def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
+def _check_loco_entry(fn: str, name: str, d: object) -> None:
+    """One module's LoCo state is well formed (see :meth:`ZeroPP.state_dict`)."""
+    if not isinstance(d, dict) or set(d) != {"error", "steps", "layout"}:
+        raise ValueError(f"{fn}: loco[{name!r}] must have keys error, steps, layout; got {d!r:.200}")
+    error, steps, layout = d["error"], d["steps"], d["layout"]
+    if type(steps) is not int or steps < 0:
+        raise ValueError(f"{fn}: loco[{name!r}]['steps'] must be a non-negative int, got {steps!r}")
+    if error is None and layout is None:
+        return
+    ok = (
+        isinstance(error, Tensor)
+        and isinstance(layout, list)
+        and len(layout) == 4
+        and all(type(v) is int and v >= 0 for v in layout[:3])
+        and error.dim() == 1
+        and error.numel() == layout[0] * layout[2]
+        and str(error.dtype).removeprefix("torch.") == layout[3]
+        and error.dtype in _FLOAT_DTYPES
+    )
+    if not ok:
+        raise ValueError(
+            f"{fn}: loco[{name!r}]: `error` must be a 1-D float32/float16/bfloat16 tensor of k * padded elements "
+            f"in the dtype `layout` = [k, chunk, padded, dtype] names (or both None); got layout {layout!r}, error "
+            f"{None if not isinstance(error, Tensor) else (error.dtype, tuple(error.shape))}"
+        )
+
+
+def _fsdp_modules(model: torch.nn.Module) -> dict[str, Any]:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError as exc:  # pragma: no cover
         raise RuntimeError(f"qkit.distributed.zeropp: this torch ({torch.__version__}) has no FSDP2: {exc}") from exc
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
 
 
 def _refuse_replicated(module: Any) -> None:
@@ -415,7 +529,7 @@ def zeropp(
     model: torch.nn.Module,
     grad_bits: int | None = 4,
     weight_bits: int | None = 8,
-    loco: object = None,
+    loco: LocoConfig | None = None,
     local_world_size: int | None = None,
     *,
     grad_group_size: int | None = None,
@@ -423,15 +537,17 @@ def zeropp(
 ) -> ZeroPP:
     """Install qkit's quantized comms on every FSDP2 module in ``model`` (collective).
 
-    Call after ``fully_shard`` on the modules. One :class:`QuantizedReduceScatter` (gradients
-    at ``grad_bits``) and one :class:`QuantizedAllGather` (weights at ``weight_bits``) are
-    shared by all modules; ``None`` leaves that side at FSDP2's default. Every rank must pass
-    the same configuration: a tiny all-gather on the default group checks it (and the number
-    of FSDP modules), and every rank raises the same ``ValueError`` if they differ.
+    Call after ``fully_shard`` on the modules. Each FSDP module gets its own
+    :class:`QuantizedReduceScatter` (gradients at ``grad_bits``, LoCo state per module when
+    ``loco`` is a :class:`LocoConfig`); one :class:`QuantizedAllGather` (weights at
+    ``weight_bits``) serves all. ``None`` leaves that side at FSDP2's default. Every rank must
+    pass the same configuration: a tiny all-gather on the default group checks it (and the
+    FSDP module names), and every rank raises the same ``ValueError`` if they differ.
 
     Raises:
         ValueError: no FSDP module in ``model``, bad bits/group sizes, or ranks disagree.
-        NotImplementedError: ``loco``, ``local_world_size``, or an HSDP / replicated mesh.
+        TypeError: ``loco`` is not a :class:`LocoConfig`.
+        NotImplementedError: ``local_world_size`` (two-hop), or an HSDP / replicated mesh.
         RuntimeError: torch has no FSDP2 custom-comm API, or torch.distributed is not initialized.
     """
     fn = "zeropp"
@@ -440,32 +556,45 @@ def zeropp(
         raise RuntimeError("qkit.distributed.zeropp: torch.distributed is not initialized")
     modules = _fsdp_modules(model)
     error: Exception | None = None
-    rs: QuantizedReduceScatter | None = None
+    rs: dict[str, QuantizedReduceScatter] = {}
     ag: QuantizedAllGather | None = None
     try:
         _refuse_unsupported(fn, loco, local_world_size)
         if not modules:
             raise ValueError("qkit.distributed.zeropp: `model` holds no FSDP2 module (call fully_shard first)")
-        for m in modules:
+        for m in modules.values():
             _refuse_replicated(m)
-        rs = None if grad_bits is None else QuantizedReduceScatter(grad_bits, grad_group_size)
+        if grad_bits is not None:
+            stats = _Stats()
+            for name in modules:
+                rs[name] = QuantizedReduceScatter(grad_bits, grad_group_size, loco)
+                rs[name].stats = stats
         ag = None if weight_bits is None else QuantizedAllGather(weight_bits, weight_group_size)
-    except (ValueError, NotImplementedError) as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:
         error = exc
     fields = {
         "grad": (grad_bits, grad_group_size),
         "weight": (weight_bits, weight_group_size),
-        "loco": None if loco is None else type(loco).__name__,  # not repr: it may hold an address
+        # not repr(loco) for other types: it may hold an address
+        "loco": repr(loco) if loco is None or isinstance(loco, LocoConfig) else type(loco).__name__,
         "local_world_size": local_world_size,
-        "fsdp modules": len(modules),
+        "fsdp modules": sorted(modules),
     }
     ensure_consistent(fn, fields, validate=True, error=error)
-    for m in modules:
-        if rs is not None:
-            m.set_custom_reduce_scatter(rs)
+    for name, m in modules.items():
+        if name in rs:
+            m.set_custom_reduce_scatter(rs[name])
         if ag is not None:
             m.set_custom_all_gather(ag)
-    return ZeroPP(modules, rs, ag)
+    first = next(iter(rs.values()), None)
+    config = {
+        "grad_bits": grad_bits,
+        "grad_group_size": first.group_size if first else None,
+        "weight_bits": weight_bits,
+        "weight_group_size": ag.group_size if ag else None,
+        "loco": None if loco is None else {"beta": float(loco.beta), "reset_T": loco.reset_T},
+    }
+    return ZeroPP(modules, rs, ag, config)
 
 
 def predicted_bytes(numel: int, world: int, bits: int, group_size: int, kind: str) -> int:
