@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 
+from qkit.distributed.fsdp import predicted_bytes
 from reference import ref_dequantize, ref_quantize
 
 WORLDS = [2, 4]
@@ -547,6 +548,7 @@ def test_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
                 sent = w * (groups * elems * bits // 8 + 4 * groups)
                 assert got["bytes"] == {"all_to_all_single": sent, "all_gather_single": 0, "reduce_scatter_single": 0}
                 assert got["stats"] == {"calls": 1, "sent": sent, "baseline": w * s * dtype.itemsize}
+                assert predicted_bytes(w * s, w, bits, gs, "reduce_scatter") == sent
 
 
 def test_all_gather_is_bit_exact_with_the_reference(world: dict) -> None:
@@ -563,6 +565,7 @@ def test_all_gather_is_bit_exact_with_the_reference(world: dict) -> None:
             want_bytes = {"all_to_all_single": 0, "all_gather_single": nbytes // w, "reduce_scatter_single": 0}
             assert got["bytes"] == want_bytes
             assert got["stats"] == {"calls": 1, "sent": nbytes // w, "baseline": m * dtype.itemsize}
+            assert predicted_bytes(m, w, bits, gs or 2048, "all_gather") == nbytes // w
             # 8 bits: within half a step (plus bf16/fp16 rounding) of the shard
             if bits == 8:
                 err = (got["out"].view(w, m).double() - shards.double()).abs().max()
