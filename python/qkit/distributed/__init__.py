@@ -4,7 +4,9 @@
 - :func:`all_to_all_quant_reduce` — qgZ: averaging reduce-scatter of gradients at 4 bits;
 - :func:`all_to_all_loco_quant_reduce` / :class:`LocoReducer` — qgZ with per-parameter LoCo error feedback;
 - :func:`all_gather_quantized` — qwZ: all-gather of weight shards at 8 (or 4) bits;
-- :func:`wire_bytes` / :func:`count_wire_bytes` — bytes on the wire, predicted and counted.
+- :func:`wire_bytes` / :func:`count_wire_bytes` — bytes on the wire, predicted and counted;
+- :func:`zeropp` / :class:`QuantizedReduceScatter` / :class:`QuantizedAllGather` / :class:`LocoConfig`
+  — qgZ (with LoCo) and qwZ as FSDP2 custom comms (torch >= 2.13; the private FSDP2 API is imported only when used).
 
 Every collective first checks, once per distinct call signature, that all ranks made the same
 call (``validate="once"``; see :mod:`qkit.distributed.consistency`).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from qkit.distributed.comm import WireCounter, count_wire_bytes
 from qkit.distributed.fallback import slice_bounds
+from qkit.distributed.fsdp import LocoConfig, QuantizedAllGather, QuantizedReduceScatter, ZeroPP, zeropp
 from qkit.distributed.groups import Topology, hierarchical_groups, topology
 from qkit.distributed.loco import LocoReducer, LocoState, all_to_all_loco_quant_reduce
 from qkit.distributed.plan import QgzFallbackWarning, QgzPlan, plan_qgz
@@ -24,12 +27,16 @@ from qkit.distributed.qwz import all_gather_quantized, default_groups
 from qkit.distributed.wire import wire_bytes
 
 __all__ = [
+    "LocoConfig",
     "LocoReducer",
     "LocoState",
     "QgzFallbackWarning",
     "QgzPlan",
+    "QuantizedAllGather",
+    "QuantizedReduceScatter",
     "Topology",
     "WireCounter",
+    "ZeroPP",
     "all_gather_quantized",
     "all_to_all_loco_quant_reduce",
     "all_to_all_quant_reduce",
@@ -40,4 +47,5 @@ __all__ = [
     "slice_bounds",
     "topology",
     "wire_bytes",
+    "zeropp",
 ]

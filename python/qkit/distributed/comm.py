@@ -23,9 +23,15 @@ from torch import Tensor
 
 __all__ = ["WireCounter", "all_gather", "all_to_all", "count_wire_bytes", "reduce_scatter_sum"]
 
-# torch >= 2.13 renamed the tensor forms; older releases only have the old names.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# torch >= 2.13 renamed the tensor forms; older releases only have the old names. Looked up at
+# call time, so that a test wrapping torch.distributed's functions sees qkit's calls too.
+def _reduce_scatter(output: Tensor, input: Tensor, op: Any, group: Any) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, op=op, group=group)
+
+
+def _all_gather(output: Tensor, input: Tensor, group: Any) -> None:
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
 
 
 @dataclass
