@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import torch
 from torch import Tensor
 
@@ -74,3 +81,46 @@ def check_quantize(x: torch.Tensor, groups: int, bits: int, symmetric: bool, dev
     for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
         y = torch.ops.qkit.dequantize(q, params, groups, bits, symmetric, dtype)
         assert_same(y, ref_dequantize(q, params, groups, bits, symmetric, dtype), f"dequantize -> {dtype}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(
+    world: int,
+    target: Callable[..., None],
+    args_of: Callable[[int, int], tuple],
+    outdir: Path,
+    *,
+    timeout_s: float,
+    preload: list[str],
+    what: str,
+) -> list[dict]:
+    """Runs ``target(*args_of(rank, port))`` for every rank from one forkserver that imported
+    ``preload`` once, kills every rank still alive after ``timeout_s`` (nothing outlives it), and
+    returns each rank's saved ``rank{r}.pt``; fails the test with the ranks' logs otherwise."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    port = free_port()
+    procs = [ctx.Process(target=target, args=args_of(r, port)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if any(p.exitcode != 0 for p in procs):
+        logs = [(outdir / f"rank{r}.log") for r in range(world)]
+        detail = "\n".join(
+            f"--- rank {r} (exit {p.exitcode}):\n{logs[r].read_text()[-3000:] if logs[r].exists() else ''}"
+            for r, p in enumerate(procs)
+        )
+        pytest.fail(f"{what} failed or timed out:\n{detail}")
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]

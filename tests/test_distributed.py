@@ -12,9 +12,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import math
-import multiprocessing
 import os
-import socket
 import time
 import traceback
 import warnings
@@ -25,6 +23,7 @@ import pytest
 import torch
 
 import qkit
+from helpers import spawn_ranks
 from qkit.distributed import (
     LocoReducer,
     QgzFallbackWarning,
@@ -365,12 +364,6 @@ def worker(world: int, local: int, port: int, outdir: str, rank: int, only: tupl
 # ---------------------------------------------------------------- parent side
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_rank(world: int, local: int, port: int, outdir: str, rank: int, only: tuple[str, ...]) -> None:
     """Entry point of a spawned rank: output to ``rank{r}.log``, then :func:`worker`."""
     log = os.open(Path(outdir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -385,26 +378,15 @@ def _run_rank(world: int, local: int, port: int, outdir: str, rank: int, only: t
 def _spawn(world: int, local: int, outdir: Path, only: tuple[str, ...] = ()) -> list[dict]:
     """Run ``world`` ranks from a forkserver that imported torch and qkit once (fresh interpreters
     would import them ``world`` times on this 2-core machine), bounded by SPAWN_TIMEOUT_S."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "qkit", "qkit.distributed", "pytest"])
-    port = _free_port()
-    procs = [ctx.Process(target=_run_rank, args=(world, local, port, str(outdir), r, only)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if any(p.exitcode != 0 for p in procs):
-        logs = [
-            (outdir / f"rank{r}.log").read_text() if (outdir / f"rank{r}.log").exists() else "" for r in range(world)
-        ]
-        detail = "\n".join(f"--- rank {r} (exit {p.exitcode}):\n{logs[r][-3000:]}" for r, p in enumerate(procs))
-        pytest.fail(f"world {world} ({local} per node) failed or timed out:\n{detail}")
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return spawn_ranks(
+        world,
+        _run_rank,
+        lambda r, port: (world, local, port, str(outdir), r, only),
+        outdir,
+        timeout_s=SPAWN_TIMEOUT_S,
+        preload=["torch", "qkit", "qkit.distributed", "pytest"],
+        what=f"world {world} ({local} per node)",
+    )
 
 
 @pytest.fixture(scope="module", params=list(WORLDS), ids=lambda k: f"world{WORLDS[k][0]}_{k}")

@@ -16,10 +16,7 @@ rank runs the checks below and saves what it got; the parent then compares:
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
-import socket
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import spawn_ranks
 from qkit.distributed.fsdp import predicted_bytes
 from reference import ref_dequantize, ref_quantize
 
@@ -450,33 +448,20 @@ def worker(world: int, port: int, outdir: str, rank: int) -> None:
 # ---------------------------------------------------------------- parent side
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     w = request.param
     outdir = tmp_path_factory.mktemp(f"fsdp{w}")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "qkit", "qkit.distributed"])
-    port = _free_port()
-    procs = [ctx.Process(target=worker, args=(w, port, str(outdir), r)) for r in range(w)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    for p in procs:  # nothing outlives the deadline
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if any(p.exitcode != 0 for p in procs):
-        logs = [(outdir / f"rank{r}.log").read_text()[-3000:] for r in range(w) if (outdir / f"rank{r}.log").exists()]
-        pytest.fail(f"world {w} failed or timed out:\n" + "\n---\n".join(logs))
-    return {"world": w, "ranks": [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(w)]}
+    ranks = spawn_ranks(
+        w,
+        worker,
+        lambda r, port: (w, port, str(outdir), r),
+        outdir,
+        timeout_s=SPAWN_TIMEOUT_S,
+        preload=["torch", "qkit", "qkit.distributed"],
+        what=f"world {w}",
+    )
+    return {"world": w, "ranks": ranks}
 
 
 def _check(world: dict, name: str) -> list[dict]:

@@ -67,12 +67,15 @@ unsigned grid_for(int64_t work_items, int64_t items_per_block) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks)));
 }
 
-__device__ GroupStats warp_merge(GroupStats s) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+// Merges `s` across the kWidth lanes of the caller's aligned lane segment; every
+// lane gets the total (max/min are exact, so the order cannot change the bits).
+template <int kWidth>
+__device__ GroupStats segment_merge(GroupStats s) {
+  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
     GroupStats other;
-    other.hi = __shfl_down_sync(kFullMask, s.hi, offset, kWarp);
-    other.lo = __shfl_down_sync(kFullMask, s.lo, offset, kWarp);
-    other.poison = __shfl_down_sync(kFullMask, s.poison, offset, kWarp);
+    other.hi = __shfl_xor_sync(kFullMask, s.hi, offset, kWidth);
+    other.lo = __shfl_xor_sync(kFullMask, s.lo, offset, kWidth);
+    other.poison = __shfl_xor_sync(kFullMask, s.poison, offset, kWidth);
     s = merge(s, other);
   }
   return s;
@@ -98,7 +101,7 @@ __global__ void chunk_stats_kernel(QuantJob job, const T* __restrict__ in, Group
     const int64_t n = min(kChunk, group_size - c * kChunk);
     GroupStats s = empty_stats(job.symmetric);
     for (int64_t i = tid; i < n; i += width) accumulate(s, to_float(in[begin + i]), job.symmetric);
-    s = warp_merge(s);
+    s = segment_merge<kWarp>(s);
     if (kWarpPerItem) {
       if (lane == 0) partial[w] = s;
     } else {
@@ -106,7 +109,7 @@ __global__ void chunk_stats_kernel(QuantJob job, const T* __restrict__ in, Group
       __syncthreads();
       if (warp == 0) {
         s = lane < kWarpsPerBlock ? per_warp[lane] : empty_stats(job.symmetric);
-        s = warp_merge(s);
+        s = segment_merge<kWarp>(s);
         if (lane == 0) partial[w] = s;
       }
       __syncthreads();
@@ -124,7 +127,7 @@ __global__ void group_params_kernel(QuantJob job, const GroupStats* __restrict__
   for (int64_t g = first; g < job.groups; g += int64_t(gridDim.x) * kWarpsPerBlock) {
     GroupStats s = empty_stats(job.symmetric);
     for (int64_t c = lane; c < chunks; c += kWarp) s = merge(s, partial[g * chunks + c]);
-    s = warp_merge(s);
+    s = segment_merge<kWarp>(s);
     if (lane == 0) {
       const QuantParams p = make_params(s, job.bits, job.symmetric);
       if (params != nullptr) params[g] = p;
@@ -203,20 +206,6 @@ __global__ void dequantize_kernel(QuantJob job, const int8_t* __restrict__ codes
 }
 
 // ------------------------------------------------------------------ single pass
-
-// Merges `s` across the kWidth lanes of the caller's aligned lane segment; every
-// lane gets the total (max/min are exact, so the order cannot change the bits).
-template <int kWidth>
-__device__ GroupStats segment_merge(GroupStats s) {
-  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
-    GroupStats other;
-    other.hi = __shfl_xor_sync(kFullMask, s.hi, offset, kWidth);
-    other.lo = __shfl_xor_sync(kFullMask, s.lo, offset, kWidth);
-    other.poison = __shfl_xor_sync(kFullMask, s.poison, offset, kWidth);
-    s = merge(s, other);
-  }
-  return s;
-}
 
 // The statistics of a group held by kGroupThreads consecutive threads, on all of them.
 // Every thread of the block must call it (it may synchronise the block).
