@@ -106,3 +106,26 @@ def test_sdist_ships_exactly_the_tracked_sources(tmp_path: Path) -> None:
     expected = {f for f in tracked if f.split("/")[0] in ("src", "kernels", "include", "python", "tests")} | wanted_top
     assert shipped == expected
     assert "GIT_REVISION" in files  # so builds from the sdist still know their revision
+
+
+def test_ci_compiles_against_the_oldest_supported_torch() -> None:
+    """.ci/run runs the header check, and the check compiles with the build's own defines and flags."""
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "bash ci/check_torch_headers.sh" in run
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import header_check
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    builder = header_check.load_builder()
+    for with_cuda in (False, True):
+        command = header_check.compile_command(
+            builder, "src/module.cpp", Path("/t/include"), Path("/py/include"), with_cuda=with_cuda
+        )
+        assert "-fsyntax-only" in command
+        assert f"-DTORCH_TARGET_VERSION={builder.torch_target_macro()}" in command
+        assert "-DPy_LIMITED_API=0x030A0000" in command
+        assert ("-DQKIT_WITH_CUDA=1" in command) == with_cuda
+        for flag in builder.extension_flags(with_cuda=with_cuda).cxx:
+            assert flag in command
+    assert header_check.load_builder().CPU_SOURCES == builder.CPU_SOURCES
