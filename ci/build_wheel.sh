@@ -33,7 +33,8 @@ if [ "$manylinux" != native ]; then
   [[ "$manylinux" =~ ^2_[0-9]+$ ]] || { echo "build_wheel.sh: QKIT_MANYLINUX=$manylinux is not 2_NN or native" >&2; exit 1; }
   export AUDITWHEEL_PLAT="${AUDITWHEEL_PLAT:-manylinux_${manylinux}_$(uname -m)}"
   want="${manylinux/_/.}"
-  have="$(getconf GNU_LIBC_VERSION | awk '{print $2}')"
+  have="$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}' || true)"
+  [ -n "$have" ] || { echo "build_wheel.sh: not a glibc system; manylinux needs glibc (QKIT_MANYLINUX=native to skip)" >&2; exit 1; }
   if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | tail -1)" != "$want" ]; then
     # This glibc is newer than the target's (in a manylinux container it is the target's).
     QKIT_GLIBC_STUBS="$(bash ci/glibc_stubs.sh "$want")"

@@ -209,6 +209,9 @@ def test_old_torch_gets_one_line_with_the_command() -> None:
     assert "\n" not in report_verdict
     assert report_verdict.startswith("NOT USABLE: torch 2.9.1+cu128 is older than this build's target")
     assert "pip install --upgrade 'torch>=2.10'" in report_verdict
+    # Should _C load anyway, the verdict still says so, in the same line.
+    loaded = info._verdict(True, running, {}, ["x"], fit=qkit._loader.fit_problems(BUILT, running))
+    assert loaded.startswith("usable on CPU, but UNSUPPORTED: torch 2.9.1+cu128 is older") and "\n" not in loaded
 
 
 @pytest.mark.parametrize(

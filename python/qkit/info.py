@@ -177,6 +177,8 @@ def _verdict(
     if running.get("cuda_available") and any("CUDA" in keys for keys in kernels.values()):
         devices.append("GPU")
     usable = f"usable on {' and '.join(devices)}"
+    if fit:  # loaded, but outside what this build supports (e.g. a torch older than its target)
+        return f"{usable}, but UNSUPPORTED: {fit[0]}"
     return f"{usable}, with {len(advice)} warning(s) below" if advice else usable
 
 
