@@ -5,7 +5,8 @@ PATH; ``QKIT_BUILD_CUDA=0/1`` overrides) and linked against the static CUDA
 runtime, so the same binary also runs where there is no GPU at all. The source
 list and flags come from ``python/qkit/_builder.py``.
 
-Environment: ``QKIT_BUILD_CUDA=0/1``, ``TORCH_CUDA_ARCH_LIST`` (default: per CUDA
+Environment: ``QKIT_BUILD_CUDA=0/1``, ``QKIT_GLIBC_STUBS`` (link against an old glibc's
+stubs: the manylinux_2_28 release wheel, docs/release-wheel.md), ``TORCH_CUDA_ARCH_LIST`` (default: per CUDA
 version, see ``_builder.CUDA_ARCHS_BY_VERSION``), ``PYTORCH_ROCM_ARCH`` (ROCm),
 ``MAX_JOBS`` (default: from cores and memory; also caps nvcc ``--threads``).
 ninja is required.
@@ -150,6 +151,9 @@ def _configure() -> dict[str, Any]:
             "QKIT_BUILD_CUDA=1 but no CUDA toolkit (nvcc) was found: set CUDA_HOME, or QKIT_BUILD_CUDA=0 for CPU only"
         )
     cuda_version = _nvcc_version(cuda_home) if with_cuda and not rocm else None
+    glibc_stubs = os.environ.get("QKIT_GLIBC_STUBS") or None
+    if glibc_stubs and not (Path(glibc_stubs) / "libc.so").exists():
+        raise RuntimeError(f"QKIT_GLIBC_STUBS={glibc_stubs} holds no libc.so stub: make it with ci/glibc_stubs.sh")
     jobs = builder_mod.max_jobs()
     # torch's BuildExtension reads MAX_JOBS for ninja's -j.
     os.environ["MAX_JOBS"] = str(jobs)
@@ -164,8 +168,19 @@ def _configure() -> dict[str, Any]:
         "cuda_version": cuda_version,
         "arch_list": arch_list,
         "max_jobs": jobs,
+        "glibc_stubs": glibc_stubs,
         "nvcc_threads": min(jobs, builder_mod.count_archs(arch_list)) if arch_list else 1,
     }
+
+
+def _stub_glibc(stubs: str | None) -> str | None:
+    """``"glibc 2.28 (stubs)"`` for a stub directory made by ci/glibc_stubs.sh, else None."""
+    if not stubs:
+        return None
+    found = re.search(
+        r"gnu\.(\d+\.\d+)", (Path(stubs) / "MADE_BY").read_text() if (Path(stubs) / "MADE_BY").exists() else ""
+    )
+    return f"glibc {found.group(1) if found else '?'} (stubs)"
 
 
 def _build_record(config: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +196,8 @@ def _build_record(config: dict[str, Any]) -> dict[str, Any]:
         "platform": sys.platform,
         "machine": platform.machine(),
         "build_libc": f"{libc} {libc_version}".strip() or None,
+        # The glibc _C was linked against when not this machine's (ci/glibc_stubs.sh).
+        "link_libc": _stub_glibc(config["glibc_stubs"]),
         "cpu_kernels": True,
         "cuda_kernels": with_cuda and not rocm,
         "rocm_kernels": with_cuda and rocm,
@@ -204,6 +221,7 @@ def _extension(config: dict[str, Any]):
         rocm_archs=os.environ.get("PYTORCH_ROCM_ARCH"),
         link_curand=link_curand,
         nvcc_threads=config["nvcc_threads"],
+        glibc_stubs=config["glibc_stubs"],
     )
     sources = builder.sources() if with_cuda else builder_mod.CPU_SOURCES
     common = dict(

@@ -4,10 +4,15 @@
 #   1. before-all:  ci/install_cuda.sh (a no-op where nvcc is already installed)
 #   2. build:       python -m build --wheel, in the same environment variables
 #   3. repair:      ci/repair_wheel.sh (auditwheel; torch's and CUDA's libraries excluded)
-# The result is one qkit-<version>-cp310-abi3-<platform>.whl in OUTDIR. Built here it is
-# tagged with the manylinux policy this machine's glibc allows (see README: Wheels).
+# The result is one qkit-<version>-cp310-abi3-manylinux_2_28_<arch>.whl in OUTDIR. Where this
+# machine's glibc is newer than 2.28 (Debian 12 has 2.36), _C is linked against glibc 2.28's
+# link-time stubs (ci/glibc_stubs.sh, QKIT_GLIBC_STUBS) so it needs nothing newer, and
+# auditwheel repair is held to manylinux_2_28 (AUDITWHEEL_PLAT): it fails unless _C fits.
+# docs/release-wheel.md says why and how.
 #
 # Usage: bash ci/build_wheel.sh [OUTDIR]     (default: wheelhouse/)
+#   QKIT_MANYLINUX       the manylinux glibc to build for (default 2_28); "native": link
+#                        against this machine's glibc, and let auditwheel pick the tag
 #   PYTHON               the Python whose torch the wheel is built against (default python3)
 #   QKIT_ISOLATED_BUILD  1: isolated build (pip downloads torch>=2.10 into the build env, as
 #                        cibuildwheel does); default: build against the installed torch
@@ -22,6 +27,21 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/qkit-wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 bash ci/install_cuda.sh
+
+manylinux="${QKIT_MANYLINUX:-2_28}"
+if [ "$manylinux" != native ]; then
+  [[ "$manylinux" =~ ^2_[0-9]+$ ]] || { echo "build_wheel.sh: QKIT_MANYLINUX=$manylinux is not 2_NN or native" >&2; exit 1; }
+  export AUDITWHEEL_PLAT="${AUDITWHEEL_PLAT:-manylinux_${manylinux}_$(uname -m)}"
+  want="${manylinux/_/.}"
+  have="$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}' || true)"
+  [ -n "$have" ] || { echo "build_wheel.sh: not a glibc system; manylinux needs glibc (QKIT_MANYLINUX=native to skip)" >&2; exit 1; }
+  if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | tail -1)" != "$want" ]; then
+    # This glibc is newer than the target's (in a manylinux container it is the target's).
+    QKIT_GLIBC_STUBS="$(bash ci/glibc_stubs.sh "$want")"
+    export QKIT_GLIBC_STUBS
+    echo "build_wheel.sh: glibc $have here; linking _C against glibc $want's stubs in $QKIT_GLIBC_STUBS"
+  fi
+fi
 
 # The build frontend and auditwheel: use what is installed, else a tools venv under build/.
 "$PY" -m build --version >/dev/null 2>&1 || "$PY" -m pip install -q build

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The packaging checks (.ci/run calls this once; a few minutes):
-#   1. ci/build_wheel.sh: the binary wheel, its name (cp310-abi3), abi3audit, the ELF audit of _C
+#   1. ci/build_wheel.sh: the binary wheel (manylinux_2_28: linked against glibc 2.28's stubs,
+#      repaired under AUDITWHEEL_PLAT), its name (cp310-abi3), auditwheel show held to the
+#      tag (tests/auditwheel_check.py), abi3audit, the ELF audit of _C
 #   2. cibuildwheel --print-build-identifiers (reads [tool.cibuildwheel] in pyproject.toml)
 #   3. the sdist, built and installed with `pip install qkit-<ver>.tar.gz` into a clean venv
 #      (an isolated build: the build requirements come from pyproject.toml), smoke-tested
@@ -28,9 +30,10 @@ step "1. binary wheel"
 bash ci/build_wheel.sh "$work/wheelhouse"
 wheel=("$work"/wheelhouse/qkit-*.whl)
 name="$(basename "${wheel[0]}")"
-[[ "$name" =~ ^qkit-${version}-cp310-abi3-(manylinux_[0-9]+_[0-9]+|linux)_[a-z0-9_]+\.whl$ ]] \
-  || { echo "unexpected wheel name: $name" >&2; exit 1; }
+[[ "$name" =~ ^qkit-${version}-cp310-abi3-(manylinux_[0-9]+_[0-9]+_[a-z0-9_]+\.)*manylinux_2_28_$(uname -m)\.whl$ ]] \
+  || { echo "unexpected wheel name: $name (want a cp310-abi3 manylinux_2_28_$(uname -m) wheel)" >&2; exit 1; }
 echo "wheel: $name ($(du -k "${wheel[0]}" | cut -f1) KiB)"
+"$PY" tests/auditwheel_check.py --auditwheel "$AUDITWHEEL" --plat "manylinux_2_28_$(uname -m)" "${wheel[0]}"
 "$work/tools/bin/abi3audit" --strict --summary "${wheel[0]}"
 mkdir "$work/unzipped" && "$PY" -m zipfile -e "${wheel[0]}" "$work/unzipped"
 "$PY" tests/elf_audit.py "$work"/unzipped/qkit/_C*.so

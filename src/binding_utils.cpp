@@ -1,6 +1,7 @@
 #include "binding_utils.h"
 
 #include <torch/csrc/stable/c/shim.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -180,12 +181,16 @@ Tensor empty_on(const Tensor& like, const Shape& sizes, ScalarType dtype) {
     strides[d] = stride;
     stride *= std::max<int64_t>(sizes[d], 1);
   }
+  // TORCH_ERROR_CODE_CHECK, not STABLE_TORCH_ERROR_CODE_CHECK: the latter exists only in
+  // torch >= 2.13 headers (and under TORCH_TARGET_VERSION 2.10 it expands to the former
+  // anyway); a source build must compile against every torch from the target on
+  // (ci/check_torch_headers.sh compiles this file against torch 2.10's headers).
   int32_t device_type = 0;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
   const auto code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   AtenTensorHandle handle = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes.data(), strides.data(), code, device_type,
-                                                         like.get_device_index(), &handle));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes.data(), strides.data(), code, device_type,
+                                                  like.get_device_index(), &handle));
   Tensor t(handle);
   advise_huge_pages(t);
   return t;

@@ -267,11 +267,11 @@ def _claimed_manylinux() -> tuple[int, int] | None:
 def test_glibc_requirement_fits_what_is_claimed() -> None:
     """The newest glibc _C needs is within its manylinux tag (when it has one) and this system's glibc.
 
-    A _C built on this Debian 12 machine needs glibc 2.34 (libc's own dlopen/pthread
-    symbols since 2.34, libstdc++'s __libc_single_threaded since 2.32): auditwheel tags
-    such a wheel manylinux_2_34, not 2_28. The manylinux_2_28 wheel is the one built in
-    the manylinux_2_28 container (cibuildwheel), where this same test runs under its
-    AUDITWHEEL_PLAT and holds _C to glibc 2.28.
+    A _C linked against this Debian 12 machine's own glibc needs 2.34 (libc's dlopen/pthread
+    symbols since 2.34, libstdc++'s __libc_single_threaded since 2.32); the release wheel is
+    linked against glibc 2.28's stubs instead (ci/glibc_stubs.sh) and needs at most 2.28.
+    Installed from a wheel, _C is held to the wheel's tag; in a manylinux container (or
+    under ci/build_wheel.sh), to AUDITWHEEL_PLAT.
     """
     so = _extension()
     needed = elf_audit.required_versions(so).get("GLIBC")
@@ -334,3 +334,27 @@ def test_cuda_build_imports_with_no_libcudart_on_the_loader_path() -> None:
     if done.returncode == 3:
         pytest.skip(done.stdout.strip() + " (installed in a default library directory)")
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_glibc_stub_link_args_bind_libc_to_the_stubs() -> None:
+    flags = _builder.extension_flags(with_cuda=True, glibc_stubs="/stubs")
+    assert ("QKIT_GLIBC_STUBS", "1") in flags.define_macros
+    assert flags.link_args[0] == "-Wl,--exclude-libs,ALL"
+    assert "-L/stubs" in flags.link_args and "-Wl,-rpath-link,/stubs" in flags.link_args
+    # Before glibc 2.34 the static CUDA runtime's dlopen/pthread_*/shm_open lived in these.
+    for lib in ("-lpthread", "-ldl", "-lrt"):
+        assert lib in flags.link_args
+    cpu = _builder.extension_flags(with_cuda=False, glibc_stubs="/stubs")
+    assert "-L/stubs" in cpu.link_args and ("QKIT_GLIBC_STUBS", "1") in cpu.define_macros
+    assert not any("stubs" in arg for arg in _builder.extension_flags(with_cuda=True).link_args)
+
+
+@BINUTILS
+def test_built_with_glibc_stubs_needs_no_newer_glibc() -> None:
+    """A _C the build record says was linked against glibc stubs needs no newer glibc than theirs."""
+    record = _loader.build_record() or {}
+    stubs = re.match(r"glibc (\d+)\.(\d+) \(stubs\)", str(record.get("link_libc") or ""))
+    if stubs is None:
+        pytest.skip("this _C was linked against the build machine's own glibc")
+    limit = (int(stubs.group(1)), int(stubs.group(2)))
+    assert elf_audit.glibc_symbols_newer_than(_extension(), limit) == []

@@ -198,3 +198,52 @@ def test_runtime_lists_capabilities() -> None:
     assert len(running["gpu_capabilities"]) == len(running["gpus"])
     report = info.collect()
     assert report["skipped"] is False and len(report["gpus"]) == len(running["gpus"])
+
+
+# ---------------------------------------------------------------- one line: what to do
+
+
+def test_old_torch_gets_one_line_with_the_command() -> None:
+    running = {**RUNNING, "torch": "2.9.1+cu128"}
+    report_verdict = info._verdict(False, running, {}, [], fit=qkit._loader.fit_problems(BUILT, running))
+    assert "\n" not in report_verdict
+    assert report_verdict.startswith("NOT USABLE: torch 2.9.1+cu128 is older than this build's target")
+    assert "pip install --upgrade 'torch>=2.10'" in report_verdict
+    # Should _C load anyway, the verdict still says so, in the same line.
+    loaded = info._verdict(True, running, {}, ["x"], fit=qkit._loader.fit_problems(BUILT, running))
+    assert loaded.startswith("usable on CPU, but UNSUPPORTED: torch 2.9.1+cu128 is older") and "\n" not in loaded
+
+
+@pytest.mark.parametrize(
+    "libc,tag,problem",
+    [
+        ("glibc 2.27", "cp310-abi3-manylinux_2_28_x86_64", True),  # Ubuntu 18.04 and the 2_28 wheel
+        ("glibc 2.28", "cp310-abi3-manylinux_2_28_x86_64", False),  # RHEL/Rocky 8
+        ("glibc 2.31", "cp310-abi3-manylinux_2_34_x86_64", True),  # Ubuntu 20.04 and a wheel built on Debian 12
+        ("glibc 2.17", "cp310-abi3-manylinux2014_x86_64", False),
+        ("glibc 2.12", "cp310-abi3-manylinux2014_x86_64", True),
+        ("glibc 2.27", "cp310-abi3-linux_x86_64", False),  # a local build: no tag to hold it to
+        ("", "cp310-abi3-manylinux_2_28_x86_64", False),  # musl or unknown: say nothing
+    ],
+)
+def test_old_glibc_gets_one_line(libc: str, tag: str, problem: bool) -> None:
+    running = {**RUNNING, "libc": libc or None, "wheel_tags": [tag]}
+    for built in (BUILT, None):
+        fit = qkit._loader.fit_problems(built, running)
+        assert bool(fit) == problem
+        if problem:
+            (line,) = fit
+            have = libc.split()[1]
+            assert "\n" not in line and f"glibc {have} is older than the glibc" in line and tag in line
+            assert "pip install --no-binary qkit --no-build-isolation qkit" in line
+            assert info._verdict(False, running, {}, [], fit=fit) == f"NOT USABLE: {line}"
+            assert line in info.advise(built, running, False, {})
+
+
+def test_wheel_tags_only_from_this_copys_metadata() -> None:
+    # Run from the source tree, the installed distribution (if any) is another copy of qkit.
+    tags = qkit._loader.wheel_tags()
+    if (ROOT / "python" / "qkit" / "__init__.py").resolve() == Path(qkit.__file__).resolve():
+        assert tags == []
+    else:
+        assert tags and all(tag.startswith("cp310-abi3-") for tag in tags)

@@ -106,3 +106,54 @@ def test_sdist_ships_exactly_the_tracked_sources(tmp_path: Path) -> None:
     expected = {f for f in tracked if f.split("/")[0] in ("src", "kernels", "include", "python", "tests")} | wanted_top
     assert shipped == expected
     assert "GIT_REVISION" in files  # so builds from the sdist still know their revision
+
+
+def test_ci_compiles_against_the_oldest_supported_torch() -> None:
+    """.ci/run runs the header check, and the check compiles with the build's own defines and flags."""
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "bash ci/check_torch_headers.sh" in run
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import header_check
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    builder = header_check.load_builder()
+    for with_cuda in (False, True):
+        command = header_check.compile_command(
+            builder, "src/module.cpp", Path("/t/include"), Path("/py/include"), with_cuda=with_cuda
+        )
+        assert "-fsyntax-only" in command
+        assert f"-DTORCH_TARGET_VERSION={builder.torch_target_macro()}" in command
+        assert "-DPy_LIMITED_API=0x030A0000" in command
+        assert ("-DQKIT_WITH_CUDA=1" in command) == with_cuda
+        for flag in builder.extension_flags(with_cuda=with_cuda).cxx:
+            assert flag in command
+    assert header_check.load_builder().CPU_SOURCES == builder.CPU_SOURCES
+
+
+@pytest.mark.parametrize(
+    "wheel,sym_tag,external,failures",
+    [
+        ("qkit-0.1.0-cp310-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl", "manylinux_2_24_x86_64", {}, 0),
+        ("qkit-0.1.0-cp310-abi3-manylinux_2_28_x86_64.whl", "manylinux_2_28_x86_64", {"libc10.so": None}, 0),
+        # Linked against this machine's glibc 2.36: auditwheel says 2_34, and so does the name.
+        ("qkit-0.1.0-cp310-abi3-manylinux_2_34_x86_64.whl", "manylinux_2_34_x86_64", {}, 2),
+        # A library that is neither torch's nor in the policy (e.g. a vendored libcudart).
+        ("qkit-0.1.0-cp310-abi3-manylinux_2_28_x86_64.whl", "manylinux_2_28_x86_64", {"libcudart.so.13": None}, 1),
+    ],
+)
+def test_auditwheel_check(wheel: str, sym_tag: str, external: dict[str, None], failures: int) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import auditwheel_check
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    shown = {"sym_tag": sym_tag, "external_libs": external}
+    assert len(auditwheel_check.problems(Path(wheel), "manylinux_2_28_x86_64", shown)) == failures
+
+
+def test_release_wheel_is_held_to_manylinux_2_28() -> None:
+    build = (ROOT / "ci" / "build_wheel.sh").read_text()
+    assert "QKIT_MANYLINUX:-2_28" in build and "ci/glibc_stubs.sh" in build and "AUDITWHEEL_PLAT" in build
+    package = (ROOT / "ci" / "package.sh").read_text()
+    assert "tests/auditwheel_check.py" in package and "manylinux_2_28_" in package

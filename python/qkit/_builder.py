@@ -110,6 +110,27 @@ def torch_target_macro() -> str:
     return f"0x{(major << 56) | (minor << 48):016x}ULL"
 
 
+def glibc_stub_link_args(stubs: str) -> list[str]:
+    """Link arguments that bind _C's libc references to the glibc stubs in ``stubs``.
+
+    ``-L`` puts the stubs' ``libc.so``/``libdl.so``/... ahead of the system's for every
+    ``-l`` (g++'s own ``-lc`` and ``-lm`` included), and ``-rpath-link`` makes the linker
+    read them, not the system's, as the dependencies of libstdc++ and torch's libraries.
+    libpthread/libdl/librt are named because before glibc 2.34 their functions lived there,
+    not in libc; ``--as-needed`` keeps each only if _C uses it. The stubs' ``libc.so`` is a
+    linker script, as glibc's is, that adds libc_nonshared.a and the dynamic loader.
+    """
+    return [
+        f"-L{stubs}",
+        f"-Wl,-rpath-link,{stubs}",
+        "-Wl,--as-needed",
+        "-lpthread",
+        "-ldl",
+        "-lrt",
+        "-Wl,--no-as-needed",
+    ]
+
+
 @dataclass
 class ExtensionFlags:
     """Everything platform-specific about compiling and linking ``qkit._C``."""
@@ -128,6 +149,7 @@ def extension_flags(
     rocm_archs: str | None = None,
     link_curand: bool = True,
     nvcc_threads: int = 1,
+    glibc_stubs: str | None = None,
 ) -> ExtensionFlags:
     """Compile/link flags of ``qkit._C`` for one build flavour (a pure function, unit-tested).
 
@@ -140,6 +162,9 @@ def extension_flags(
             CUDA, ``-lhiprand`` on ROCm. It is linked ``--as-needed``: the kernels use
             qkit's own Philox, so the library never becomes a load-time dependency.
         nvcc_threads: nvcc ``--threads`` (archs compiled in parallel; CUDA only).
+        glibc_stubs: a directory of an old glibc's link-time stubs (``ci/glibc_stubs.sh``,
+            ``QKIT_GLIBC_STUBS``): _C is linked against them instead of this machine's glibc,
+            so it needs no newer glibc than theirs (the manylinux_2_28 release wheel; Linux only).
     """
     flags = ExtensionFlags()
     # Py_LIMITED_API itself is defined by torch's BuildExtension (py_limited_api=True).
@@ -147,6 +172,9 @@ def extension_flags(
     # FP contraction off everywhere: CPU and GPU must round every step alike.
     # Hidden visibility: _C exports PyInit__C and nothing else.
     flags.cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+    if glibc_stubs:
+        flags.define_macros.append(("QKIT_GLIBC_STUBS", "1"))
+        flags.link_args += glibc_stub_link_args(glibc_stubs)
     if not with_cuda:
         return flags
     flags.define_macros.append(("QKIT_WITH_CUDA", "1"))
@@ -169,7 +197,7 @@ def extension_flags(
     # machine with no CUDA installed (CPU users) and under any CUDA torch;
     # --exclude-libs keeps its symbols out of _C's dynamic symbol table.
     flags.libraries = ["cudart_static", "rt", "dl"]
-    flags.link_args = ["-Wl,--exclude-libs,ALL"]
+    flags.link_args = ["-Wl,--exclude-libs,ALL", *flags.link_args]
     if link_curand:
         flags.link_args += ["-Wl,--as-needed", *QuantizerBuilder().extra_ldflags(), "-Wl,--no-as-needed"]
     return flags

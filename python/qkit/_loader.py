@@ -15,7 +15,8 @@ import os
 import platform
 import re
 import sys
-from importlib import resources
+from importlib import metadata, resources
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -54,10 +55,42 @@ def runtime_record() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "torch_hip": getattr(torch.version, "hip", None),
+        "libc": " ".join(platform.libc_ver()).strip() or None,
+        "wheel_tags": wheel_tags(),
         "cuda_available": cuda_ok,
         "gpus": [torch.cuda.get_device_name(i) for i in range(count)],
         "gpu_capabilities": [".".join(map(str, torch.cuda.get_device_capability(i))) for i in range(count)],
     }
+
+
+def wheel_tags() -> list[str]:
+    """The tags of the wheel this qkit was installed from (its ``dist-info/WHEEL``), e.g.
+    ``["cp310-abi3-manylinux_2_28_x86_64"]``; empty when this qkit is not such an install
+    (a source tree on ``sys.path``, or metadata that belongs to another copy)."""
+    try:
+        dist = metadata.distribution("qkit")
+        here = Path(__file__).resolve().parent / "__init__.py"
+        if Path(str(dist.locate_file("qkit/__init__.py"))).resolve() != here:
+            return []
+        text = dist.read_text("WHEEL") or ""
+    except (metadata.PackageNotFoundError, OSError):
+        return []
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Tag:")]
+
+
+#: glibc of the legacy manylinux tags (PEP 600 tags carry theirs: manylinux_2_28).
+LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+
+
+def glibc_of_tag(tag: str) -> tuple[int, int] | None:
+    """The glibc a wheel tag (or just its platform part) requires, None for a non-manylinux tag."""
+    found = re.search(r"manylinux_(\d+)_(\d+)_", tag)
+    if found:
+        return int(found.group(1)), int(found.group(2))
+    for legacy, glibc in LEGACY_MANYLINUX.items():
+        if re.search(rf"(^|-|\.){legacy}_", tag):
+            return glibc
+    return None
 
 
 def version_tuple(version: str) -> tuple[int, int] | None:
@@ -79,8 +112,12 @@ def build_mismatches(built: dict[str, Any], running: dict[str, Any]) -> list[str
     if target and have and have < target:
         found.append(
             f"torch {running['torch']} is older than this build's target: upgrade torch to >= "
-            f"{built['torch_target']} (this build's stable-ABI floor)"
+            f"{built['torch_target']} (this build's stable-ABI floor): pip install --upgrade 'torch>="
+            f"{built['torch_target']}'"
         )
+    glibc_problem = glibc_mismatch(running)
+    if glibc_problem:
+        found.append(glibc_problem)
     built_machine = built.get("machine", running["machine"])
     if built.get("platform", running["platform"]) != running["platform"] or built_machine != running["machine"]:
         found.append(
@@ -91,23 +128,56 @@ def build_mismatches(built: dict[str, Any], running: dict[str, Any]) -> list[str
     return found
 
 
+def glibc_mismatch(running: dict[str, Any]) -> str | None:
+    """One line of what to do when this system's glibc is older than the installed wheel's tag allows.
+
+    Args:
+        running: needs ``libc`` (``"glibc 2.27"``) and ``wheel_tags`` as in :func:`runtime_record`.
+    """
+    libc = str(running.get("libc") or "")
+    have = version_tuple(libc.removeprefix("glibc").strip()) if libc.startswith("glibc") else None
+    for tag in running.get("wheel_tags") or []:
+        need = glibc_of_tag(tag)
+        if have and need and have < need:
+            need_text = ".".join(map(str, need))
+            return (
+                f"this system's glibc {'.'.join(map(str, have))} is older than the glibc {need_text} the installed "
+                f"wheel ({tag}) needs: build qkit from source here (pip install --no-binary qkit "
+                f"--no-build-isolation qkit, with torch and a C++17 compiler installed), or run on glibc >= {need_text}"
+            )
+    return None
+
+
+def fit_problems(built: dict[str, Any] | None, running: dict[str, Any]) -> list[str]:
+    """:func:`build_mismatches` (or, without a build record, only the glibc check): each one line."""
+    if built is not None:
+        return build_mismatches(built, running)
+    problem = glibc_mismatch(running)
+    return [problem] if problem else []
+
+
 def _hint(error: BaseException, built: dict[str, Any] | None) -> str:
     """What to do about one load failure: the specific cause where the message shows it."""
     text = str(error)
     reinstall = (
         "reinstall qkit (pip install --force-reinstall qkit), or build it here: pip install --no-build-isolation ."
     )
-    if built is not None:
-        here = {"torch": torch.__version__, "platform": sys.platform, "machine": platform.machine()}
-        mismatches = build_mismatches(built, here)
-        if mismatches:
-            return mismatches[0]
+    here = {
+        "torch": torch.__version__,
+        "platform": sys.platform,
+        "machine": platform.machine(),
+        "libc": " ".join(platform.libc_ver()).strip() or None,
+        "wheel_tags": wheel_tags(),
+    }
+    problems = fit_problems(built, here)
+    if problems:
+        return problems[0]
     glibc = re.search(r"GLIBC(?:XX)?_[\d.]+", text)
     if glibc:
         libc = " ".join(platform.libc_ver()).strip() or "an older C library"
         return (
-            f"_C needs {glibc.group(0)} but this system has {libc}: install the manylinux wheel (built against "
-            "glibc 2.28), or build from source on this machine: pip install --no-build-isolation ."
+            f"_C needs {glibc.group(0)} but this system has {libc}: install qkit's manylinux_2_28 wheel (glibc "
+            "2.28 and newer), or build from source on this machine: pip install --no-build-isolation ."
         )
     missing_lib = re.search(r"(lib[\w.+-]+\.so[.\d]*): cannot open shared object file", text)
     if missing_lib:

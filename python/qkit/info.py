@@ -117,6 +117,7 @@ def advise(
             "no build record (_build_info.json): this qkit was not built by its setup.py, so build and "
             "runtime cannot be compared; reinstall it (pip install --no-build-isolation .) to get one"
         )
+        advice.extend(_loader.fit_problems(None, running))
     else:
         advice.extend(_loader.build_mismatches(built, running))
         if running.get("torch_hip") and not built.get("rocm_kernels"):
@@ -158,16 +159,26 @@ def advise(
 
 
 def _verdict(
-    loaded: bool, running: dict[str, Any], kernels: dict[str, list[str]], advice: list[str], skipped: bool = False
+    loaded: bool,
+    running: dict[str, Any],
+    kernels: dict[str, list[str]],
+    advice: list[str],
+    skipped: bool = False,
+    fit: Sequence[str] = (),
 ) -> str:
+    """One line. ``fit``: :func:`qkit._loader.fit_problems`; when _C did not load, the first is what to do."""
     if skipped:
         return f"NOT LOADED on purpose: {_loader.SKIP_ENV} is set; unset it to use the kernels"
+    if not loaded and fit:
+        return f"NOT USABLE: {fit[0]}"
     if not loaded:
         return "NOT USABLE: qkit._C could not be loaded (see the load error for what to do)"
     devices = ["CPU"]
     if running.get("cuda_available") and any("CUDA" in keys for keys in kernels.values()):
         devices.append("GPU")
     usable = f"usable on {' and '.join(devices)}"
+    if fit:  # loaded, but outside what this build supports (e.g. a torch older than its target)
+        return f"{usable}, but UNSUPPORTED: {fit[0]}"
     return f"{usable}, with {len(advice)} warning(s) below" if advice else usable
 
 
@@ -201,6 +212,7 @@ def collect() -> dict[str, Any]:
     kernels = kernel_keys(loaded)
     capabilities = [c for c in (_loader.version_tuple(cap) for cap in running.get("gpu_capabilities", [])) if c]
     advice = advise(built, running, loaded, kernels, capabilities)
+    fit = _loader.fit_problems(built, running)
     return {
         "qkit_version": qkit.__version__,
         "build": built,
@@ -211,7 +223,7 @@ def collect() -> dict[str, Any]:
         "kernels": kernels,
         "gpus": gpu_report(built, running),
         "usable": loaded,
-        "verdict": _verdict(loaded, running, kernels, advice, skipped),
+        "verdict": _verdict(loaded, running, kernels, advice, skipped, fit),
         "advice": advice,
     }
 
@@ -252,6 +264,8 @@ def format_report(info: dict[str, Any]) -> str:
         "",
         "this process:",
         f"  python             {running['python']} ({running['platform']}/{running['machine']})",
+        f"  C library          {running.get('libc') or 'unknown'}",
+        f"  installed wheel    {', '.join(running.get('wheel_tags') or []) or '- (not installed from a wheel)'}",
         f"  torch              {running['torch']} (CUDA {running['torch_cuda']}, HIP {running['torch_hip']})",
         f"  CUDA available     {_yes_no(running['cuda_available'])}",
         f"  GPUs               {', '.join(running['gpus']) or 'none'}",
