@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
+import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,3 +127,22 @@ def spawn_ranks(
         )
         pytest.fail(f"{what} failed or timed out:\n{detail}")
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def join_gloo_world(world: int, port: int, rank: int, outdir: str, timeout_s: float) -> None:
+    """Set-up of a spawned rank: its output to ``rank{r}.log``, one thread, and a gloo process
+    group on 127.0.0.1 whose collectives give up after ``timeout_s`` (nothing hangs)."""
+    log = os.open(Path(outdir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13's renamed collectives
+    if Path("/sys/class/net/lo").exists():
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # 127.0.0.1 only, whatever the hostname resolves to
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )

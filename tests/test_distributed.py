@@ -9,10 +9,8 @@ compare each rank's results with references computed here in the parent: the exa
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import math
-import os
 import time
 import traceback
 import warnings
@@ -23,7 +21,7 @@ import pytest
 import torch
 
 import qkit
-from helpers import spawn_ranks
+from helpers import join_gloo_world, spawn_ranks
 from qkit.distributed import (
     LocoReducer,
     QgzFallbackWarning,
@@ -319,15 +317,8 @@ def _check_mismatch(rank: int, groups: dict) -> dict:
 
 
 def worker(world: int, local: int, port: int, outdir: str, rank: int, only: tuple[str, ...] = ()) -> None:
-    """One rank: every check (or those in ``only``), results to ``rank{r}.pt``."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    """One spawned rank: every check (or those in ``only``), results to ``rank{r}.pt``."""
+    join_gloo_world(world, port, rank, outdir, TIMEOUT_S)
     results: dict[str, Any] = {}
     times: dict[str, float] = {}
     try:
@@ -364,23 +355,12 @@ def worker(world: int, local: int, port: int, outdir: str, rank: int, only: tupl
 # ---------------------------------------------------------------- parent side
 
 
-def _run_rank(world: int, local: int, port: int, outdir: str, rank: int, only: tuple[str, ...]) -> None:
-    """Entry point of a spawned rank: output to ``rank{r}.log``, then :func:`worker`."""
-    log = os.open(Path(outdir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13's renamed collectives
-    if Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # 127.0.0.1 only, whatever the hostname resolves to
-    worker(world, local, port, outdir, rank, only)
-
-
 def _spawn(world: int, local: int, outdir: Path, only: tuple[str, ...] = ()) -> list[dict]:
     """Run ``world`` ranks from a forkserver that imported torch and qkit once (fresh interpreters
     would import them ``world`` times on this 2-core machine), bounded by SPAWN_TIMEOUT_S."""
     return spawn_ranks(
         world,
-        _run_rank,
+        worker,
         lambda r, port: (world, local, port, str(outdir), r, only),
         outdir,
         timeout_s=SPAWN_TIMEOUT_S,

@@ -15,17 +15,14 @@ rank runs the checks below and saves what it got; the parent then compares:
 
 from __future__ import annotations
 
-import datetime
-import os
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from helpers import spawn_ranks
+from helpers import join_gloo_world, spawn_ranks
 from qkit.distributed.fsdp import predicted_bytes
 from reference import ref_dequantize, ref_quantize
 
@@ -419,20 +416,8 @@ CHECKS = {
 
 
 def worker(world: int, port: int, outdir: str, rank: int) -> None:
-    log = os.open(Path(outdir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    if Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    """One spawned rank: every check, results to ``rank{r}.pt``."""
+    join_gloo_world(world, port, rank, outdir, TIMEOUT_S)
     results: dict[str, Any] = {}
     try:
         for name, fn in CHECKS.items():
