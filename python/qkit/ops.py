@@ -221,13 +221,14 @@ class QkitTypeError(RuntimeError, TypeError):
     """A qkit op got an argument of a bad dtype."""
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as messages name it, without "torch." (the C++ bindings' ``dtype_name``)."""
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def check_float_input(t: Tensor, op: str, arg: str = "input") -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise QkitTypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {dtype_name(t.dtype)}")
 
 
 def check_groups(numel: int, groups: int, op: str, numel_of: str = "input", name: str = "groups") -> None:
@@ -318,7 +319,7 @@ def check_out(
 ) -> None:
     """An ``out=`` tensor: ``dtype``, on ``like``'s device, exactly ``shape``, no expanded dimensions."""
     if out.dtype != dtype:
-        raise QkitTypeError(f"qkit.{op}: `{name}` must be {_dtype_name(dtype)}, got {_dtype_name(out.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `{name}` must be {dtype_name(dtype)}, got {dtype_name(out.dtype)}")
     if out.device != like.device:
         raise QkitValueError(f"qkit.{op}: `{name}` must be on the same device as `{like_name}`")
     if list(out.shape) != list(shape):
@@ -613,9 +614,9 @@ def _quantize_out_fake(
 def check_codes_and_params(q: Tensor, params: Tensor, bits: int, op: str) -> None:
     """Quantized input of an op: int8 codes, float32 params on the codes' device, 4 or 8 bits."""
     if q.dtype != torch.int8:
-        raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {_dtype_name(q.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {dtype_name(q.dtype)}")
     if params.dtype != torch.float32:
-        raise QkitTypeError(f"qkit.{op}: `params` must be float32, got {_dtype_name(params.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `params` must be float32, got {dtype_name(params.dtype)}")
     if params.device != q.device:
         raise QkitValueError(f"qkit.{op}: `params` must be on the same device as `q`")
     check_storage_bits(bits, op)
@@ -629,7 +630,7 @@ def check_dequantize_args(
     if bits == 4 and q.dim() == 0:
         raise QkitValueError(f"qkit.{op}: 4-bit `q` must have at least one dimension")
     if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {_dtype_name(dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {dtype_name(dtype)}")
     numel = q.numel() * (2 if bits == 4 else 1)
     check_groups(numel, groups, op, "the dequantized output")
     per_group = 1 if symmetric else 2
@@ -748,7 +749,7 @@ def dequantize(
         return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
     if dtype is not None and dtype != out.dtype:
         raise QkitTypeError(
-            f"qkit.dequantize: `dtype` ({_dtype_name(dtype)}) and `out` ({_dtype_name(out.dtype)}) disagree"
+            f"qkit.dequantize: `dtype` ({dtype_name(dtype)}) and `out` ({dtype_name(out.dtype)}) disagree"
         )
     keys = kernel_keys(q, params, out)
     if keys is not None:
