@@ -259,14 +259,24 @@ def check_params_size(groups: int, symmetric: bool, op: str, name: str = "groups
     checked_product((groups, per_group, 4), f"the bytes of the float32 params, `{name}` * {per_group} * 4", op)
 
 
+# The one definition of these ranges on the Python side (QuantSpec and MoQ import them);
+# the C++ bindings check the same numbers.
+#: Code widths ``fake_quantize`` accepts.
+MIN_BITS, MAX_BITS = 2, 16
+#: Code widths ``quantize`` / ``dequantize`` (and the ZeRO++ ops) store.
+STORAGE_BITS = (4, 8)
+#: Rounding modes (``stochastic=False`` / ``True`` of ``fake_quantize``).
+ROUNDING_MODES = ("nearest", "stochastic")
+
+
 def check_fake_bits(bits: int, op: str) -> None:
-    if not 2 <= bits <= 16:
-        raise QkitValueError(f"qkit.{op}: `bits` must be in [2, 16], got {bits}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise QkitValueError(f"qkit.{op}: `bits` must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
 
 
 def check_storage_bits(bits: int, op: str) -> None:
-    if bits not in (4, 8):
-        raise QkitValueError(f"qkit.{op}: `bits` must be 4 or 8, got {bits}")
+    if bits not in STORAGE_BITS:
+        raise QkitValueError(f"qkit.{op}: `bits` must be {STORAGE_BITS[0]} or {STORAGE_BITS[1]}, got {bits}")
 
 
 def check_packable(t: Tensor, bits: int, op: str, arg: str) -> None:
