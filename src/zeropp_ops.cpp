@@ -1,4 +1,4 @@
-// Bindings of the ZeRO++ ops (OPS.md §3): swizzle_quantize, quantized_reduction,
+// Bindings of the ZeRO++ ops (docs/ops.md §3): swizzle_quantize, quantized_reduction,
 // their LoCo variants and dequantize_unsigned. Each op is composed from the core
 // quantizer and the small kernels of kernels/*/zeropp_*, on the input's device
 // and current stream; schemas live in python/qkit/zeropp_ops.py.

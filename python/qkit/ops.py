@@ -1,7 +1,7 @@
 """The core ops: schema, fake (meta) implementation, autograd and typed wrapper, side by side.
 
 The kernels are ``qkit._C`` (CPU and CUDA), registered under ``torch.ops.qkit``.
-Semantics: ``OPS.md`` §1-3. Groups are contiguous runs of the flattened tensor;
+Semantics: ``docs/ops.md`` §1-3. Groups are contiguous runs of the flattened tensor;
 all arithmetic is fp32; params are float32 ``[G, 1]`` (symmetric: the step) or
 ``[G, 2]`` (asymmetric: step, midpoint offset).
 """

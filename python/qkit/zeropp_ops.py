@@ -1,4 +1,4 @@
-"""ZeRO++ ops (OPS.md §3): swizzled quantization, quantized reduction, their LoCo
+"""ZeRO++ ops (docs/ops.md §3): swizzled quantization, quantized reduction, their LoCo
 error-feedback variants, and the unsigned-code dequantizer. Schema, fake impl
 and typed wrapper side by side; kernels in ``qkit._C`` (CPU and CUDA).
 
@@ -286,7 +286,7 @@ def swizzle_quantize(
         input: float32/float16/bfloat16, ``M`` elements in ``groups`` contiguous groups.
         groups: a multiple of ``nodes * devices_per_node * pipeline``.
         bits: 4 or 8 (4-bit needs an even group size).
-        symmetric, pipeline, nodes, devices_per_node: see OPS.md §3.
+        symmetric, pipeline, nodes, devices_per_node: see docs/ops.md §3.
         out: optional preallocated ``(q, params)`` of the shapes and dtypes below, on
             ``input``'s device, sharing no memory with ``input`` or each other (a
             send buffer reused every step saves the allocation and its page faults).
