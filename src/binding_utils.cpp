@@ -29,6 +29,17 @@ const char* dtype_name(ScalarType t) {
     case ScalarType::Int: return "int32";
     case ScalarType::Long: return "int64";
     case ScalarType::Bool: return "bool";
+    case ScalarType::Short: return "int16";
+    case ScalarType::UInt16: return "uint16";
+    case ScalarType::UInt32: return "uint32";
+    case ScalarType::UInt64: return "uint64";
+    case ScalarType::ComplexHalf: return "complex32";
+    case ScalarType::ComplexFloat: return "complex64";
+    case ScalarType::ComplexDouble: return "complex128";
+    case ScalarType::Float8_e5m2: return "float8_e5m2";
+    case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    case ScalarType::Float8_e5m2fnuz: return "float8_e5m2fnuz";
+    case ScalarType::Float8_e4m3fnuz: return "float8_e4m3fnuz";
     default: return "an unsupported dtype";
   }
 }
@@ -87,21 +98,6 @@ void check_no_self_overlap(const Tensor& t, const char* op, const char* arg) {
 void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op) {
   QKIT_CHECK(a.device() == b.device(), op, "`", b_name, "` must be on the same device as `", a_name, "`");
 }
-
-namespace {
-template <typename Sizes>
-std::string shape_text(const Sizes& sizes) {
-  std::ostringstream text;
-  const char* separator = "";
-  text << "[";
-  for (int64_t s : sizes) {
-    text << separator << s;
-    separator = ", ";
-  }
-  text << "]";
-  return text.str();
-}
-}  // namespace
 
 void check_out(const Tensor& out, const char* name, ScalarType dtype, const Shape& sizes,
                const Tensor& like, const char* like_name, const char* op) {

@@ -39,7 +39,22 @@ template <typename... Parts>
     if (!(cond)) ::qkit::binding::fail(op, __VA_ARGS__); \
   } while (0)
 
+// The name Python prints for the dtype, without "torch." (the fake impls use the same).
 const char* dtype_name(ScalarType t);
+
+// "[4, 1]": a shape as Python prints a list of ints, for ", got [...]" in messages.
+template <typename Sizes>
+std::string shape_text(const Sizes& sizes) {
+  std::ostringstream text;
+  const char* separator = "";
+  text << "[";
+  for (int64_t s : sizes) {
+    text << separator << s;
+    separator = ", ";
+  }
+  text << "]";
+  return text.str();
+}
 
 // The kernels' element type for a float tensor; errors for anything else.
 DType float_dtype(const Tensor& t, const char* op, const char* arg);

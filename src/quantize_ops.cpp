@@ -194,7 +194,7 @@ Shape check_dequantize_args(const Tensor& q, const Tensor& params, int64_t group
   const int64_t per_group = symmetric ? 1 : 2;
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [groups, ", per_group, "] = [", groups, ", ", per_group, "] for ",
-             symmetric ? "symmetric" : "asymmetric", " quantization");
+             symmetric ? "symmetric" : "asymmetric", " quantization, got ", shape_text(params.sizes()));
   Shape out_sizes = sizes_of(q);
   if (bits == 4) out_sizes.back() *= 2;
   return out_sizes;

@@ -1,4 +1,4 @@
-// Bindings of the ZeRO++ ops (OPS.md §3): swizzle_quantize, quantized_reduction,
+// Bindings of the ZeRO++ ops (docs/ops.md §3): swizzle_quantize, quantized_reduction,
 // their LoCo variants and dequantize_unsigned. Each op is composed from the core
 // quantizer and the small kernels of kernels/*/zeropp_*, on the input's device
 // and current stream; schemas live in python/qkit/zeropp_ops.py.
@@ -33,13 +33,14 @@ void check_swizzle_input(const Tensor& input, int64_t groups, int64_t bits, bool
 }
 
 // The error buffer a LoCo op updates in place: a float tensor of `numel` elements
-// on `like`'s device (of `like`'s dtype when `same_dtype`).
-void check_error_feedback(const Tensor& error, const Tensor& like, int64_t numel, bool same_dtype, const char* op) {
+// on the device of `like` (the argument `like_name`), of its dtype when `same_dtype`.
+void check_error_feedback(const Tensor& error, const Tensor& like, const char* like_name, int64_t numel,
+                          bool same_dtype, const char* op) {
   float_dtype(error, op, "error_feedback");
-  check_same_device(like, "input", error, "error_feedback", op);
+  check_same_device(like, like_name, error, "error_feedback", op);
   QKIT_CHECK(error.numel() == numel, op, "`error_feedback` must have ", numel, " elements, got ", error.numel());
   QKIT_CHECK(!same_dtype || error.scalar_type() == like.scalar_type(), op,
-             "`error_feedback` must have the dtype of `input` (", dtype_name(like.scalar_type()), "), got ",
+             "`error_feedback` must have the dtype of `", like_name, "` (", dtype_name(like.scalar_type()), "), got ",
              dtype_name(error.scalar_type()));
   check_no_self_overlap(error, op, "error_feedback");
 }
@@ -133,7 +134,7 @@ void swizzle_into(const Tensor& in, std::optional<Tensor> error, double beta, co
                   static_cast<float*>(natural_params.mutable_data_ptr()), op);
   } else {
     // s = x + e (e read at the swizzled position), quantize s, then e <- update(e, s, dequant).
-    check_error_feedback(*error, in, numel, true, op);
+    check_error_feedback(*error, in, "input", numel, true, op);
     check_beta(beta, op);
     const Tensor e_in = dense(*error);
     Tensor s = empty_on(in, {numel}, ScalarType::Float);
@@ -206,7 +207,8 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
   check_params_size(out_groups, symmetric, op, "out_groups");
   const int64_t per_group = params_per_group(symmetric);
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == in_groups && params.sizes()[1] == per_group, op,
-             "`params` must have shape [in_groups, ", per_group, "] = [", in_groups, ", ", per_group, "]");
+             "`params` must have shape [in_groups, ", per_group, "] = [", in_groups, ", ", per_group, "], got ",
+             shape_text(params.sizes()));
 
   const Tensor codes_in = dense(q);
   const Tensor params_in = dense(params);
@@ -220,7 +222,7 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
   std::optional<Tensor> e_in;
   DType edt = DType::Float32;
   if (error.has_value()) {
-    check_error_feedback(*error, codes_in, values, false, op);
+    check_error_feedback(*error, codes_in, "q", values, false, op);
     check_beta(beta, op);
     e_in = dense(*error);
     edt = float_dtype(*error, op, "error_feedback");

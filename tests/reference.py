@@ -1,4 +1,4 @@
-"""Independent pure-PyTorch reference of qkit's core quantizer (OPS.md §1-3).
+"""Independent pure-PyTorch reference of qkit's core quantizer (docs/ops.md §1-3).
 
 Every step is one fp32 torch op, in the order the spec gives, so nearest-rounding
 results must match the kernels bit for bit. No qkit import on purpose.
@@ -167,7 +167,7 @@ def ref_stochastic_fake_quantize(x: Tensor, groups: int, bits: int, symmetric: b
     return dequant_codes(codes, step, offset, x.dtype).reshape(x.shape)
 
 
-# ---------------------------------------------------------------- ZeRO++ ops (OPS.md §3)
+# ---------------------------------------------------------------- ZeRO++ ops (docs/ops.md §3)
 #
 # Built on ref_quantize / ref_dequantize: the swizzle is a permutation of plain
 # per-group quantization, the reduction is dequantize -> fp32 sum -> quantize,
@@ -175,7 +175,7 @@ def ref_stochastic_fake_quantize(x: Tensor, groups: int, bits: int, symmetric: b
 
 
 def ref_swizzle_slot(g: int, groups: int, pipeline: int, nodes: int, devices: int) -> int:
-    """Output slot of input group ``g``: ``o = (y*P + d*nodes + n)*c + x`` (OPS.md §3)."""
+    """Output slot of input group ``g``: ``o = (y*P + d*nodes + n)*c + x`` (docs/ops.md §3)."""
     partitions = nodes * devices
     per_partition = groups // partitions
     per_slice = per_partition // pipeline

@@ -276,7 +276,7 @@ def test_stochastic_layout_does_not_matter(device, view):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_stochastic_cuda_graph_replay():
-    """Each replay of a captured CUDA graph draws afresh (OPS.md §1)."""
+    """Each replay of a captured CUDA graph draws afresh (docs/ops.md §7)."""
     x = make_input((8, 1024), torch.float32, seed=12).cuda()
     torch.manual_seed(0)
     side = torch.cuda.Stream()

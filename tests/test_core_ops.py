@@ -1,4 +1,4 @@
-"""Core ops against the reference, bit for bit (OPS.md §1-3)."""
+"""Core ops against the reference, bit for bit (docs/ops.md §1-3)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ LAYOUTS = [
 LAYOUT = pytest.mark.parametrize(("shape", "groups"), LAYOUTS, ids=lambda v: str(v).replace(" ", ""))
 
 
-# ------------------------------------------------------------------ worked examples (OPS.md §1-2)
+# ------------------------------------------------------------------ worked examples (docs/ops.md §9)
 
 EXAMPLE = [1, -0.5, 0.25, -2, 0, 0.75, 2, -1.5]
 

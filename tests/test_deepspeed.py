@@ -57,7 +57,7 @@ def _data(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> Tensor:
 
 
 def _grid(x: Tensor, groups: int, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Independent model of OPS.md §1: ``(v, step, offset, deq)`` for ``x`` flattened into groups.
+    """Independent model of docs/ops.md §1: ``(v, step, offset, deq)`` for ``x`` flattened into groups.
 
     ``v`` is ``x`` scaled onto the code axis (fp32 ``[G, E]``); ``deq(q)`` maps codes back to
     values in ``x``'s dtype.
@@ -324,7 +324,7 @@ def test_quantize_dequantize_match_ops(qtype: QuantizationType | int, bits: int,
 
 
 def test_quantize_worked_example() -> None:
-    """OPS.md §1-2: the 4-bit symmetric bytes and the 8-bit asymmetric codes."""
+    """docs/ops.md §9: the 4-bit symmetric bytes and the 8-bit asymmetric codes."""
     x = torch.tensor([1, -0.5, 0.25, -2, 0, 0.75, 2, -1.5], dtype=torch.float16)
     q, params = qop.quantize(x, 1, 4, QuantizationType.Symmetric)
     assert q.tolist() == [0x4E, 0x18, 0x03, 0x7A]

@@ -495,7 +495,7 @@ def test_wire_bytes_match_the_table(world: dict) -> None:
 def clamp_error(inputs: list[torch.Tensor], nodes: int, local: int, g: int) -> torch.Tensor:
     """The part of qgZ's error (in the mean, flattened) that the quantizer's convention fixes in advance.
 
-    With a step of ``absmax / 8`` (OPS.md §1), values in ``[7.5, 8]`` steps (the top half-step below
+    With a step of ``absmax / 8`` (docs/ops.md §1), values in ``[7.5, 8]`` steps (the top half-step below
     ``+absmax``, at least the group's ``+absmax`` itself) round to code 8 and are clamped to 7. The
     negative side has code -8, so this pulls large positive values down: at each rank's quantization
     (step 1) and at each node's re-quantized sums (step 3). The rest is round-to-nearest error,

@@ -123,6 +123,16 @@ def test_int_args_fuzz(outcomes, path):
     problems += [
         f"{path} {k}: eager {v['cpu']} but fake {v['meta']}" for k, v in by_call.items() if len(set(v.values())) > 1
     ]
+    # ... and word each refusal the same, whole message (int64 overflow included).
+    said: dict[str, dict[str, str]] = defaultdict(dict)
+    for c in mine:
+        if outcomes[c.name]["outcome"] == "error":
+            said[json.dumps([c.ints, c.empty], sort_keys=True)][c.device] = outcomes[c.name]["message"]
+    problems += [
+        f"{path} {k}: eager says {v['cpu']!r} but fake says {v['meta']!r}"
+        for k, v in said.items()
+        if len(v) == 2 and v["cpu"] != v["meta"]
+    ]
     assert not problems, "\n".join(problems)
 
 

@@ -193,7 +193,7 @@ def test_compile_inplace_on_graph_input(device, fresh_dynamo):
 
 def test_compile_stochastic(device, fresh_dynamo):
     """Inside a compiled graph, stochastic rounding draws afresh on every call and
-    torch.manual_seed reproduces the draws (OPS.md §1)."""
+    torch.manual_seed reproduces the draws (docs/ops.md §7)."""
 
     def f(x):
         a = torch.ops.qkit.fake_quantize(x, 8, 4, True, True)

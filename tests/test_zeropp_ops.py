@@ -1,9 +1,9 @@
-"""ZeRO++ ops against the pure-PyTorch reference, bit for bit (OPS.md §3).
+"""ZeRO++ ops against the pure-PyTorch reference, bit for bit (docs/ops.md §3).
 
 swizzle_quantize is a permutation of plain per-group quantization, the quantized
 reduction is dequantize -> fp32 sum -> quantize, the LoCo variants add the error
 first and update it in place, and dequantize_unsigned reads DeepSpeed's unsigned
-inference codes. The worked examples are OPS.md §3's tables and
+inference codes. The worked examples are docs/ops.md §3's table and
 deepspeed-behaviour.md §7-8.
 """
 
@@ -57,7 +57,7 @@ def copy_on(device: str, t: Tensor) -> Tensor:
 # ------------------------------------------------------------------ swizzle: worked examples
 
 
-SWIZZLE_TABLE = {  # OPS.md §3, nodes=2, devices=4, G=16: output slot -> input group
+SWIZZLE_TABLE = {  # docs/ops.md §3, nodes=2, devices=4, G=16: output slot -> input group
     1: [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15],
     2: [0, 8, 2, 10, 4, 12, 6, 14, 1, 9, 3, 11, 5, 13, 7, 15],
 }

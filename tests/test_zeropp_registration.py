@@ -1,6 +1,6 @@
 """ZeRO++ op registration: opcheck (the two LoCo ops mutate `error_feedback`), fake and
 meta implementations, torch.compile without graph breaks, and every bad argument named,
-eagerly and under FakeTensorMode / meta (OPS.md §3; issue 3)."""
+eagerly and under FakeTensorMode / meta (docs/ops.md §3; issue 3)."""
 
 from __future__ import annotations
 

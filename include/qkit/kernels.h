@@ -41,7 +41,7 @@ void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params)
 // out (job.dtype) from codes and params; job.numel counts output elements.
 void dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out);
 
-// ZeRO++ building blocks (OPS.md §3). Codes/params are for job.groups groups of
+// ZeRO++ building blocks (docs/ops.md §3). Codes/params are for job.groups groups of
 // job.numel / job.groups elements, `job.bits` wide.
 // Moves every group's codes and params to its swizzled slot.
 void swizzle_groups(const QuantJob& job, const SwizzleLayout& layout, const int8_t* codes_in, const float* params_in,

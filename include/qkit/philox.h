@@ -1,6 +1,7 @@
 // Counter-based Philox 4x32-10 (Salmon et al., SC'11). Stateless: draw n of a
 // stream is a pure function of (key, n), so CPU and CUDA produce the same
 // numbers for the same key and any thread can jump straight to its elements.
+// The stream (seed, counter and lane per element): docs/ops.md §7.
 #pragma once
 
 #include <cstdint>

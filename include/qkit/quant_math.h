@@ -1,4 +1,4 @@
-// The group-wise quantizer, written once for every device (OPS.md §1-2).
+// The group-wise quantizer, written once for every device (docs/ops.md §1-2).
 // CPU and CUDA kernels call exactly these functions, so they agree bit for bit
 // on nearest rounding. Every step is a single correctly rounded fp32 operation;
 // build with FP contraction off (-ffp-contract=off / --fmad=false) so no
@@ -73,7 +73,8 @@ QKIT_HD bool divides_by_step(const QuantParams& p) { return p.scale > FLT_MAX; }
 
 // The step of such a group: range/2^b rounded up to a float (a multiple of the
 // smallest subnormal, never 0), so that range/step <= 2^b and every value stays
-// within one step. `range` is below 2^b/FLT_MAX here, so step * 2^b is exact.
+// within one step (docs/ops.md §1, §6). `range` is below 2^b/FLT_MAX here, so
+// step * 2^b is exact.
 QKIT_HD float step_for_tiny_range(float range, int bits) {
   const float levels = pow2(bits);
   const float step = range * (1.0f / levels);  // one rounding, to nearest
@@ -168,7 +169,7 @@ QKIT_HD float quantize_stochastic(float x, const QuantParams& p, float qmin, flo
 
 QKIT_HD float dequantize_code(float q, float step, float offset) { return step * q + offset; }
 
-// Params storage (OPS.md §2): row g is [step] (symmetric) or [step, offset].
+// Params storage (docs/ops.md §2): row g is [step] (symmetric) or [step, offset].
 struct StoredParams {
   float step;
   float offset;
@@ -187,7 +188,7 @@ QKIT_HD void store_params(float* params, int64_t g, const QuantParams& p, bool s
   }
 }
 
-// 4-bit storage: the even element of a pair in the high nibble (OPS.md §2).
+// 4-bit storage: the even element of a pair in the high nibble (docs/ops.md §2).
 QKIT_HD int8_t pack_nibbles(int even, int odd) {
   return static_cast<int8_t>(static_cast<uint8_t>(((even & 0xF) << 4) | (odd & 0xF)));
 }

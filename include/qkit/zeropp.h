@@ -1,4 +1,4 @@
-// ZeRO++ layout and error-feedback math (OPS.md §3), shared by CPU and CUDA.
+// ZeRO++ layout and error-feedback math (docs/ops.md §3), shared by CPU and CUDA.
 #pragma once
 
 #include <cstdint>

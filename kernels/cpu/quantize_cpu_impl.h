@@ -9,7 +9,8 @@
 // optionally QKIT_CPU_TARGET_PRAGMA (a _Pragma("GCC target(...)")),
 // QKIT_CPU_HAS_F16C and QKIT_CPU_VEC_BYTES (SIMD register width, default 16).
 //
-// Every header is included before the target switch, and everything defined
+// Every header is included before the target switch (group_segments.h, a fragment
+// meant to be included inside a namespace, is the exception), and everything defined
 // after it lives in the ISA namespace, instantiates only ISA-local types and
 // calls no out-of-line std templates: the linker folds identical inline and
 // template functions across translation units, and an AVX-512 copy of a shared
@@ -226,17 +227,7 @@ GroupStats stats_of(const T* x, int64_t n, bool symmetric) {
   return s;
 }
 
-// Calls f(group, begin, end) for each piece of [begin, end) that lies in one group.
-template <typename F>
-void for_each_group_segment(int64_t begin, int64_t end, int64_t group_size, const F& f) {
-  int64_t g = begin / group_size;
-  while (begin < end) {
-    const int64_t seg_end = min_of(end, (g + 1) * group_size);
-    f(g, begin, seg_end);
-    begin = seg_end;
-    ++g;
-  }
-}
+#include "group_segments.h"  // for_each_group_segment, defined here in the ISA namespace
 
 // Room for the Philox blocks that cover up to kTile elements starting anywhere.
 constexpr int64_t kUniformBuf = kTile + 8;

@@ -12,15 +12,7 @@ namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per task
 
-// Calls f(g, begin, end) for every piece of [begin, end) inside one group.
-template <typename F>
-void for_each_group_piece(int64_t begin, int64_t end, int64_t group_size, const F& f) {
-  for (int64_t g = begin / group_size; begin < end; ++g) {
-    const int64_t piece_end = end < (g + 1) * group_size ? end : (g + 1) * group_size;
-    f(g, begin, piece_end);
-    begin = piece_end;
-  }
-}
+#include "group_segments.h"  // for_each_group_segment
 
 }  // namespace
 
@@ -51,7 +43,7 @@ void add_swizzled_error(const QuantJob& job, const SwizzleLayout& layout, const 
     const T* xv = static_cast<const T*>(x);
     const T* ev = static_cast<const T*>(error);
     parallel_for(0, job.numel, kGrain, [&](int64_t b, int64_t e) {
-      for_each_group_piece(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
+      for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
         const int64_t shift = (swizzled_slot(g, layout) - g) * group_size;
         for (int64_t a = pb; a < pe; ++a) s[a] = to_float(xv[a]) + to_float(ev[a + shift]);
       });
@@ -66,7 +58,7 @@ void update_error(const QuantJob& job, const SwizzleLayout* layout, const float*
     using E = decltype(tag);
     E* ev = static_cast<E*>(error);
     parallel_for(0, job.numel, kGrain, [&](int64_t b, int64_t e) {
-      for_each_group_piece(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
+      for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
         const auto [step, offset] = load_params(params, g, job.symmetric);
         const int64_t shift = layout == nullptr ? 0 : (swizzled_slot(g, *layout) - g) * group_size;
         for (int64_t a = pb; a < pe; ++a) {
@@ -86,7 +78,7 @@ void dequantize_sum(const ReductionJob& job, const int8_t* codes, const float* p
   const int64_t groups_per_tensor = job.in_groups / job.tensors;
   const int64_t group_size = job.values / groups_per_tensor;
   parallel_for(0, job.values, kGrain, [&](int64_t b, int64_t e) {
-    for_each_group_piece(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
+    for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
       float* acc = out + pb;
       const int64_t n = pe - pb;
       for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
@@ -125,7 +117,7 @@ void dequantize_unsigned(const int8_t* data, DType param_dtype, const void* scal
     const P* sv = static_cast<const P*>(scale);
     const P* mv = static_cast<const P*>(minv);
     parallel_for(0, groups * group_size, kGrain, [&](int64_t b, int64_t e) {
-      for_each_group_piece(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
+      for_each_group_segment(b, e, group_size, [&](int64_t g, int64_t pb, int64_t pe) {
         const float s = to_float(sv[g]), m = to_float(mv[g]);
         for (int64_t i = pb; i < pe; ++i) out[i] = float_to_half(dequantize_unsigned_value(data, i, bits, s, m));
       });

@@ -107,7 +107,7 @@ def store_weights(model: nn.Module, bits: int, groups: int = 1) -> nn.Module:
 
     4 and 8 bits go through real storage (``qkit.quantize`` -> int8 codes ->
     ``qkit.dequantize``); other widths use ``qkit.fake_quantize``, which is the same
-    rounding (OPS.md §3) without a storage format.
+    rounding (docs/ops.md §3) without a storage format.
     """
     stored = copy.deepcopy(model)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """The core ops: schema, fake (meta) implementation, autograd and typed wrapper, side by side.
 
 The kernels are ``qkit._C`` (CPU and CUDA), registered under ``torch.ops.qkit``.
-Semantics: ``OPS.md`` §1-3. Groups are contiguous runs of the flattened tensor;
+Semantics: ``docs/ops.md`` §1-3. Groups are contiguous runs of the flattened tensor;
 all arithmetic is fp32; params are float32 ``[G, 1]`` (symmetric: the step) or
 ``[G, 2]`` (asymmetric: step, midpoint offset).
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,10 +49,45 @@ def define(schema: str, *, seeded: bool = False) -> None:
 FORWARD_HINT = "pass the primal (torch.autograd.forward_ad.unpack_dual(t).primal) to drop the tangent on purpose"
 
 
+# ---------------------------------------------------------------- private torch APIs
+# The fast paths read torch internals that any torch release may rename. Each is looked
+# up once, here, by name; where one is missing, the path that needs it falls back to the
+# plain dispatcher call (slower, same results), so no rename can break `import qkit`.
+# tests/test_private_api_fallback.py deletes each name in turn and compares results.
+
+#: The private torch names this torch lacks, as "torch._C._after_autograd_keyset"; empty on a
+#: torch qkit was written against.
+MISSING_PRIVATE_APIS: list[str] = []
+
+
+def _private(owner: object, owner_name: str, name: str) -> Any:
+    """``owner.name``, or ``None`` (recorded in :data:`MISSING_PRIVATE_APIS`) where it is absent."""
+    value = getattr(owner, name, None)
+    if value is None:
+        MISSING_PRIVATE_APIS.append(f"{owner_name}.{name}")
+    return value
+
+
+def _below_autograd_keyset() -> torch._C.DispatchKeySet | None:
+    """The keys below Autograd, which an Autograd kernel redispatches to; ``None`` when this
+    torch offers no way to name them (then the Autograd kernels become fallthroughs)."""
+    keys = _private(torch._C, "torch._C", "_after_autograd_keyset")
+    if keys is not None:
+        return keys
+    # The same set, built the way torch builds it: every key after AutogradOther.
+    full_after = _private(torch._C, "torch._C", "_dispatch_keyset_full_after")
+    dispatch_key = getattr(torch._C, "DispatchKey", None)
+    if full_after is None or dispatch_key is None:
+        return None
+    return full_after(dispatch_key.AutogradOther)
+
+
+_BELOW_AUTOGRAD = _below_autograd_keyset()
+
 # Private torch state, read only where present; without it every call takes the
 # (correct, slower) per-tensor look at the tangent.
-_fw_grad_enabled = getattr(torch._C, "_is_fwd_grad_enabled", lambda: True)
-if isinstance(getattr(_forward_ad, "_current_level", None), int):
+_fw_grad_enabled = _private(torch._C, "torch._C", "_is_fwd_grad_enabled") or (lambda: True)
+if isinstance(_private(_forward_ad, "torch.autograd.forward_ad", "_current_level"), int):
 
     def _dual_level_open() -> bool:
         return _forward_ad._current_level >= 0
@@ -92,14 +128,16 @@ def register_autograd_rules(
     names = [a.name for a in op._schema.arguments]
     mutated = (mutates,) if isinstance(mutates, str) else mutates
     guarded = [*no_grad_for, *mutated]
-    if not guarded:
+    if not guarded or _BELOW_AUTOGRAD is None:
+        # Without the below-Autograd keys there is no way down from a Python Autograd
+        # kernel: torch's own fallback handles the op (no guard errors, same results).
         _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
         return
 
     positions = [(names.index(arg_name), arg_name) for arg_name in guarded]
     mutated_positions = positions[len(no_grad_for) :]
     redispatch = op.redispatch
-    below_autograd = torch._C._after_autograd_keyset
+    below_autograd = _BELOW_AUTOGRAD
     grad_enabled = torch.is_grad_enabled
     bump = torch.autograd.graph.increment_version
 
@@ -137,26 +175,43 @@ def register_autograd_rules(
 
 _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
-_functorch_active = torch._C._are_functorch_transforms_active
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_function_modes = torch._C._is_torch_function_mode_enabled
-_profiling = torch.autograd._profiler_enabled
-_jit_tracing = torch._C._get_tracing_state
+# What the straight-call gate reads (kernel_keys); any one missing turns straight calls off.
+_functorch_active = _private(torch._C, "torch._C", "_are_functorch_transforms_active")
+_dispatch_modes = _private(torch._C, "torch._C", "_len_torch_dispatch_stack")
+_function_modes = _private(torch._C, "torch._C", "_is_torch_function_mode_enabled")
+_profiling = _private(torch.autograd, "torch.autograd", "_profiler_enabled")
+_jit_tracing = _private(torch._C, "torch._C", "_get_tracing_state")
+_redispatch_boxed = _private(
+    getattr(torch.ops.aten.empty.memory_format, "_handle", None), "OpOverload._handle", "redispatch_boxed"
+)
 _strided = torch.strided
+KernelKeys = getattr(torch._C, "DispatchKeySet", object)
 
 
-def _kernel_keys_on(backend: torch._C.DispatchKey) -> torch._C.DispatchKeySet:
+def _kernel_keys_on(backend_name: str) -> torch._C.DispatchKeySet | None:
     # With the view-bit keys in the set, their fallbacks still resolve a negative, conjugate
     # or zero view before qkit's kernel runs, just as a normal call would, for ~0.1 us.
-    keys = torch._C.DispatchKeySet(backend)
-    for key in (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative, torch._C.DispatchKey.ZeroTensor):
-        keys = keys | torch._C.DispatchKeySet(key)
+    try:
+        key_set, key = torch._C.DispatchKeySet, torch._C.DispatchKey
+        keys = key_set(getattr(key, backend_name))
+        for view_key in (key.Conjugate, key.Negative, key.ZeroTensor):
+            keys = keys | key_set(view_key)
+    except (AttributeError, TypeError):  # torch renamed or reshaped its dispatch keys
+        MISSING_PRIVATE_APIS.append(f"torch._C.DispatchKeySet(DispatchKey.{backend_name})")
+        return None
     return keys
 
 
-_CPU_KEYS = _kernel_keys_on(torch._C.DispatchKey.CPU)
-_CUDA_KEYS = _kernel_keys_on(torch._C.DispatchKey.CUDA)
-KernelKeys = torch._C.DispatchKeySet
+_CPU_KEYS = _kernel_keys_on("CPU")
+_CUDA_KEYS = _kernel_keys_on("CUDA")
+_GATE = (_functorch_active, _dispatch_modes, _function_modes, _profiling, _jit_tracing, _redispatch_boxed)
+#: Whether the wrappers may call qkit's kernels straight (every private name they need is here).
+STRAIGHT_CALLS = all(part is not None for part in (*_GATE, _CPU_KEYS, _CUDA_KEYS))  # `is`: keysets lack None ==
+if _functorch_active is None:
+    # Read below outside the gate too: "maybe active" sends the straight-through estimator
+    # down its single-level path, which is right with and without a transform.
+    def _functorch_active() -> bool:
+        return True
 
 
 def _device_keys(t: Tensor) -> KernelKeys | None:
@@ -167,7 +222,7 @@ def _plain(t: Tensor) -> bool:
     return type(t) is Tensor and t.layout is _strided and not t.is_nested
 
 
-def kernel_keys(a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> KernelKeys | None:
+def _kernel_keys(a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> KernelKeys | None:
     """The key set that reaches qkit's own CPU or CUDA kernel, when a call on ``a`` (and
     ``b``, ``c``) may go straight there; ``None`` when the op must be called the normal way.
 
@@ -197,13 +252,29 @@ def kernel_keys(a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> 
     return keys
 
 
+def _no_kernel_keys(a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> KernelKeys | None:
+    """:func:`kernel_keys` on a torch without the private names it reads: never straight."""
+    return None
+
+
+# Chosen once, here, so that a working torch pays no per-call test for the fallback.
+kernel_keys = _kernel_keys if STRAIGHT_CALLS else _no_kernel_keys
+
+
 #: Marks a tensor (or each of several) as written in place, for autograd's saved-tensor check.
 bump = torch.autograd.graph.increment_version
 
 
-def straight_to_kernel(op: torch._ops.OpOverload):
-    """``op``'s call at a given key set, for the keys :func:`kernel_keys` returns."""
-    return op._handle.redispatch_boxed
+def straight_to_kernel(op: torch._ops.OpOverload) -> Callable[..., Any]:
+    """``op``'s call at a given key set, for the keys :func:`kernel_keys` returns; without
+    straight calls (never taken then), the plain call, ignoring the keys."""
+    if STRAIGHT_CALLS:
+        return op._handle.redispatch_boxed
+
+    def plain(keys: KernelKeys, *args: Any, **kwargs: Any) -> Any:
+        return op(*args, **kwargs)
+
+    return plain
 
 
 # ---------------------------------------------------------------- argument checks
@@ -221,13 +292,14 @@ class QkitTypeError(RuntimeError, TypeError):
     """A qkit op got an argument of a bad dtype."""
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as messages name it, without "torch." (the C++ bindings' ``dtype_name``)."""
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def check_float_input(t: Tensor, op: str, arg: str = "input") -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise QkitTypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `{arg}` must be float32, float16 or bfloat16, got {dtype_name(t.dtype)}")
 
 
 def check_groups(numel: int, groups: int, op: str, numel_of: str = "input", name: str = "groups") -> None:
@@ -258,14 +330,24 @@ def check_params_size(groups: int, symmetric: bool, op: str, name: str = "groups
     checked_product((groups, per_group, 4), f"the bytes of the float32 params, `{name}` * {per_group} * 4", op)
 
 
+# The one definition of these ranges on the Python side (QuantSpec and MoQ import them);
+# the C++ bindings check the same numbers.
+#: Code widths ``fake_quantize`` accepts.
+MIN_BITS, MAX_BITS = 2, 16
+#: Code widths ``quantize`` / ``dequantize`` (and the ZeRO++ ops) store.
+STORAGE_BITS = (4, 8)
+#: Rounding modes (``stochastic=False`` / ``True`` of ``fake_quantize``).
+ROUNDING_MODES = ("nearest", "stochastic")
+
+
 def check_fake_bits(bits: int, op: str) -> None:
-    if not 2 <= bits <= 16:
-        raise QkitValueError(f"qkit.{op}: `bits` must be in [2, 16], got {bits}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise QkitValueError(f"qkit.{op}: `bits` must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
 
 
 def check_storage_bits(bits: int, op: str) -> None:
-    if bits not in (4, 8):
-        raise QkitValueError(f"qkit.{op}: `bits` must be 4 or 8, got {bits}")
+    if bits not in STORAGE_BITS:
+        raise QkitValueError(f"qkit.{op}: `bits` must be {STORAGE_BITS[0]} or {STORAGE_BITS[1]}, got {bits}")
 
 
 def check_packable(t: Tensor, bits: int, op: str, arg: str) -> None:
@@ -318,7 +400,7 @@ def check_out(
 ) -> None:
     """An ``out=`` tensor: ``dtype``, on ``like``'s device, exactly ``shape``, no expanded dimensions."""
     if out.dtype != dtype:
-        raise QkitTypeError(f"qkit.{op}: `{name}` must be {_dtype_name(dtype)}, got {_dtype_name(out.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `{name}` must be {dtype_name(dtype)}, got {dtype_name(out.dtype)}")
     if out.device != like.device:
         raise QkitValueError(f"qkit.{op}: `{name}` must be on the same device as `{like_name}`")
     if list(out.shape) != list(shape):
@@ -430,7 +512,7 @@ if _fw_grad_mode is None:
 
 
 _fake_quantize_redispatch = torch.ops.qkit.fake_quantize.default.redispatch
-_below_autograd = torch._C._after_autograd_keyset
+_below_autograd = _BELOW_AUTOGRAD
 
 
 class _FakeQuantizeSTE(_SingleLevelFunction if _FUNCTORCH_READY else torch.autograd.Function):
@@ -484,7 +566,10 @@ def _fake_quantize_autograd(
     return _fake_quantize_redispatch(keyset & _below_autograd, *args)
 
 
-_lib.impl("fake_quantize", _fake_quantize_autograd, "Autograd", with_keyset=True)
+if _BELOW_AUTOGRAD is not None:
+    _lib.impl("fake_quantize", _fake_quantize_autograd, "Autograd", with_keyset=True)
+else:  # no way below Autograd from Python (see register_autograd_rules): no estimator either
+    _lib.impl("fake_quantize", torch.library.fallthrough_kernel, "Autograd")
 if hasattr(torch.library, "register_vmap"):  # reached at the FuncTorchBatched key, below autograd
     torch.library.register_vmap("qkit::fake_quantize", _fake_quantize_vmap, lib=_lib)
 
@@ -613,9 +698,9 @@ def _quantize_out_fake(
 def check_codes_and_params(q: Tensor, params: Tensor, bits: int, op: str) -> None:
     """Quantized input of an op: int8 codes, float32 params on the codes' device, 4 or 8 bits."""
     if q.dtype != torch.int8:
-        raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {_dtype_name(q.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {dtype_name(q.dtype)}")
     if params.dtype != torch.float32:
-        raise QkitTypeError(f"qkit.{op}: `params` must be float32, got {_dtype_name(params.dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `params` must be float32, got {dtype_name(params.dtype)}")
     if params.device != q.device:
         raise QkitValueError(f"qkit.{op}: `params` must be on the same device as `q`")
     check_storage_bits(bits, op)
@@ -629,7 +714,7 @@ def check_dequantize_args(
     if bits == 4 and q.dim() == 0:
         raise QkitValueError(f"qkit.{op}: 4-bit `q` must have at least one dimension")
     if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {_dtype_name(dtype)}")
+        raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {dtype_name(dtype)}")
     numel = q.numel() * (2 if bits == 4 else 1)
     check_groups(numel, groups, op, "the dequantized output")
     per_group = 1 if symmetric else 2
@@ -748,7 +833,7 @@ def dequantize(
         return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
     if dtype is not None and dtype != out.dtype:
         raise QkitTypeError(
-            f"qkit.dequantize: `dtype` ({_dtype_name(dtype)}) and `out` ({_dtype_name(out.dtype)}) disagree"
+            f"qkit.dequantize: `dtype` ({dtype_name(dtype)}) and `out` ({dtype_name(out.dtype)}) disagree"
         )
     keys = kernel_keys(q, params, out)
     if keys is not None:

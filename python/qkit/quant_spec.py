@@ -28,11 +28,9 @@ import torch
 from torch import Tensor
 
 from qkit import ops
+from qkit.ops import MAX_BITS, MIN_BITS, ROUNDING_MODES, STORAGE_BITS
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
-ROUNDING_MODES = ("nearest", "stochastic")
-MIN_BITS, MAX_BITS = 2, 16  # what qkit.fake_quantize accepts
-STORAGE_BITS = (4, 8)  # what qkit.quantize / qkit.dequantize store
 
 
 def _is_int(value: object) -> bool:

@@ -1,4 +1,4 @@
-"""ZeRO++ ops (OPS.md §3): swizzled quantization, quantized reduction, their LoCo
+"""ZeRO++ ops (docs/ops.md §3): swizzled quantization, quantized reduction, their LoCo
 error-feedback variants, and the unsigned-code dequantizer. Schema, fake impl
 and typed wrapper side by side; kernels in ``qkit._C`` (CPU and CUDA).
 
@@ -25,6 +25,7 @@ from qkit.ops import (
     check_storage_bits,
     checked_product,
     define,
+    dtype_name,
     register_autograd_rules,
 )
 
@@ -98,14 +99,21 @@ def _check_swizzle(
         )
 
 
-def _check_error_feedback(error: Tensor, like: Tensor, numel: int, same_dtype: bool, beta: float, op: str) -> None:
+def _check_error_feedback(
+    error: Tensor, like: Tensor, like_name: str, numel: int, same_dtype: bool, beta: float, op: str
+) -> None:
+    """The LoCo buffer: float, ``numel`` elements, on the device of ``like`` (the argument
+    ``like_name``), of its dtype when ``same_dtype``; and ``err_beta`` in [0, 1]."""
     check_float_input(error, op, "error_feedback")
     if error.device != like.device:
-        raise QkitValueError(f"qkit.{op}: `error_feedback` must be on the same device as `input`")
+        raise QkitValueError(f"qkit.{op}: `error_feedback` must be on the same device as `{like_name}`")
     if error.numel() != numel:
         raise QkitValueError(f"qkit.{op}: `error_feedback` must have {numel} elements, got {error.numel()}")
     if same_dtype and error.dtype != like.dtype:
-        raise QkitTypeError(f"qkit.{op}: `error_feedback` must have the dtype of `input` ({like.dtype})")
+        raise QkitTypeError(
+            f"qkit.{op}: `error_feedback` must have the dtype of `{like_name}` ({dtype_name(like.dtype)}), "
+            f"got {dtype_name(error.dtype)}"
+        )
     if not 0.0 <= beta <= 1.0:
         raise QkitValueError(f"qkit.{op}: `err_beta` must be in [0, 1], got {beta}")
     check_no_self_overlap(error, op, "error_feedback")
@@ -195,7 +203,7 @@ def _loco_swizzle_quantize_fake(
 ) -> tuple[Tensor, Tensor]:
     op = "loco_swizzle_quantize"
     _check_swizzle(input, groups, bits, symmetric, pipeline, nodes, devices_per_node, op)
-    _check_error_feedback(error_feedback, input, input.numel(), True, err_beta, op)
+    _check_error_feedback(error_feedback, input, "input", input.numel(), True, err_beta, op)
     return _swizzle_outputs(input, groups, bits, symmetric)
 
 
@@ -221,9 +229,7 @@ def _loco_quantized_reduction_fake(
 ) -> tuple[Tensor, Tensor]:
     op = "loco_quantized_reduction"
     values = _check_reduction(q, params, in_groups, out_groups, bits, symmetric, devices_per_node, op)
-    if error_feedback.device != q.device:
-        raise QkitValueError(f"qkit.{op}: `error_feedback` must be on the same device as `input`")
-    _check_error_feedback(error_feedback, error_feedback, values, False, err_beta, op)
+    _check_error_feedback(error_feedback, q, "q", values, False, err_beta, op)
     return _reduction_outputs(q, out_groups, symmetric, devices_per_node)
 
 
@@ -233,7 +239,7 @@ def _dequantize_unsigned_fake(
 ) -> Tensor:
     op = "dequantize_unsigned"
     if data.dtype not in (torch.int8, torch.uint8):
-        raise QkitTypeError(f"qkit.{op}: `data` must be int8 or uint8 (raw bytes), got {data.dtype}")
+        raise QkitTypeError(f"qkit.{op}: `data` must be int8 or uint8 (raw bytes), got {dtype_name(data.dtype)}")
     check_storage_bits(bits, op)
     if num_groups < 0:
         raise QkitValueError(f"qkit.{op}: `num_groups` must be >= 0, got {num_groups}")
@@ -280,7 +286,7 @@ def swizzle_quantize(
         input: float32/float16/bfloat16, ``M`` elements in ``groups`` contiguous groups.
         groups: a multiple of ``nodes * devices_per_node * pipeline``.
         bits: 4 or 8 (4-bit needs an even group size).
-        symmetric, pipeline, nodes, devices_per_node: see OPS.md §3.
+        symmetric, pipeline, nodes, devices_per_node: see docs/ops.md §3.
         out: optional preallocated ``(q, params)`` of the shapes and dtypes below, on
             ``input``'s device, sharing no memory with ``input`` or each other (a
             send buffer reused every step saves the allocation and its page faults).

@@ -2,7 +2,7 @@
 
 Names and argument orders are DeepSpeed's, so code written against
 ``deepspeed.ops.op_builder.QuantizerBuilder().load()`` runs unchanged. The
-behaviour is qkit's (``OPS.md``), which fixes DeepSpeed's defects:
+behaviour is qkit's (``docs/ops.md``), which fixes DeepSpeed's defects:
 
 - the ``ds_*`` fake quantizers take fp32, fp16 and bf16 whatever their suffix
   (the suffix only names DeepSpeed's kernel), any group size and bits 2..16, and
@@ -211,7 +211,7 @@ def dequantize_fp32(q: Tensor, params: Tensor, groups: int, bits: int, qtype: Qu
     return ops.dequantize(q, params, groups, bits, symmetric, torch.float32)
 
 
-# ---------------------------------------------------------------- ZeRO++ communication ops (OPS.md §3)
+# ---------------------------------------------------------------- ZeRO++ communication ops (docs/ops.md §3)
 
 
 def swizzle_quant(
@@ -230,7 +230,7 @@ def swizzle_quant(
         groups: ``G``, a multiple of ``nodes * devices_per_node * pipeline_size``.
         bits: 4 or 8 (4-bit needs an even group size).
         qtype: :class:`QuantizationType` or its int value.
-        pipeline_size, nodes, devices_per_node: the layout (OPS.md §3).
+        pipeline_size, nodes, devices_per_node: the layout (docs/ops.md §3).
 
     Returns:
         ``[q, params]``: int8 1-D ``[M*bits/8]`` codes and float32 ``[G, 1|2]`` params, both

@@ -1,4 +1,4 @@
-"""Process groups for the hierarchical (node, device) layout of ZeRO++ (OPS.md §4).
+"""Process groups for the hierarchical (node, device) layout of ZeRO++ (docs/ops.md §4).
 
 Ranks are laid out node-major: ``W = N * L`` ranks, ``L`` per node, rank
 ``r = n * L + d`` is device ``d`` of node ``n``. ``local_{n}`` holds the ``L``

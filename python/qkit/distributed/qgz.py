@@ -1,4 +1,4 @@
-"""ZeRO++ qgZ: the hierarchical 4-bit quantized gradient reduce-scatter (OPS.md §4).
+"""ZeRO++ qgZ: the hierarchical 4-bit quantized gradient reduce-scatter (docs/ops.md §4).
 
 For ``W = N * L`` ranks (``r = n * L + d``) and a gradient ``T`` of ``M`` elements in
 ``G`` groups, every rank:

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkit.ops import MAX_BITS, MIN_BITS, ROUNDING_MODES
 from qkit.quant_spec import QuantSpec
 
-ROUNDING_MODES = ("nearest", "stochastic")
-MAX_BITS = 16  # MoQ starts at 16 at most (OPS.md §3); qkit's op takes 2..16
-MIN_KERNEL_BITS = 2  # qkit.fake_quantize has no 1-bit mode
+# MoQ starts at MAX_BITS at most (docs/ops.md §3); fake_quantize has no 1-bit mode, so
+# MIN_KERNEL_BITS is the lowest target its kernel path reaches.
+MIN_KERNEL_BITS = MIN_BITS
 
 __all__ = [
     "EigenvalueConfig",

@@ -17,7 +17,7 @@ Values on the pure-PyTorch path (``use_quantizer_kernel=False``) are DeepSpeed's
 formulas, computed in the parameter's dtype in DeepSpeed's order, so they match its
 runtime quantizer bit for bit (see :func:`quantize_highbit`, :func:`quantize_ternary`,
 :func:`quantize_binary`). With ``use_quantizer_kernel=True`` the values come from
-``qkit.fake_quantize`` (OPS.md §1) on any device, 2..16 bits.
+``qkit.fake_quantize`` (docs/ops.md §1) on any device, 2..16 bits.
 
 Where DeepSpeed's quantizer was broken, this one is not (the schedule is otherwise the same):
 
@@ -187,7 +187,7 @@ def quantize_weight(
         bits: current width; the pure path takes 1..16, the kernel and scheme paths 2..16.
         groups: ``G`` dividing ``M`` (ignored with ``scheme``).
         symmetric, stochastic: the scheme (ignored with ``scheme``).
-        use_kernel: ``qkit.fake_quantize`` (OPS.md §1) instead of DeepSpeed's formulas.
+        use_kernel: ``qkit.fake_quantize`` (docs/ops.md §1) instead of DeepSpeed's formulas.
         scheme: a :class:`qkit.QuantSpec`; quantize with ``scheme.with_bits(bits)``.
 
     Returns:
