@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -217,35 +218,16 @@ def test_invalid_json(tmp_path: Path) -> None:
         MoQConfig.from_deepspeed(path)
 
 
-# The MoQ tutorial's config as a file in DeepSpeed's syntax (hjson): comments and trailing
-# commas, which DeepSpeed accepted and strict JSON refuses (issue 16, item 7).
-TUTORIAL_HJSON = """\
-{
-  // MoQ tutorial: eigenvalue example
-  "optimizer": {"type": "AdamW", "params": {"lr": 2e-5}},
-  "fp16": {"enabled": true, "initial_scale_power": 16},
-  "quantize_training": {
-    "enabled": true,
-    "quantize_verbose": true,
-    "quantizer_kernel": true,
-    "quantize-algo": {"q_type": "asymmetric", "rounding": "stochastic"},
-    "quantize_bits": {"start_bits": 12, "target_bits": 8},
-    "quantize_schedule": {"quantize_period": 10, "schedule_offset": 5},
-    "quantize_groups": 8,
-    "fp16_mixed_quantize": {"enabled": true, "quantize_change_ratio": 0.01},
-    "eigenvalue": {
-      "enabled": true,
-      "verbose": true,
-      "max_iter": 50,
-      "tol": 1e-2,
-      "stability": 0,
-      "gas_boundary_resolution": 2,
-      "layer_name": "bert.encoder.layer",
-      "layer_num": 12,
-    },
-  },
-}
-"""
+def _in_deepspeed_syntax(config: dict[str, Any]) -> str:
+    """``config`` as a file in DeepSpeed's syntax (hjson): a comment, and a trailing comma after
+    every object's last member, which DeepSpeed accepted and strict JSON refuses (issue 16, item 7)."""
+    text, before = json.dumps(config, indent=2), ""
+    while text != before:  # nested objects close one after another: one comma per pass
+        before, text = text, re.sub(r"([^,{\[\s])\n(\s*[}\]])", r"\1,\n\2", text)
+    return "// MoQ tutorial: eigenvalue example\n" + text + "\n"
+
+
+TUTORIAL_HJSON = _in_deepspeed_syntax(TUTORIAL)
 
 
 def test_deepspeed_syntax_trailing_commas_and_comments(tmp_path: Path) -> None:
