@@ -264,8 +264,10 @@ __device__ void unit_uniforms(uint64_t seed, int64_t i, float* u) {
       const Uniform4 r = uniforms_for_block(seed, static_cast<uint64_t>(i + k) >> 2);
       for (int j = 0; j < 4; ++j) u[k + j] = r.v[j];
     }
-  } else {
-    for (int k = 0; k < kUnit; ++k) u[k] = uniforms_for_block(seed, static_cast<uint64_t>(i + k) >> 2).v[(i + k) & 3];
+  } else {  // scalar units (1, or 2 from an even i) lie inside one block: one draw
+    static_assert(4 % kUnit == 0, "a unit must not straddle Philox blocks");
+    const Uniform4 r = uniforms_for_block(seed, static_cast<uint64_t>(i) >> 2);
+    for (int k = 0; k < kUnit; ++k) u[k] = r.v[(i + k) & 3];
   }
 }
 
@@ -345,10 +347,7 @@ template <typename T, Sink kSink, int kUnit, bool kVec>
 void launch_single_pass(const QuantJob& job, const T* in, void* out, float* params_out, cudaStream_t stream) {
   const int64_t group_size = job.numel / job.groups;
   auto launch = [&](auto kernel, int group_threads) {
-    const int64_t groups_per_block = kThreads / group_threads;
-    const int64_t blocks = (job.groups + groups_per_block - 1) / groups_per_block;
-    const auto grid = static_cast<unsigned>(std::min<int64_t>(blocks, kMaxBlocks));
-    kernel<<<grid, kThreads, 0, stream>>>(job, in, out, params_out);
+    kernel<<<grid_for(job.groups, kThreads / group_threads), kThreads, 0, stream>>>(job, in, out, params_out);
   };
   if (group_size <= 4 * 8) {
     launch(single_pass_kernel<T, kSink, 4, 8, kUnit, kVec>, 4);
