@@ -14,7 +14,7 @@ from __future__ import annotations
 from qkit.moq import eigenvalue
 from qkit.moq.config import EigenvalueConfig, GroupConfig, MoQConfig, MoQConfigError
 from qkit.moq.eigenvalue import Eigenvalue
-from qkit.moq.front import BitDrop, MoQ
+from qkit.moq.moq import BitDrop, MoQ
 from qkit.moq.quantizer import Quantizer, quantize_binary, quantize_highbit, quantize_ternary, quantize_weight
 
 __all__ = [

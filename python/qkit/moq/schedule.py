@@ -27,13 +27,16 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from qkit.moq.values import quantize_weight
 from qkit.quant_spec import QuantSpec
+
+if TYPE_CHECKING:
+    from qkit.moq.config import MoQConfig
 
 __all__ = [
     "DEEPSPEED_ATTRIBUTES",
@@ -140,6 +143,18 @@ class QuantizerSettings:
     change_ratio: float = 0.001
     use_kernel: bool = False
 
+    @classmethod
+    def from_config(cls, config: MoQConfig) -> QuantizerSettings:
+        """The settings of a (validated) :class:`qkit.moq.MoQConfig`."""
+        return cls(
+            groups=config.groups,
+            symmetric=config.symmetric,
+            stochastic=config.rounding == "stochastic",
+            mixed=config.fp16_mixed_quantize,
+            change_ratio=config.quantize_change_ratio,
+            use_kernel=config.use_quantizer_kernel,
+        )
+
 
 class ScheduleEngine:
     """The MoQ schedule: step counter, mixed-precision ratio, per-parameter schedules by name.
@@ -238,9 +253,3 @@ class ScheduleEngine:
             if did:
                 dropped.append(name)
         return dropped
-
-    # ------------------------------------------------------------ state
-
-    def counters(self) -> dict[str, Any]:
-        """``{"qsteps", "quantize_real_ratio"}``, as the checkpoints store them."""
-        return {"qsteps": self.qsteps, "quantize_real_ratio": self.quantize_real_ratio}
