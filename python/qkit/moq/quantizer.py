@@ -47,6 +47,7 @@ from typing import Any
 
 from torch import Tensor
 
+from qkit.moq.deepspeed_config import Q_TYPES, ROUNDINGS, deepspeed_choice
 from qkit.moq.schedule import (
     DEEPSPEED_ATTRIBUTES,
     ParamSchedule,
@@ -64,20 +65,19 @@ __all__ = ["Quantizer", "quantize_binary", "quantize_highbit", "quantize_ternary
 
 def parse_q_type(q_type: object) -> bool:
     """DeepSpeed's ``q_type`` (``'symmetric'``/``'asymmetric'`` or its old 0/1) as ``symmetric``."""
-    if q_type in ("symmetric", 0) and not isinstance(q_type, bool):
-        return True
-    if q_type in ("asymmetric", 1) and not isinstance(q_type, bool):
-        return False
-    raise ValueError(f"Quantizer: `q_type` must be 'symmetric' or 'asymmetric' (or 0/1), got {q_type!r}")
+    symmetric = deepspeed_choice(Q_TYPES, q_type)
+    if symmetric is None:
+        raise ValueError(f"Quantizer: `q_type` must be 'symmetric' or 'asymmetric' (or 0/1), got {q_type!r}")
+    return symmetric
 
 
 def parse_rounding(q_rounding: object) -> bool:
-    """DeepSpeed's ``q_rounding`` (``'nearest'``/``'stochastic'`` or 0/1) as ``stochastic``."""
-    if q_rounding in ("nearest", "nearest_neighbor", 0) and not isinstance(q_rounding, bool):
-        return False
-    if q_rounding in ("stochastic", 1) and not isinstance(q_rounding, bool):
-        return True
-    raise ValueError(f"Quantizer: `q_rounding` must be 'nearest' or 'stochastic' (or 0/1), got {q_rounding!r}")
+    """DeepSpeed's ``q_rounding`` (``'nearest'``/``'stochastic'`` or 0/1, and the
+    ``'nearest_neighbor'`` its kernel path tested for) as ``stochastic``."""
+    stochastic = deepspeed_choice({**ROUNDINGS, "nearest_neighbor": False}, q_rounding)
+    if stochastic is None:
+        raise ValueError(f"Quantizer: `q_rounding` must be 'nearest' or 'stochastic' (or 0/1), got {q_rounding!r}")
+    return stochastic
 
 
 def _scheduled(p: Tensor) -> bool:
