@@ -186,7 +186,9 @@ def _gloo_rank(rank: int, world: int, local: int, port: int, shape: tuple[int, i
         with count_wire_bytes() as c:
             fn()
         dist.barrier()
-        t = _best_ms(fn, repeat, "cpu")
+        # A count-based warm-up: a timed one would let ranks make different numbers of
+        # collectives, and the one that stops first leaves the others waiting forever.
+        t = 1e3 * time_seconds(fn, repeat, "cpu", reduce=min, warmup=0.0)
         res[name] = (t, c.bytes)
     if rank == 0:
         q.put(res)
