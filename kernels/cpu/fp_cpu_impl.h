@@ -122,7 +122,7 @@ void fp_codes_of(const float* v, int64_t n, int64_t first, const FpGroup grp, co
 template <typename T, FpFormat F, bool kFake>
 void run_fp_quantizer(const FpJob& job, const T* in, void* out, uint8_t* scales) {
   constexpr FpSpec spec = fp_spec(F);
-  constexpr int64_t unit = fp_unit(F);
+  constexpr int64_t unit = kFake ? 1 : fp_unit(F);  // work splits at whole output bytes
   const std::vector<FpStatsSlot> stats = fp_group_stats(job, in);
   const std::vector<FpGroupSlot> groups = fp_groups_of<F>(job, stats, scales);
   if (job.numel == 0) return;
