@@ -45,6 +45,7 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "kernels/cuda/quantize_cuda.cu",
     "kernels/cuda/zeropp_cuda.cu",
+    "kernels/cuda/fp_cuda.cu",
 ]
 INCLUDE_DIRS = ["include"]
 
