@@ -35,6 +35,7 @@ CPU_SOURCES = [
     "src/cpu_parallel.cpp",
     "src/quantize_ops.cpp",
     "src/zeropp_ops.cpp",
+    "src/fp_ops.cpp",
     "kernels/cpu/quantize_cpu.cpp",
     "kernels/cpu/quantize_cpu_generic.cpp",
     "kernels/cpu/quantize_cpu_avx2.cpp",
@@ -44,6 +45,7 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "kernels/cuda/quantize_cuda.cu",
     "kernels/cuda/zeropp_cuda.cu",
+    "kernels/cuda/fp_cuda.cu",
 ]
 INCLUDE_DIRS = ["include"]
 
