@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qkit.fp_ops import BLOCK, FORMATS, SCALINGS, format_bits
 from qkit.ops import MAX_BITS, MIN_BITS, ROUNDING_MODES
 from qkit.quant_spec import QuantSpec
 
@@ -256,6 +257,21 @@ class MoQConfig:
             parameters with more than one dimension are ever selected.
         exclude: module-name patterns to leave alone (wins over ``include``).
         different_groups: per-pattern overrides (:class:`GroupConfig`).
+        format_schedule: floating-point formats to descend through instead of bit widths,
+            e.g. ``("e4m3", "e3m2", "e2m1")``: a weight starts in the first and moves to
+            the next on the steps a bit drop would happen (same periods, doubling,
+            eigenvalue factors, mixed-precision resets), quantized by
+            ``qkit.fake_quantize_fp``. Rules: formats from ``e4m3``, ``e5m2``, ``e3m2``,
+            ``e2m3``, ``e2m1``, each at most once, never more bits than the one before
+            (``e5m2`` -> ``e4m3`` is allowed, ``e2m1`` -> ``e3m2`` is not); the bit schedule
+            is then unused, so ``start_bits``/``target_bits`` (also per group) must keep
+            their defaults, no group may have a ``scheme``, ``use_quantizer_kernel`` must be
+            off and ``symmetric`` on (FP formats are symmetric). ``rounding="stochastic"``
+            rounds stochastically; ``groups`` are the absmax scale groups.
+        format_scaling: ``"absmax"`` (``groups`` fp32 scales per weight), ``"mx"`` (E8M0
+            scale per 32 elements) or ``"nvfp4"`` (``e2m1`` only, E4M3 scale per 16); mx and
+            nvfp4 fix the groups (``groups`` must stay 1) and need weights of whole blocks.
+            Only with ``format_schedule``.
     """
 
     enabled: bool = True
@@ -275,6 +291,8 @@ class MoQConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     different_groups: tuple[GroupConfig, ...] = ()
+    format_schedule: tuple[str, ...] | None = None
+    format_scaling: str = "absmax"
 
     def __post_init__(self) -> None:
         _check_bool("enabled", self.enabled)
@@ -306,10 +324,70 @@ class MoQConfig:
             if names.count(name) > 1:
                 raise MoQConfigError(f"different_groups.{name}", "is defined twice")
         object.__setattr__(self, "different_groups", groups)
+        self._check_format_schedule()
         # The schedule of every group (and of the defaults) must be reachable.
         for g in groups:
             self._check_schedule(f"different_groups.{g.name}.", *self.bits_of(g), g.scheme)
         self._check_schedule("", self.start_bits, self.target_bits, None)
+
+    def _check_format_schedule(self) -> None:
+        fs, scaling = self.format_schedule, self.format_scaling
+        if scaling not in SCALINGS:
+            raise MoQConfigError("format_scaling", f"must be one of {SCALINGS}, got {scaling!r}")
+        if fs is None:
+            if scaling != "absmax":
+                raise MoQConfigError("format_scaling", f"is {scaling!r}, but `format_schedule` is not set")
+            return
+        if isinstance(fs, str) or not isinstance(fs, (list, tuple)):
+            raise MoQConfigError("format_schedule", f"must be a list of formats such as ['e4m3', 'e2m1'], got {fs!r}")
+        if not fs:
+            raise MoQConfigError("format_schedule", "must name at least one format")
+        for i, fmt in enumerate(fs):
+            if fmt not in FORMATS:
+                raise MoQConfigError(f"format_schedule[{i}]", f"must be one of {list(FORMATS)}, got {fmt!r}")
+            if fmt in fs[:i]:
+                raise MoQConfigError(f"format_schedule[{i}]", f"repeats {fmt!r}; each format may appear once")
+            if i and format_bits(fmt) > format_bits(fs[i - 1]):
+                raise MoQConfigError(
+                    f"format_schedule[{i}]",
+                    f"{fmt!r} ({format_bits(fmt)} bits) follows {fs[i - 1]!r} ({format_bits(fs[i - 1])} bits); "
+                    "a schedule never gains bits",
+                )
+        object.__setattr__(self, "format_schedule", tuple(fs))
+        if scaling == "nvfp4" and any(fmt != "e2m1" for fmt in fs):
+            raise MoQConfigError(
+                "format_scaling", f"nvfp4 scaling takes e2m1 only, but `format_schedule` is {list(fs)}"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in ("start_bits", "target_bits"):
+            if getattr(self, key) != defaults[key]:
+                raise MoQConfigError(
+                    key, "contradicts `format_schedule`, which replaces the bit schedule; give one of them"
+                )
+        if self.use_quantizer_kernel:
+            raise MoQConfigError(
+                "use_quantizer_kernel",
+                "contradicts `format_schedule`: formats are always quantized by qkit.fake_quantize_fp",
+            )
+        if not self.symmetric:
+            raise MoQConfigError(
+                "symmetric", "must be true with `format_schedule`: floating-point formats are symmetric"
+            )
+        if scaling in BLOCK and self.groups != 1:
+            raise MoQConfigError(
+                "groups", f"must be 1 with {scaling} scaling, whose {BLOCK[scaling]}-element blocks set the groups"
+            )
+        for g in self.different_groups:
+            for key in ("scheme", "start_bits", "target_bits"):
+                if getattr(g, key) is not None:
+                    raise MoQConfigError(
+                        f"different_groups.{g.name}.{key}",
+                        "contradicts `format_schedule`, which replaces the bit schedule of every group",
+                    )
+            if scaling in BLOCK and g.groups is not None:
+                raise MoQConfigError(
+                    f"different_groups.{g.name}.groups", f"is set, but {scaling} scaling's blocks set the groups"
+                )
 
     def bits_of(self, group: GroupConfig | None) -> tuple[int, int]:
         """``(start_bits, target_bits)`` of ``group`` (``None``: the defaults), inherited fields filled in."""

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from qkit.fp_ops import format_bits
 from qkit.moq.config import MoQConfig, MoQConfigError
 from qkit.moq.eigenvalue import block_eigenvalues, normalize_eigenvalues
 from qkit.moq.master import MasterWeights, master_dtype
@@ -65,6 +66,8 @@ class BitDrop:
         next_drop: the quantizer step (``step - schedule_offset``) of its next drop,
             or ``None`` once it reached its target.
         eigenvalue: its block's normalized eigenvalue, if one was used.
+        old_format, new_format: with a format schedule, the formats before and after
+            (``old_bits``/``new_bits`` are then their widths, e.g. 8 -> 6); else ``None``.
     """
 
     step: int
@@ -73,6 +76,8 @@ class BitDrop:
     new_bits: int
     next_drop: int | None
     eigenvalue: float | None
+    old_format: str | None = None
+    new_format: str | None = None
 
 
 class MoQ:
@@ -142,11 +147,14 @@ class MoQ:
         if not config.enabled:
             logger.warning("MoQ: disabled by its config; the weights will not be quantized")
             return
+        if config.format_schedule is not None:
+            widths = " -> ".join(config.format_schedule) + f" ({config.format_scaling} scaling)"
+        else:
+            widths = f"{config.start_bits} -> {config.target_bits} bits"
         logger.info(
-            "MoQ: %d weights, %d -> %d bits, first drop after %d quantized steps, offset %d%s",
+            "MoQ: %d weights, %s, first drop after %d quantized steps, offset %d%s",
             len(self._params),
-            config.start_bits,
-            config.target_bits,
+            widths,
             config.quantize_period,
             config.schedule_offset,
             ", eigenvalue scheduling" if config.eigenvalue.enabled else "",
@@ -166,11 +174,19 @@ class MoQ:
 
     def current_bits(self) -> dict[str, int]:
         """Current width of every scheduled parameter, by name (its start width before
-        the first quantized step)."""
-        return {name: s.bits for name, s in self.quantizer.schedules.items()}
+        the first quantized step); with a format schedule, the width of its current format."""
+        return {
+            name: s.bits if s.format is None else format_bits(s.format) for name, s in self.quantizer.schedules.items()
+        }
+
+    def current_formats(self) -> dict[str, str | None]:
+        """Current floating-point format of every scheduled parameter, by name (``None``
+        without ``config.format_schedule``)."""
+        return {name: s.format for name, s in self.quantizer.schedules.items()}
 
     def schedules(self) -> dict[str, dict[str, int]]:
-        """``{name: {"bits", "target_bits", "next_drop"}}`` (``next_drop``: quantizer step of the next drop)."""
+        """``{name: {"bits", "target_bits", "next_drop"}}`` (``next_drop``: quantizer step of the next drop;
+        with a format schedule ``bits`` counts the stages left, down to ``target_bits`` 1)."""
         return {
             name: {"bits": s.bits, "target_bits": s.target_bits, "next_drop": s.next_drop}
             for name, s in self.quantizer.schedules.items()
@@ -245,20 +261,25 @@ class MoQ:
 
     def _bit_drop(self, name: str, eigenvalue: float | None) -> BitDrop:
         s = self.quantizer.schedules[name]
-        return BitDrop(
-            step=self.steps,
-            name=name,
-            old_bits=s.bits + 1,
-            new_bits=s.bits,
-            next_drop=None if s.bits == s.target_bits else s.next_drop,
-            eigenvalue=eigenvalue,
-        )
+        next_drop = None if s.bits == s.target_bits else s.next_drop
+        if s.formats is not None:
+            old, new = s.formats[-s.bits - 1], s.formats[-s.bits]
+            return BitDrop(self.steps, name, format_bits(old), format_bits(new), next_drop, eigenvalue, old, new)
+        return BitDrop(self.steps, name, s.bits + 1, s.bits, next_drop, eigenvalue)
 
     def _report(self, drop: BitDrop) -> None:
         eig = "" if drop.eigenvalue is None else f", eigenvalue {drop.eigenvalue:.3f}"
         nxt = "target reached" if drop.next_drop is None else f"next drop at quantized step {drop.next_drop}"
+        fmt = "" if drop.old_format is None else f" ({drop.old_format} -> {drop.new_format})"
         logger.info(
-            "MoQ step %d: %s %d -> %d bits (%s%s)", drop.step, drop.name, drop.old_bits, drop.new_bits, nxt, eig
+            "MoQ step %d: %s %d -> %d bits%s (%s%s)",
+            drop.step,
+            drop.name,
+            drop.old_bits,
+            drop.new_bits,
+            fmt,
+            nxt,
+            eig,
         )
         if self.writer is not None:
             self.writer.add_scalar(f"moq/bits/{drop.name}", drop.new_bits, drop.step)
@@ -312,6 +333,7 @@ class MoQ:
             "params": {name: s.checkpoint() for name, s in engine.schedules.items()},
             "history": [asdict(d) for d in self.history],
             "residuals": {name: None if r is None else r.clone() for name, r in residuals.items()},
+            "format_schedule": None if self.config.format_schedule is None else list(self.config.format_schedule),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -332,11 +354,18 @@ class MoQ:
                 device=p.device,
                 kernel=self.config.use_quantizer_kernel,
                 scheme=engine.schedules[name].scheme is not None,
+                formats=engine.schedules[name].formats,
             )
             for name, p in self._params.items()
         ]
         settings = engine.settings
-        parsed = parse_moq_state(state, params, symmetric=settings.symmetric, stochastic=settings.stochastic)
+        parsed = parse_moq_state(
+            state,
+            params,
+            symmetric=settings.symmetric,
+            stochastic=settings.stochastic,
+            format_schedule=self.config.format_schedule,
+        )
         # Nothing below can fail: plain assignments of checked values.
         self.steps = parsed.steps
         engine.qsteps = parsed.qsteps

@@ -19,6 +19,12 @@ One quantizer step (:meth:`ScheduleEngine.step`):
 DeepSpeed's names for the per-parameter fields, which are also the checkpoint keys, are
 ``start_bits`` (the *current* width, :attr:`ParamSchedule.bits`), ``target_bits`` and
 ``q_period`` (:attr:`ParamSchedule.next_drop`); :data:`DEEPSPEED_ATTRIBUTES` maps them.
+
+Format schedules (``MoQConfig.format_schedule``, e.g. ``("e4m3", "e3m2", "e2m1")``) run the
+same drops: a :class:`ParamSchedule` with ``formats`` counts its *stages left* in ``bits``
+(``len(formats)`` down to ``target_bits = 1``; the current format is ``formats[-bits]``),
+so a drop moves to the next format on exactly the steps a bit drop would happen, and the
+checkpoint keys and their checks stay those of the integer schedule.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from qkit.moq.values import quantize_weight
+from qkit.moq.values import quantize_weight, quantize_weight_fp
 from qkit.quant_spec import QuantSpec
 
 if TYPE_CHECKING:
@@ -75,6 +81,8 @@ class ParamSchedule:
         next_drop: the quantizer step at which its next drop is due (DeepSpeed's ``q_period``).
         groups: quantization groups for this parameter (``None``: the engine's).
         scheme: a :class:`qkit.QuantSpec` quantizing it instead (groups and scheme).
+        formats: a format schedule; ``bits`` then counts the stages left (``formats[-bits]``
+            is the current format) and ``target_bits`` is 1.
     """
 
     bits: int
@@ -82,6 +90,14 @@ class ParamSchedule:
     next_drop: int
     groups: int | None = None
     scheme: QuantSpec | None = None
+    formats: tuple[str, ...] | None = None
+
+    @property
+    def format(self) -> str | None:
+        """The current floating-point format of a format schedule (``None`` for a bit schedule)."""
+        if self.formats is None:
+            return None
+        return self.formats[-self.bits]
 
     def drop_due(self, qstep: int) -> bool:
         """Whether quantizer step ``qstep`` drops a bit (the width is above its target)."""
@@ -111,9 +127,12 @@ class ParamSchedule:
 
     def to_attributes(self, p: Tensor, *, widths_only: bool = False) -> None:
         """Write this schedule onto ``p`` as DeepSpeed's attributes (``widths_only``: not
-        ``q_groups``/``q_spec``, which are set only when not ``None``)."""
+        ``q_groups``/``q_spec``, which are set only when not ``None``); a format schedule
+        also writes its current format as ``q_format``."""
         for field, ds in DEEPSPEED_ATTRIBUTES.items():
             setattr(p, ds, getattr(self, field))
+        if self.formats is not None:
+            p.q_format = self.format
         if widths_only:
             return
         if self.groups is not None:
@@ -134,6 +153,7 @@ class QuantizerSettings:
         change_ratio: how much ``r`` falls per quantizer step, in (0, 1].
         use_kernel: quantize with ``qkit.fake_quantize`` (2..16 bits) instead of
             DeepSpeed's pure-PyTorch formulas (:func:`qkit.moq.quantize_weight`).
+        format_scaling: the scaling of format schedules (``"absmax"``, ``"mx"``, ``"nvfp4"``).
     """
 
     groups: int = 1
@@ -142,6 +162,7 @@ class QuantizerSettings:
     mixed: bool = False
     change_ratio: float = 0.001
     use_kernel: bool = False
+    format_scaling: str = "absmax"
 
     @classmethod
     def from_config(cls, config: MoQConfig) -> QuantizerSettings:
@@ -153,6 +174,7 @@ class QuantizerSettings:
             mixed=config.fp16_mixed_quantize,
             change_ratio=config.quantize_change_ratio,
             use_kernel=config.use_quantizer_kernel,
+            format_scaling=config.format_scaling,
         )
 
 
@@ -222,9 +244,13 @@ class ScheduleEngine:
             )
         s = self.settings
         groups = schedule.groups or s.groups
-        quantized = quantize_weight(
-            weight, schedule.bits, groups, s.symmetric, s.stochastic, s.use_kernel, schedule.scheme
-        )
+        fmt = schedule.format
+        if fmt is not None:
+            quantized = quantize_weight_fp(weight, fmt, groups, s.format_scaling, s.stochastic)
+        else:
+            quantized = quantize_weight(
+                weight, schedule.bits, groups, s.symmetric, s.stochastic, s.use_kernel, schedule.scheme
+            )
         return self.blend(weight, quantized), dropped
 
     # ------------------------------------------------------------ a whole step

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qkit.fp_ops import BLOCK
 from qkit.moq.config import GroupConfig, MoQConfig, MoQConfigError, pattern_matches
 from qkit.moq.eigenvalue import resolve_module
 from qkit.moq.schedule import ParamSchedule
@@ -58,7 +59,16 @@ def _matching(model: nn.Module, config: MoQConfig) -> list[SelectedWeight]:
 
 
 def _check_quantizable(config: MoQConfig, w: SelectedWeight) -> None:
-    """The weight's groups (or its group's QuantSpec) fit its shape."""
+    """The weight's groups (or its group's QuantSpec, or its format scaling's blocks) fit its shape."""
+    if config.format_schedule is not None and config.format_scaling in BLOCK:
+        block = BLOCK[config.format_scaling]
+        if w.param.numel() % block != 0:
+            raise MoQConfigError(
+                "format_scaling",
+                f"{config.format_scaling} scaling quantizes blocks of {block} elements, "
+                f"which do not divide the {w.param.numel()} elements of {w.name!r}",
+            )
+        return
     if w.group is not None and w.group.scheme is not None:
         try:
             w.group.scheme.check_shape(w.param.shape)
@@ -103,12 +113,16 @@ def initial_schedule(config: MoQConfig, group: GroupConfig | None) -> ParamSched
     period = config.quantize_period
     if group is not None and group.quantize_period is not None:
         period = group.quantize_period
+    if config.format_schedule is not None:
+        # Stages left count down to 1; see qkit.moq.schedule.
+        start, target = len(config.format_schedule), 1
     return ParamSchedule(
         bits=start,
         target_bits=target,
         next_drop=period,
         groups=None if group is None else group.groups,
         scheme=None if group is None else group.scheme,
+        formats=config.format_schedule,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qkit.fp_ops import format_bits
 from qkit.moq.config import MAX_BITS, MIN_KERNEL_BITS, _is_int
 from qkit.moq.schedule import DEEPSPEED_ATTRIBUTES
 
@@ -29,10 +30,12 @@ __all__ = [
     "ScheduledParam",
     "check_bits_usable",
     "check_count",
+    "check_format_schedule",
     "check_mapping",
     "check_ratio",
     "check_residual",
     "check_schedule",
+    "check_stages_usable",
     "parse_moq_state",
     "parse_quantizer_state",
 ]
@@ -110,6 +113,32 @@ def check_bits_usable(
         )
 
 
+def check_stages_usable(where: str, key: str, sched: Mapping[str, int], formats: Sequence[str]) -> None:
+    """A format schedule's entry counts stages left: ``1 <= start_bits <= len(formats)``
+    and ``target_bits`` 1 (see :mod:`qkit.moq.schedule`)."""
+    if sched["target_bits"] != 1:
+        raise MoQStateError(
+            where, f"{key}.target_bits", f"is {sched['target_bits']}, but a format schedule counts down to stage 1"
+        )
+    if sched["start_bits"] > len(formats):
+        raise MoQStateError(
+            where,
+            f"{key}.start_bits",
+            f"is {sched['start_bits']}, but the format schedule {list(formats)} has {len(formats)} stages",
+        )
+
+
+def check_format_schedule(where: str, value: object, expected: tuple[str, ...] | None) -> None:
+    """The checkpoint's ``format_schedule`` (a list of formats, or ``None``/absent for a bit
+    schedule) is this MoQ's."""
+    saved = tuple(value) if isinstance(value, (list, tuple)) else value
+    if saved != expected:
+        want = None if expected is None else list(expected)
+        raise MoQStateError(
+            where, "format_schedule", f"is {value!r}, but this MoQ's config has format_schedule {want!r}"
+        )
+
+
 def check_residual(where: str, key: str, value: object, shape: torch.Size, dtype: torch.dtype) -> Tensor | None:
     """``None``, or a finite tensor of exactly ``shape`` and ``dtype`` (any device)."""
     if value is None:
@@ -168,8 +197,10 @@ def parse_quantizer_state(
 
 
 STATE_FORMAT = "qkit.moq/1"
-_MOQ_KEYS = ("format", "steps", "qsteps", "quantize_real_ratio", "params", "history", "residuals")
+_MOQ_KEYS = ("format", "steps", "qsteps", "quantize_real_ratio", "params", "history", "residuals", "format_schedule")
 _HISTORY_KEYS = ("step", "name", "old_bits", "new_bits", "next_drop", "eigenvalue")
+# Format schedules name the formats of a drop; its widths are then theirs (8 -> 6, not n -> n - 1).
+_FORMAT_HISTORY_KEYS = ("old_format", "new_format")
 
 
 @dataclass(frozen=True)
@@ -182,6 +213,7 @@ class ScheduledParam:
     device: torch.device
     kernel: bool  # quantized by qkit.fake_quantize (2..16 bits)
     scheme: bool  # quantized by a QuantSpec (2..16 bits)
+    formats: tuple[str, ...] | None = None  # a format schedule: its entry counts stages
 
 
 @dataclass(frozen=True)
@@ -205,16 +237,43 @@ def _check_names(where: str, key: str, found: Mapping[str, Any], names: Sequence
         )
 
 
-def _check_history_entry(where: str, key: str, value: object, names: Sequence[str]) -> dict[str, Any]:
+def _check_format_drop(where: str, key: str, entry: Mapping[str, Any], formats: Sequence[str]) -> tuple[str, str]:
+    """A format drop: ``old_format`` then ``new_format`` next in ``formats``, the widths theirs."""
+    old_fmt, new_fmt = entry.get("old_format"), entry.get("new_format")
+    if old_fmt not in formats[:-1]:
+        raise MoQStateError(
+            where, f"{key}.old_format", f"is {old_fmt!r}, not a stage of {list(formats)} before the last"
+        )
+    if new_fmt != formats[formats.index(old_fmt) + 1]:
+        raise MoQStateError(
+            where, f"{key}.new_format", f"is {new_fmt!r}, but {old_fmt!r} is followed by another format"
+        )
+    for field, fmt in (("old_bits", old_fmt), ("new_bits", new_fmt)):
+        if entry[field] != format_bits(fmt):
+            raise MoQStateError(where, f"{key}.{field}", f"is {entry[field]!r}, but {fmt} has {format_bits(fmt)} bits")
+    return old_fmt, new_fmt
+
+
+def _check_history_entry(
+    where: str, key: str, value: object, names: Sequence[str], formats: Sequence[str] | None
+) -> dict[str, Any]:
     entry = check_mapping(where, key, value)
-    if sorted(entry) != sorted(_HISTORY_KEYS):
-        raise MoQStateError(where, key, f"must have exactly the keys {list(_HISTORY_KEYS)}, got {sorted(entry)}")
+    keys = sorted(entry)
+    if keys not in (sorted(_HISTORY_KEYS), sorted(_HISTORY_KEYS + _FORMAT_HISTORY_KEYS)):
+        raise MoQStateError(
+            where, key, f"must have exactly the keys {list(_HISTORY_KEYS + _FORMAT_HISTORY_KEYS)}, got {keys}"
+        )
     name = entry["name"]
     if name not in names:
         raise MoQStateError(where, f"{key}.name", f"is {name!r}, not a scheduled parameter")
     old = check_count(where, f"{key}.old_bits", entry["old_bits"], 2, MAX_BITS)
     new = check_count(where, f"{key}.new_bits", entry["new_bits"], 1, MAX_BITS)
-    if new != old - 1:
+    fmts: tuple[str | None, str | None] = (None, None)
+    if formats is not None:
+        fmts = _check_format_drop(where, key, entry, formats)
+    elif entry.get("old_format") is not None or entry.get("new_format") is not None:
+        raise MoQStateError(where, f"{key}.old_format", "names a format, but this MoQ has no format schedule")
+    elif new != old - 1:
         raise MoQStateError(where, f"{key}.new_bits", f"({new}) must be old_bits - 1 ({old - 1}): MoQ drops one bit")
     next_drop = entry["next_drop"]
     eigenvalue = entry["eigenvalue"]
@@ -225,6 +284,8 @@ def _check_history_entry(where: str, key: str, value: object, names: Sequence[st
         "new_bits": new,
         "next_drop": None if next_drop is None else check_count(where, f"{key}.next_drop", next_drop, 1),
         "eigenvalue": None if eigenvalue is None else check_ratio(where, f"{key}.eigenvalue", eigenvalue),
+        "old_format": fmts[0],
+        "new_format": fmts[1],
     }
 
 
@@ -234,12 +295,14 @@ def parse_moq_state(
     *,
     symmetric: bool,
     stochastic: bool,
+    format_schedule: tuple[str, ...] | None = None,
     where: str = "MoQ.load_state_dict",
 ) -> ParsedMoQState:
     """Check a whole :meth:`MoQ.state_dict` against the scheduled ``params`` (names,
-    schedules and the widths this MoQ can quantize at, residual shapes and dtypes,
-    counters, ratio, history) and return it as fresh values (residuals copied onto
-    their parameters' devices). Raises :class:`MoQStateError` at the first bad key."""
+    schedules and the widths this MoQ can quantize at, or the stages of its
+    ``format_schedule``, residual shapes and dtypes, counters, ratio, history) and return
+    it as fresh values (residuals copied onto their parameters' devices). Raises
+    :class:`MoQStateError` at the first bad key."""
     if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         raise MoQStateError(where, "format", f"is {found!r}: not a MoQ state ({STATE_FORMAT!r})")
@@ -254,6 +317,7 @@ def parse_moq_state(
     if qsteps > steps:
         raise MoQStateError(where, "qsteps", f"({qsteps}) exceeds `steps` ({steps}): every quantizer step is a step")
     ratio = check_ratio(where, "quantize_real_ratio", state["quantize_real_ratio"])
+    check_format_schedule(where, state.get("format_schedule"), format_schedule)
 
     names = [p.name for p in params]
     saved = check_mapping(where, "params", state["params"])
@@ -262,15 +326,20 @@ def parse_moq_state(
     for p in params:
         key = f"params.{p.name}"
         sched = check_schedule(where, key, saved[p.name])
-        check_bits_usable(
-            where, key, sched, kernel=p.kernel, scheme=p.scheme, symmetric=symmetric, stochastic=stochastic
-        )
+        if p.formats is not None:
+            check_stages_usable(where, key, sched, p.formats)
+        else:
+            check_bits_usable(
+                where, key, sched, kernel=p.kernel, scheme=p.scheme, symmetric=symmetric, stochastic=stochastic
+            )
         schedules[p.name] = sched
 
     raw_history = state.get("history", [])
     if not isinstance(raw_history, Sequence) or isinstance(raw_history, (str, bytes)):
         raise MoQStateError(where, "history", f"must be a list of bit drops, got {type(raw_history).__name__}")
-    history = [_check_history_entry(where, f"history[{i}]", d, names) for i, d in enumerate(raw_history)]
+    history = [
+        _check_history_entry(where, f"history[{i}]", d, names, format_schedule) for i, d in enumerate(raw_history)
+    ]
     for i, drop in enumerate(history):
         if drop["step"] > steps:
             raise MoQStateError(where, f"history[{i}].step", f"({drop['step']}) is after `steps` ({steps})")

@@ -6,6 +6,8 @@
   which DeepSpeed turned into NaN, are left finite (see :mod:`qkit.moq.quantizer`).
 - :func:`quantize_weight`: the dispatch the schedule uses: a :class:`qkit.QuantSpec`, the
   ``qkit.fake_quantize`` kernel (docs/ops.md §1, 2..16 bits), or the formulas above by width.
+- :func:`quantize_weight_fp`: one step of a format schedule, ``qkit.fake_quantize_fp``
+  (docs/ops.md §10).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkit import ops
+from qkit import fp_ops, ops
 
-__all__ = ["quantize_binary", "quantize_highbit", "quantize_ternary", "quantize_weight"]
+__all__ = ["quantize_binary", "quantize_highbit", "quantize_ternary", "quantize_weight", "quantize_weight_fp"]
 
 
 def quantize_highbit(x: Tensor, bits: int, groups: int, symmetric: bool, stochastic: bool) -> Tensor:
@@ -149,3 +151,28 @@ def quantize_weight(
     if bits == 1:
         return quantize_binary(x, groups)
     raise ValueError(f"Quantizer: bits must be >= 1, got {bits}")
+
+
+def fp_groups(numel: int, groups: int, scaling: str) -> int:
+    """The scale groups of a weight of ``numel`` elements: ``groups`` for absmax scaling, one per
+    block for mx (``numel / 32``) and nvfp4 (``numel / 16``)."""
+    return numel // fp_ops.BLOCK[scaling] if scaling in fp_ops.BLOCK else groups
+
+
+def quantize_weight_fp(
+    x: Tensor, format: str, groups: int, scaling: str = "absmax", stochastic: bool = False
+) -> Tensor:
+    """One quantization of ``x`` to a floating-point ``format`` (a stage of a format schedule).
+
+    Args:
+        x: float32/float16/bfloat16 tensor (not requiring grad), ``M`` elements.
+        format: ``"e4m3"``, ``"e5m2"``, ``"e3m2"``, ``"e2m3"`` or ``"e2m1"``.
+        groups: absmax scale groups (``G`` dividing ``M``); ignored for mx and nvfp4, whose
+            blocks fix them (:func:`fp_groups`).
+        scaling: ``"absmax"``, ``"mx"`` or ``"nvfp4"``.
+        stochastic: stochastic instead of nearest-even rounding (torch's generator).
+
+    Returns:
+        ``qkit.fake_quantize_fp(x, ...)``: a new tensor of ``x``'s shape and dtype.
+    """
+    return fp_ops.fake_quantize_fp(x, fp_groups(x.numel(), groups, scaling), format, scaling, stochastic)
