@@ -35,6 +35,28 @@ def test_eager_baselines_compute_what_qkit_computes(dtype, bits):
     torch.testing.assert_close(aten, qkit.fake_quantize(x.float(), groups, bits), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(("fmt", "scaling"), [("e4m3", "absmax"), ("e5m2", "mx"), ("e3m2", "absmax"), ("e2m1", "mx")])
+def test_fp_eager_baselines_compute_what_qkit_computes(dtype, fmt, scaling):
+    x = (torch.randn(64 * 96, generator=torch.Generator().manual_seed(2)) * 5).to(dtype)
+    x[64:128] = 0  # an all-zero group
+    x[7] = 1e-30  # below every format's smallest subnormal once scaled
+    groups = 96 if scaling == "absmax" else x.numel() // 32
+    want = qkit.fake_quantize_fp(x, groups, fmt, scaling)
+    assert_same(base.eager_fake_quantize_fp(x, groups, fmt, scaling), want, "fake_quantize_fp")
+    if fmt in ("e3m2", "e2m3"):
+        return  # the bench stores FP8 and FP4 only
+    codes, scales = qkit.quantize_fp(x, groups, fmt, scaling)
+    eager_codes, eager_scales = base.eager_quantize_fp(x, groups, fmt, scaling)
+    assert_same(eager_codes.view(torch.uint8), codes.view(torch.uint8), "codes")
+    assert_same(eager_scales.view(torch.uint8), scales.view(torch.uint8), "scales")
+    assert_same(
+        base.eager_dequantize_fp(eager_codes, scales, groups, fmt, dtype),
+        qkit.dequantize_fp(codes, scales, groups, fmt, scaling, dtype).reshape(-1),
+        "dequantize_fp",
+    )
+
+
 def test_a_tiny_run_reports_every_case(tmp_path, capsys):
     report = tmp_path / "bench.json"
     args = ["--sizes", "4K", "--dtypes", "float32,bfloat16", "--groups", "64,row", "--row", "256", "--repeat", "1"]
@@ -47,9 +69,14 @@ def test_a_tiny_run_reports_every_case(tmp_path, capsys):
     for row in rows:
         timed = set(row["gbps"])
         assert {"eager", "compile", "qkit"} <= timed, row
-        assert row["skipped"]["deepspeed"] == "CUDA only"
-        if row["op"] in ("fake_quantize", "quantize8", "dequantize4", "swizzle_quantize"):
+        if row["op"] not in bench.FP_OPS:  # DeepSpeed has no FP8/MX kernel to compare with
+            assert row["skipped"]["deepspeed"] == "CUDA only"
+        if row["op"] in ("fake_quantize", "quantize8", "dequantize4", "swizzle_quantize", *bench.FP_OPS):
             assert "qkit_out" in timed
+        if row["op"].endswith("mxfp4"):
+            assert row["group"] == "mx32" and row["group_size"] == 32
+            if base.load_torchao_mx()[0] is not None:
+                assert "torchao" in timed, row
         assert all(v > 0 for v in row["gbps"].values())
     assert [r["numel"] for r in data["latency"]] == [64, 1024, 4096, 16384, 65536]
     assert "torch.add" in data["latency"][0]["us"]

@@ -118,6 +118,108 @@ def eager_loco_stage3(
     return eager_pack4(codes), step
 
 
+# ---------------------------------------------------------------- floating-point formats in eager PyTorch
+
+#: (exponent bits, mantissa bits, largest finite value) of each element format (OCP FP8 and MX v1.0).
+FP_FORMATS = {
+    "e4m3": (4, 3, 448.0),
+    "e5m2": (5, 2, 57344.0),
+    "e3m2": (3, 2, 28.0),
+    "e2m3": (2, 3, 7.5),
+    "e2m1": (2, 1, 6.0),
+}
+#: Elements per MX block.
+MX_BLOCK = 32
+
+
+def eager_round_fp(v: Tensor, fmt: str) -> Tensor:
+    """fp32 ``v`` rounded to the nearest value of ``fmt`` (ties to even), saturating at its max:
+    the quantum of ``|v|``'s binade (never below the subnormal one), ``round(|v| / quantum)``."""
+    ebits, mbits, top = FP_FORMATS[fmt]
+    a = v.abs().clamp(max=top)
+    _, e = torch.frexp(a)  # a = f·2^e with f in [0.5, 1): the binade's exponent is e - 1
+    min_exp = 2 - 2 ** (ebits - 1)  # 1 - bias
+    quantum = torch.ldexp(torch.ones_like(a), (e - 1).clamp(min=min_exp) - mbits)
+    return torch.copysign(torch.round(a / quantum) * quantum, v)
+
+
+def _fp_scale(g: Tensor, fmt: str, scaling: str) -> Tensor:
+    """Per-group fp32 decode scale ``[G, 1]``: absmax / max (absmax), or the MX power of two."""
+    top = FP_FORMATS[fmt][2]
+    m = g.abs().amax(dim=1, keepdim=True)
+    if scaling == "absmax":
+        step = m / top
+        step = torch.where(step == 0, torch.full_like(step, 2.0**-149), step)
+        return torch.where(m == 0, torch.ones_like(m), step)
+    _, e = torch.frexp(m)  # floor(log2 m) = e - 1; 0 -> the smallest scale
+    _, top_e = torch.frexp(torch.tensor(top))
+    exp = torch.where(m == 0, -127, (e - 1) - (top_e - 1)).clamp(-127, 127)
+    return torch.ldexp(torch.ones_like(m), exp)
+
+
+def eager_fake_quantize_fp(x: Tensor, groups: int, fmt: str, scaling: str = "absmax") -> Tensor:
+    """Group-wise fake quantization to a floating-point format (absmax or MX scaling), eager."""
+    g = x.float().reshape(groups, -1)
+    scale = _fp_scale(g, fmt, scaling)
+    return (eager_round_fp(g / scale, fmt) * scale).to(x.dtype).reshape(x.shape)
+
+
+def _fp_table(fmt: str) -> Tensor:
+    """The non-negative values of ``fmt``'s codes 0, 1, ... (finite ones)."""
+    ebits, mbits, _ = FP_FORMATS[fmt]
+    codes = torch.arange(2 ** (ebits + mbits), dtype=torch.int32)
+    e, m = codes >> mbits, codes & (2**mbits - 1)
+    bias = 2 ** (ebits - 1) - 1
+    normal = (1 + m / 2**mbits) * torch.pow(2.0, (e - bias).float())
+    sub = m / 2**mbits * 2.0 ** (1 - bias)
+    return torch.where(e == 0, sub, normal)
+
+
+def eager_quantize_fp(x: Tensor, groups: int, fmt: str, scaling: str = "absmax") -> tuple[Tensor, Tensor]:
+    """Codes and scales as qkit stores them: FP8 as torch's float8 dtypes (fp32 scales for
+    absmax, E8M0 for mx); e2m1 as nibbles, two per byte (the even element high), in uint8
+    (the bits of qkit's ``torch.float4_e2m1fn_x2``; inductor has no fp4 dtype)."""
+    g = x.float().reshape(groups, -1)
+    scale = _fp_scale(g, fmt, scaling)
+    v = g / scale
+    stored = scale.reshape(-1) if scaling == "absmax" else scale.reshape(-1).to(torch.float8_e8m0fnu)
+    if fmt in ("e4m3", "e5m2"):
+        dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+        top = FP_FORMATS[fmt][2]  # torch's e5m2 cast overflows to Inf: saturate first
+        return v.clamp(-top, top).to(dtype).reshape(x.shape), stored
+    r = eager_round_fp(v, fmt).reshape(-1)
+    table = _fp_table(fmt).to(r.device)
+    code = torch.searchsorted(table, r.abs()) | (
+        torch.signbit(r).to(torch.int64) << (FP_FORMATS[fmt][0] + FP_FORMATS[fmt][1])
+    )
+    packed = ((code[0::2] << 4) | code[1::2]).to(torch.uint8)
+    shape = list(x.shape)
+    shape[-1] //= 2
+    return packed.reshape(shape), stored
+
+
+def eager_dequantize_fp(codes: Tensor, scales: Tensor, groups: int, fmt: str, dtype: torch.dtype) -> Tensor:
+    """Values of :func:`eager_quantize_fp`'s storage (e2m1 bytes as uint8), flattened, in ``dtype``."""
+    s = scales.float().reshape(groups, 1)
+    if fmt in ("e4m3", "e5m2"):
+        return (codes.float().reshape(groups, -1) * s).to(dtype).reshape(-1)
+    b = codes.reshape(-1).to(torch.int64)
+    code = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)
+    table = _fp_table(fmt).to(codes.device)
+    sign_bit = 1 << (FP_FORMATS[fmt][0] + FP_FORMATS[fmt][1])
+    values = torch.where(code & sign_bit != 0, -table[code & (sign_bit - 1)], table[code & (sign_bit - 1)])
+    return (values.reshape(groups, -1) * s).to(dtype).reshape(-1)
+
+
+def load_torchao_mx() -> tuple[ModuleType | None, str | None]:
+    """torchao's MX reference module (``torchao.prototype.mx_formats.mx_tensor``), when installed."""
+    try:
+        from torchao.prototype.mx_formats import mx_tensor
+    except Exception as error:  # ImportError, or a torchao that does not match this torch
+        return None, f"torchao MX not importable ({type(error).__name__})"
+    return mx_tensor, None
+
+
 # ---------------------------------------------------------------- GPU libraries, when installed
 
 

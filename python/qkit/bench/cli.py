@@ -4,7 +4,11 @@ For every (threads, dtype, group size, op) case it times, side by side on the sa
 tensors: a copy of the input into an existing buffer (the memory-bandwidth ceiling),
 the op's math in eager PyTorch, that code under ``torch.compile``, aten's
 ``fake_quantize_per_channel_affine``, DeepSpeed's and bitsandbytes' CUDA kernels (when
-installed), qkit with a fresh output, and qkit writing into a reused ``out=`` buffer.
+installed), qkit with a fresh output, and qkit writing into a reused ``out=`` buffer. The
+floating-point ops (``*_e4m3``: FP8 with a float32 absmax scale per group; ``*_mxfp4``:
+e2m1 in 32-element MX blocks, E8M0 scales, whatever ``--groups`` says) are timed against
+the same eager / ``torch.compile`` pair and, for MX, torchao's ``to_mx``/``to_dtype``
+reference when torchao is installed.
 Bandwidth counts the bytes an op must read and write once; figures are medians of
 ``--repeat`` calls after a warm-up (which also compiles). ``--json`` writes every
 figure, ``--plot`` draws GB/s against tensor size with the copy roofline, and
@@ -31,6 +35,7 @@ from torch import Tensor
 
 import qkit
 from qkit.bench import baselines as base
+from qkit.fp_ops import format_bits
 from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
 
 OPS = (
@@ -42,8 +47,18 @@ OPS = (
     "swizzle_quantize",
     "quantized_reduction",
 )
+#: The floating-point cases: op -> (kind, element format, scaling).
+FP_OPS: dict[str, tuple[str, str, str]] = {
+    "fake_quantize_e4m3": ("fake", "e4m3", "absmax"),
+    "quantize_e4m3": ("quantize", "e4m3", "absmax"),
+    "dequantize_e4m3": ("dequantize", "e4m3", "absmax"),
+    "fake_quantize_mxfp4": ("fake", "e2m1", "mx"),
+    "quantize_mxfp4": ("quantize", "e2m1", "mx"),
+    "dequantize_mxfp4": ("dequantize", "e2m1", "mx"),
+}
+OPS = OPS + tuple(FP_OPS)
 #: Implementations in table order; "qkit_out" is qkit writing into a reused buffer.
-IMPLS = ("eager", "compile", "aten_per_channel", "deepspeed", "bitsandbytes", "qkit", "qkit_out")
+IMPLS = ("eager", "compile", "aten_per_channel", "deepspeed", "bitsandbytes", "torchao", "qkit", "qkit_out")
 _HEADINGS = {"aten_per_channel": "aten pc", "bitsandbytes": "bnb", "deepspeed": "dspeed", "qkit_out": "qkit out="}
 #: The ZeRO++ layout the swizzle and reduction cases use: 2 nodes x 8 ranks, no pipelining.
 NODES, LOCAL = 2, 8
@@ -113,22 +128,79 @@ class Baselines:
     deepspeed_reason: str | None
     bnb: object | None
     bnb_reason: str | None
+    torchao_mx: object | None = None
+    torchao_reason: str | None = "not loaded"
 
     @classmethod
-    def load(cls, device: str, allow_jit: bool = True) -> Baselines:
+    def load(cls, device: str, allow_jit: bool = True, mx: bool = False) -> Baselines:
+        """``mx``: also load torchao's MX reference (any device), for the MX cases."""
+        ao, ao_reason = base.load_torchao_mx() if mx else (None, "no MX case")
         if not device.startswith("cuda"):
-            return cls(None, "CUDA only", None, "CUDA only")
+            return cls(None, "CUDA only", None, "CUDA only", ao, ao_reason)
         ds, ds_reason = base.load_deepspeed(allow_jit)
         bnb, bnb_reason = base.load_bitsandbytes()
-        return cls(ds, ds_reason, bnb, bnb_reason)
+        return cls(ds, ds_reason, bnb, bnb_reason, ao, ao_reason)
 
 
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def build_fp_case(op: str, x: Tensor, groups: int, libs: Baselines) -> Case:
+    """A floating-point case (:data:`FP_OPS`) on flat ``x``; mx ignores ``groups`` (32-element blocks)."""
+    kind, fmt, scaling = FP_OPS[op]
+    if scaling == "mx":
+        groups = x.numel() // base.MX_BLOCK
+    numel, esize, dtype = x.numel(), x.element_size(), x.dtype
+    scale_bytes = groups * (4 if scaling == "absmax" else 1)
+    stored = numel * esize + numel * format_bits(fmt) // 8 + scale_bytes
+    mx, ao_elem = libs.torchao_mx, torch.float8_e4m3fn if fmt == "e4m3" else torch.float4_e2m1fn_x2
+    ao_reason = libs.torchao_reason if scaling == "mx" else "MX only"
+    if scaling != "mx":
+        mx = None
+    if kind == "fake":
+        case = Case(op, 2 * numel * esize)
+        out = torch.empty_like(x)
+        case.add("eager", lambda: base.eager_fake_quantize_fp(x, groups, fmt, scaling))
+        compiled = _compiled(base.eager_fake_quantize_fp)
+        case.add("compile", lambda: compiled(x, groups, fmt, scaling))
+        case.add(
+            "torchao",
+            mx and (lambda: mx.to_dtype(*reversed(mx.to_mx(x, ao_elem, base.MX_BLOCK)), ao_elem, base.MX_BLOCK, dtype)),
+            ao_reason,
+        )
+        case.add("qkit", lambda: qkit.fake_quantize_fp(x, groups, fmt, scaling))
+        case.add("qkit_out", lambda: qkit.fake_quantize_fp(x, groups, fmt, scaling, out=out))
+        return case
+    codes, scales = qkit.quantize_fp(x, groups, fmt, scaling)
+    eager_codes = codes.view(torch.uint8) if fmt == "e2m1" else codes  # inductor has no fp4 dtype
+    case = Case(op, stored)
+    if kind == "quantize":
+        case.add("eager", lambda: base.eager_quantize_fp(x, groups, fmt, scaling))
+        compiled = _compiled(base.eager_quantize_fp)
+        case.add("compile", lambda: compiled(x, groups, fmt, scaling))
+        case.add("torchao", mx and (lambda: mx.to_mx(x, ao_elem, base.MX_BLOCK)), ao_reason)
+        case.add("qkit", lambda: qkit.quantize_fp(x, groups, fmt, scaling))
+        case.add("qkit_out", lambda: qkit.quantize_fp(x, groups, fmt, scaling, out=(codes, scales)))
+        return case
+    out = torch.empty_like(x)
+    case.add("eager", lambda: base.eager_dequantize_fp(eager_codes, scales, groups, fmt, dtype))
+    compiled = _compiled(base.eager_dequantize_fp)
+    case.add("compile", lambda: compiled(eager_codes, scales, groups, fmt, dtype))
+    if mx is not None:
+        ao_scale, ao_data = mx.to_mx(x, ao_elem, base.MX_BLOCK)
+        case.add("torchao", lambda: mx.to_dtype(ao_data, ao_scale, ao_elem, base.MX_BLOCK, dtype))
+    else:
+        case.add("torchao", None, ao_reason)
+    case.add("qkit", lambda: qkit.dequantize_fp(codes, scales, groups, fmt, scaling, dtype))
+    case.add("qkit_out", lambda: qkit.dequantize_fp(codes, scales, groups, fmt, scaling, out=out))
+    return case
+
+
 def build_case(op: str, x: Tensor, groups: int, libs: Baselines) -> Case:
     """The implementations of ``op`` on flat ``x`` in ``groups`` groups."""
+    if op in FP_OPS:
+        return build_fp_case(op, x, groups, libs)
     numel, esize, dtype = x.numel(), x.element_size(), x.dtype
     bits = 4 if op.endswith("4") or op in ("swizzle_quantize", "quantized_reduction") else 8
     code_bytes, param_bytes = numel * bits // 8, groups * 4
@@ -281,7 +353,7 @@ def run(
 ) -> list[dict]:
     """Time every case; one row per (threads, numel, dtype, group, op). ``allow_jit=False``:
     no baseline is compiled just in time (DeepSpeed's op only when prebuilt)."""
-    libs = Baselines.load(device, allow_jit)
+    libs = Baselines.load(device, allow_jit, mx=any(op in FP_OPS and FP_OPS[op][2] == "mx" for op in ops))
     total = len(threads) * len(sizes) * len(dtypes) * len(group_specs) * len(ops)
     step = _progress(total) if show_progress else (lambda description: None)
     rows = []
@@ -320,6 +392,8 @@ def _time_case(
     warmup: float,
 ) -> dict:
     numel = x.numel()
+    if op in FP_OPS and FP_OPS[op][2] == "mx":
+        group_size, spec = base.MX_BLOCK, "mx32"  # the format fixes its blocks
     groups = numel // group_size
     row = {
         "op": op,
