@@ -239,3 +239,27 @@ def test_bit_schedule_state_and_format_state_do_not_mix() -> None:
     run(fmt_moq, fmt_moq.model, 1)
     with pytest.raises(MoQStateError, match=re.escape("`format_schedule` is ['e4m3'")):
         bit_moq.load_state_dict(fmt_moq.state_dict())
+
+
+def test_mixed_precision_blends_with_the_format_and_resets_on_a_change() -> None:
+    """fp16_mixed_quantize: r·w + (1 - r)·Q_f(w), r falling by the ratio, back to 1 when the format changes."""
+    m = model()
+    change = 0.25  # exact in binary
+    cfg = MoQConfig(
+        format_schedule=("e4m3", "e2m1"),
+        quantize_period=3,
+        fp16_mixed_quantize=True,
+        quantize_change_ratio=change,
+        master_weights=False,
+    )
+    moq = MoQ(m, cfg)
+    params = dict(m.named_parameters())
+    r = 1.0
+    for q in range(1, 6):
+        before = {n: params[n].detach().clone() for n in NAMES}
+        moq.step()
+        r = 1.0 if q == 3 else max(r - change, 0.0)
+        fmt = "e4m3" if q < 3 else "e2m1"
+        for n in NAMES:
+            want = r * before[n] + (1 - r) * ref_fake_quantize_fp(before[n], 1, fmt)
+            assert torch.equal(params[n].detach(), want), (n, q)
