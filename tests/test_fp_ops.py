@@ -527,3 +527,25 @@ def test_errors_name_op_and_argument_in_every_mode(name):
         fakes = [mode.from_tensor(t) for t in tensors]
         assert _message(lambda: call(*fakes)) == eager
     assert _message(lambda: call(*[t.to("meta") for t in tensors])) == eager
+
+
+@pytest.mark.parametrize("fmt", ["e2m1"])
+def test_nvfp4_small_and_zero_blocks(device, fmt):
+    """Blocks far below the tensor's largest (their E4M3 scale clamps to 2^-6), an all-zero
+    block and a block of one Inf, against the reference and torchao."""
+    x = make((4, 64), seed=11)
+    x[0, :16] *= 1e-6  # (m / 6) / t < 2^-6: the block scale clamps up
+    x[1, 16:32] = 0.0
+    x[2, 32:48] *= 2.0**-20
+    q, s = qkit.quantize_fp(x.to(device), None, fmt, "nvfp4")
+    want_q, want_s = ref_quantize_fp(x, x.numel() // 16, fmt, "nvfp4")
+    assert torch.equal(s.cpu().view(torch.uint8), want_s.view(torch.uint8)), "scales"
+    assert s.cpu().view(torch.uint8)[4].item() == 0x08, "2^-6 in E4M3 (the clamp)"
+    assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8)), "codes"
+    assert_same(
+        qkit.fake_quantize_fp(x.to(device), None, fmt, "nvfp4"), ref_fake_quantize_fp(x, 16, fmt, "nvfp4"), "fake"
+    )
+    _, nv = _torchao()
+    ao_scale, ao_data = nv.nvfp4_quantize(x, 16, ref_fp_tensor_scale(x))
+    assert torch.equal(s.cpu()[4:].view(torch.uint8), ao_scale.view(torch.uint8).reshape(-1)), "torchao scales"
+    assert torch.equal(ref_unpack_fp(q, fmt), _ao_codes(ao_data, fmt)), "torchao codes"

@@ -16,167 +16,46 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qkit.ops import (
-    FLOAT_DTYPES,
+from qkit._checks import (
+    BLOCK,
+    CODE_DTYPES,
+    DEQUANTIZE_FP_HINT,
+    FAKE_QUANTIZE_FP_INPLACE_HINT,
+    FORMATS,
+    NVFP4_TENSOR_SCALE_BYTES,
     OUT_HAS_NO_GRADIENT,
-    QkitTypeError,
+    SCALE_DTYPES,
+    SCALINGS,
     QkitValueError,
+    check_dequantize_fp_args,
+    check_dequantize_fp_dtype,
+    check_dequantize_fp_out_dtype,
+    check_fake_quantize_fp_args,
     check_float_input,
-    check_groups,
+    check_no_self_overlap,
     check_out,
-    checked_product,
-    define,
-    dtype_name,
-    register_autograd_rules,
+    check_quantize_fp_args,
+    fp_codes_shape,
+    fp_format_bits,
+    fp_scales_shape,
 )
+from qkit._library import define, register_autograd_rules
 
-#: Element formats: name -> (exponent bits, mantissa bits).
-FORMATS: dict[str, tuple[int, int]] = {"e4m3": (4, 3), "e5m2": (5, 2), "e3m2": (3, 2), "e2m3": (2, 3), "e2m1": (2, 1)}
-#: Scalings, and the block size that mx and nvfp4 fix.
-SCALINGS = ("absmax", "mx", "nvfp4")
-BLOCK = {"mx": 32, "nvfp4": 16}
-#: The dtype of each format's codes and of each scaling's scales.
-CODE_DTYPES: dict[str, torch.dtype] = {
-    "e4m3": torch.float8_e4m3fn,
-    "e5m2": torch.float8_e5m2,
-    "e3m2": torch.uint8,
-    "e2m3": torch.uint8,
-    "e2m1": torch.float4_e2m1fn_x2,
-}
-SCALE_DTYPES: dict[str, torch.dtype] = {
-    "absmax": torch.float32,
-    "mx": torch.float8_e8m0fnu,
-    "nvfp4": torch.float8_e4m3fn,
-}
-#: Bytes ahead of the block scales in nvfp4's scales (the fp32 tensor scale).
-NVFP4_TENSOR_SCALE_BYTES = 4
-
-
-def format_bits(format: str) -> int:
-    """Bits of one code of ``format``."""
-    ebits, mbits = FORMATS[format]
-    return 1 + ebits + mbits
-
-
-def _unit(format: str) -> int:
-    """Elements per packing unit (whole bytes): 1 (FP8), 2 (FP4) or 4 (FP6)."""
-    return {8: 1, 4: 2, 6: 4}[format_bits(format)]
-
-
-def _code_bytes(n: int, format: str) -> int:
-    bits = format_bits(format)
-    return n if bits == 8 else n // 2 if bits == 4 else n // 4 * 3
-
-
-# ---------------------------------------------------------------- argument checks
-# The same checks, in the same order and words, as src/fp_ops.cpp.
-
-
-def _check_format_and_scaling(format: str, scaling: str, op: str) -> None:
-    if format not in FORMATS:
-        raise QkitValueError(f"qkit.{op}: `format` must be e4m3, e5m2, e3m2, e2m3 or e2m1, got '{format}'")
-    if scaling not in SCALINGS:
-        raise QkitValueError(f"qkit.{op}: `scaling` must be absmax, mx or nvfp4, got '{scaling}'")
-    if scaling == "nvfp4" and format != "e2m1":
-        raise QkitValueError(f"qkit.{op}: `scaling` nvfp4 needs `format` e2m1, got '{format}'")
-
-
-def _check_fp_groups(numel: int, groups: int, scaling: str, op: str, numel_of: str) -> None:
-    if scaling == "absmax":
-        check_groups(numel, groups, op, numel_of)
-        checked_product((groups, 4), "the bytes of the float32 scales, `groups` * 4", op)
-        return
-    block = BLOCK[scaling]
-    if numel % block != 0:
-        raise QkitValueError(
-            f"qkit.{op}: {scaling} scaling needs blocks of {block} elements: the number of elements of "
-            f"`{numel_of}` ({numel}) must be a multiple of {block}"
-        )
-    if groups != numel // block:
-        raise QkitValueError(
-            f"qkit.{op}: `groups` must be the number of {block}-element blocks of `{numel_of}` ({numel // block}) "
-            f"for {scaling} scaling, got {groups}"
-        )
-
-
-def _check_packable(t: Tensor, format: str, op: str, arg: str) -> None:
-    unit = _unit(format)
-    if unit == 1 or t.numel() == 0:
-        return
-    if t.dim() == 0 or t.shape[-1] % unit != 0:
-        bits = format_bits(format)
-        raise QkitValueError(
-            f"qkit.{op}: {bits}-bit storage packs {unit} codes per {unit * bits // 8} byte(s) along the last "
-            f"dimension: `{arg}` needs a last dimension divisible by {unit}"
-        )
-
-
-def _check_fake_args(input: Tensor, groups: int, format: str, scaling: str, op: str) -> None:
-    check_float_input(input, op)
-    _check_format_and_scaling(format, scaling, op)
-    _check_fp_groups(input.numel(), groups, scaling, op, "input")
-
-
-def _check_quantize_args(input: Tensor, groups: int, format: str, scaling: str) -> None:
-    op = "quantize_fp"
-    check_float_input(input, op)
-    _check_format_and_scaling(format, scaling, op)
-    _check_fp_groups(input.numel(), groups, scaling, op, "input")
-    _check_packable(input, format, op, "input")
-
-
-def _codes_shape(shape: torch.Size, format: str) -> list[int]:
-    out = list(shape)
-    if out:
-        out[-1] = _code_bytes(out[-1], format)
-    return out
-
-
-def _scales_shape(groups: int, scaling: str) -> list[int]:
-    return [groups + NVFP4_TENSOR_SCALE_BYTES if scaling == "nvfp4" else groups]
-
-
-def _check_dequantize_args(codes: Tensor, scales: Tensor, groups: int, format: str, scaling: str) -> list[int]:
-    """dequantize_fp's checks; returns the output's shape."""
-    op = "dequantize_fp"
-    _check_format_and_scaling(format, scaling, op)
-    want = CODE_DTYPES[format]
-    if codes.dtype != want:
-        raise QkitTypeError(
-            f"qkit.{op}: `codes` must be {dtype_name(want)} for format {format}, got {dtype_name(codes.dtype)}"
-        )
-    want = SCALE_DTYPES[scaling]
-    if scales.dtype != want:
-        raise QkitTypeError(
-            f"qkit.{op}: `scales` must be {dtype_name(want)} for {scaling} scaling, got {dtype_name(scales.dtype)}"
-        )
-    if scales.device != codes.device:
-        raise QkitValueError(f"qkit.{op}: `scales` must be on the same device as `codes`")
-    bits = format_bits(format)
-    if bits != 8 and codes.dim() == 0:
-        raise QkitValueError(f"qkit.{op}: packed `codes` must have at least one dimension")
-    if bits == 6 and codes.numel() > 0 and codes.shape[-1] % 3 != 0:
-        raise QkitValueError(
-            f"qkit.{op}: 6-bit `codes` hold four codes in three bytes: their last dimension must be divisible by 3"
-        )
-    numel = codes.numel() if bits == 8 else 2 * codes.numel() if bits == 4 else codes.numel() // 3 * 4
-    _check_fp_groups(numel, groups, scaling, op, "the dequantized output")
-    want_shape = _scales_shape(groups, scaling)
-    if list(scales.shape) != want_shape:
-        raise QkitValueError(
-            f"qkit.{op}: `scales` must have shape {want_shape} for {scaling} scaling, got {list(scales.shape)}"
-        )
-    shape = list(codes.shape)
-    if bits != 8:
-        shape[-1] = 2 * shape[-1] if bits == 4 else shape[-1] // 3 * 4
-    return shape
-
-
-def _check_output_dtype(dtype: torch.dtype | None, op: str) -> torch.dtype:
-    dtype = torch.float32 if dtype is None else dtype
-    if dtype not in FLOAT_DTYPES:
-        raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {dtype_name(dtype)}")
-    return dtype
+__all__ = [
+    "BLOCK",
+    "CODE_DTYPES",
+    "FORMATS",
+    "NVFP4_TENSOR_SCALE_BYTES",
+    "SCALE_DTYPES",
+    "SCALINGS",
+    "default_groups",
+    "dequantize_fp",
+    "fake_quantize_fp",
+    "fake_quantize_fp_",
+    "fp_format_bits",
+    "nvfp4_scales",
+    "quantize_fp",
+]
 
 
 # ---------------------------------------------------------------- schemas and fake impls
@@ -207,7 +86,7 @@ define(
 def _fake_quantize_fp_fake(
     input: Tensor, groups: int, format: str, scaling: str = "absmax", stochastic: bool = False
 ) -> Tensor:
-    _check_fake_args(input, groups, format, scaling, "fake_quantize_fp")
+    check_fake_quantize_fp_args(input, groups, format, scaling, "fake_quantize_fp")
     return input.new_empty(input.shape)
 
 
@@ -215,9 +94,7 @@ def _fake_quantize_fp_fake(
 def _fake_quantize_fp_inplace_fake(
     input: Tensor, groups: int, format: str, scaling: str = "absmax", stochastic: bool = False
 ) -> None:
-    from qkit.ops import check_no_self_overlap
-
-    _check_fake_args(input, groups, format, scaling, "fake_quantize_fp_")
+    check_fake_quantize_fp_args(input, groups, format, scaling, "fake_quantize_fp_")
     check_no_self_overlap(input, "fake_quantize_fp_")
 
 
@@ -225,15 +102,15 @@ def _fake_quantize_fp_inplace_fake(
 def _fake_quantize_fp_out_fake(
     input: Tensor, groups: int, format: str, scaling: str = "absmax", stochastic: bool = False, *, out: Tensor
 ) -> None:
-    _check_fake_args(input, groups, format, scaling, "fake_quantize_fp")
+    check_fake_quantize_fp_args(input, groups, format, scaling, "fake_quantize_fp")
     check_out(out, "out", input.dtype, list(input.shape), input, "input", "fake_quantize_fp")
 
 
 @torch.library.register_fake("qkit::quantize_fp")
 def _quantize_fp_fake(input: Tensor, groups: int, format: str, scaling: str = "absmax") -> tuple[Tensor, Tensor]:
-    _check_quantize_args(input, groups, format, scaling)
-    codes = input.new_empty(_codes_shape(input.shape, format), dtype=CODE_DTYPES[format])
-    scales = input.new_empty(_scales_shape(groups, scaling), dtype=SCALE_DTYPES[scaling])
+    check_quantize_fp_args(input, groups, format, scaling)
+    codes = input.new_empty(fp_codes_shape(input.shape, format), dtype=CODE_DTYPES[format])
+    scales = input.new_empty(fp_scales_shape(groups, scaling), dtype=SCALE_DTYPES[scaling])
     return codes, scales
 
 
@@ -241,10 +118,10 @@ def _quantize_fp_fake(input: Tensor, groups: int, format: str, scaling: str = "a
 def _quantize_fp_out_fake(
     input: Tensor, groups: int, format: str, scaling: str = "absmax", *, codes: Tensor, scales: Tensor
 ) -> None:
-    _check_quantize_args(input, groups, format, scaling)
+    check_quantize_fp_args(input, groups, format, scaling)
     op = "quantize_fp"
-    check_out(codes, "codes", CODE_DTYPES[format], _codes_shape(input.shape, format), input, "input", op)
-    check_out(scales, "scales", SCALE_DTYPES[scaling], _scales_shape(groups, scaling), input, "input", op)
+    check_out(codes, "codes", CODE_DTYPES[format], fp_codes_shape(input.shape, format), input, "input", op)
+    check_out(scales, "scales", SCALE_DTYPES[scaling], fp_scales_shape(groups, scaling), input, "input", op)
 
 
 @torch.library.register_fake("qkit::dequantize_fp")
@@ -256,15 +133,15 @@ def _dequantize_fp_fake(
     scaling: str = "absmax",
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    shape = _check_dequantize_args(codes, scales, groups, format, scaling)
-    return codes.new_empty(shape, dtype=_check_output_dtype(dtype, "dequantize_fp"))
+    shape = check_dequantize_fp_args(codes, scales, groups, format, scaling)
+    return codes.new_empty(shape, dtype=check_dequantize_fp_dtype(dtype, "dequantize_fp"))
 
 
 @torch.library.register_fake("qkit::dequantize_fp.out")
 def _dequantize_fp_out_fake(
     codes: Tensor, scales: Tensor, groups: int, format: str, scaling: str = "absmax", *, out: Tensor
 ) -> None:
-    shape = _check_dequantize_args(codes, scales, groups, format, scaling)
+    shape = check_dequantize_fp_args(codes, scales, groups, format, scaling)
     check_float_input(out, "dequantize_fp", "out")
     check_out(out, "out", out.dtype, shape, codes, "codes", "dequantize_fp")
 
@@ -283,16 +160,11 @@ def _ste_backward(ctx: object, grad: Tensor) -> tuple[Tensor, None, None, None, 
 # fake_quantize_fp: d out / d input := 1 (straight through), like qkit.fake_quantize.
 torch.library.register_autograd("qkit::fake_quantize_fp", _ste_backward, setup_context=_ste_setup)
 register_autograd_rules("fake_quantize_fp.out", mutates="out", no_grad_for=("input",), hint=OUT_HAS_NO_GRADIENT)
-register_autograd_rules(
-    "fake_quantize_fp_",
-    mutates="input",
-    hint="use qkit.fake_quantize_fp (straight-through) or run under torch.no_grad()",
-)
+register_autograd_rules("fake_quantize_fp_", mutates="input", hint=FAKE_QUANTIZE_FP_INPLACE_HINT)
 register_autograd_rules("quantize_fp")
 register_autograd_rules("quantize_fp.out", mutates=("codes", "scales"), hint=OUT_HAS_NO_GRADIENT)
-_DEQUANTIZE_HINT = "detach `scales`, or train with qkit.fake_quantize_fp (straight-through)"
-register_autograd_rules("dequantize_fp", no_grad_for=("scales",), hint=_DEQUANTIZE_HINT)
-register_autograd_rules("dequantize_fp.out", mutates="out", no_grad_for=("scales",), hint=_DEQUANTIZE_HINT)
+register_autograd_rules("dequantize_fp", no_grad_for=("scales",), hint=DEQUANTIZE_FP_HINT)
+register_autograd_rules("dequantize_fp.out", mutates="out", no_grad_for=("scales",), hint=DEQUANTIZE_FP_HINT)
 
 
 # ---------------------------------------------------------------- wrappers
@@ -397,10 +269,7 @@ def dequantize_fp(
         groups = scales.shape[0] - (NVFP4_TENSOR_SCALE_BYTES if scaling == "nvfp4" else 0) if scales.dim() else 1
     if out is None:
         return torch.ops.qkit.dequantize_fp.default(codes, scales, groups, format, scaling, dtype)
-    if dtype is not None and dtype != out.dtype:
-        raise QkitTypeError(
-            f"qkit.dequantize_fp: `dtype` ({dtype_name(dtype)}) and `out` ({dtype_name(out.dtype)}) disagree"
-        )
+    check_dequantize_fp_out_dtype(dtype, out)
     torch.ops.qkit.dequantize_fp.out(codes, scales, groups, format, scaling, out=out)
     return out
 
