@@ -35,7 +35,7 @@ from torch import Tensor
 
 import qkit
 from qkit.bench import baselines as base
-from qkit.fp_ops import format_bits
+from qkit.fp_ops import fp_format_bits
 from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
 
 OPS = (
@@ -153,7 +153,7 @@ def build_fp_case(op: str, x: Tensor, groups: int, libs: Baselines) -> Case:
         groups = x.numel() // base.MX_BLOCK
     numel, esize, dtype = x.numel(), x.element_size(), x.dtype
     scale_bytes = groups * (4 if scaling == "absmax" else 1)
-    stored = numel * esize + numel * format_bits(fmt) // 8 + scale_bytes
+    stored = numel * esize + numel * fp_format_bits(fmt) // 8 + scale_bytes
     mx, ao_elem = libs.torchao_mx, torch.float8_e4m3fn if fmt == "e4m3" else torch.float4_e2m1fn_x2
     ao_reason = libs.torchao_reason if scaling == "mx" else "MX only"
     if scaling != "mx":

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qkit.fp_ops import BLOCK, FORMATS, SCALINGS, format_bits
+from qkit.fp_ops import BLOCK, FORMATS, SCALINGS, fp_format_bits
 from qkit.ops import MAX_BITS, MIN_BITS, ROUNDING_MODES
 from qkit.quant_spec import QuantSpec
 
@@ -347,10 +347,10 @@ class MoQConfig:
                 raise MoQConfigError(f"format_schedule[{i}]", f"must be one of {list(FORMATS)}, got {fmt!r}")
             if fmt in fs[:i]:
                 raise MoQConfigError(f"format_schedule[{i}]", f"repeats {fmt!r}; each format may appear once")
-            if i and format_bits(fmt) > format_bits(fs[i - 1]):
+            if i and fp_format_bits(fmt) > fp_format_bits(fs[i - 1]):
                 raise MoQConfigError(
                     f"format_schedule[{i}]",
-                    f"{fmt!r} ({format_bits(fmt)} bits) follows {fs[i - 1]!r} ({format_bits(fs[i - 1])} bits); "
+                    f"{fmt!r} ({fp_format_bits(fmt)} bits) follows {fs[i - 1]!r} ({fp_format_bits(fs[i - 1])} bits); "
                     "a schedule never gains bits",
                 )
         object.__setattr__(self, "format_schedule", tuple(fs))

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from qkit.fp_ops import format_bits
+from qkit.fp_ops import fp_format_bits
 from qkit.moq.config import MoQConfig, MoQConfigError
 from qkit.moq.eigenvalue import block_eigenvalues, normalize_eigenvalues
 from qkit.moq.master import MasterWeights, master_dtype
@@ -176,7 +176,8 @@ class MoQ:
         """Current width of every scheduled parameter, by name (its start width before
         the first quantized step); with a format schedule, the width of its current format."""
         return {
-            name: s.bits if s.format is None else format_bits(s.format) for name, s in self.quantizer.schedules.items()
+            name: s.bits if s.format is None else fp_format_bits(s.format)
+            for name, s in self.quantizer.schedules.items()
         }
 
     def current_formats(self) -> dict[str, str | None]:
@@ -264,7 +265,7 @@ class MoQ:
         next_drop = None if s.bits == s.target_bits else s.next_drop
         if s.formats is not None:
             old, new = s.formats[-s.bits - 1], s.formats[-s.bits]
-            return BitDrop(self.steps, name, format_bits(old), format_bits(new), next_drop, eigenvalue, old, new)
+            return BitDrop(self.steps, name, fp_format_bits(old), fp_format_bits(new), next_drop, eigenvalue, old, new)
         return BitDrop(self.steps, name, s.bits + 1, s.bits, next_drop, eigenvalue)
 
     def _report(self, drop: BitDrop) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkit.fp_ops import format_bits
+from qkit.fp_ops import fp_format_bits
 from qkit.moq.config import MAX_BITS, MIN_KERNEL_BITS, _is_int
 from qkit.moq.schedule import DEEPSPEED_ATTRIBUTES
 
@@ -249,8 +249,10 @@ def _check_format_drop(where: str, key: str, entry: Mapping[str, Any], formats: 
             where, f"{key}.new_format", f"is {new_fmt!r}, but {old_fmt!r} is followed by another format"
         )
     for field, fmt in (("old_bits", old_fmt), ("new_bits", new_fmt)):
-        if entry[field] != format_bits(fmt):
-            raise MoQStateError(where, f"{key}.{field}", f"is {entry[field]!r}, but {fmt} has {format_bits(fmt)} bits")
+        if entry[field] != fp_format_bits(fmt):
+            raise MoQStateError(
+                where, f"{key}.{field}", f"is {entry[field]!r}, but {fmt} has {fp_format_bits(fmt)} bits"
+            )
     return old_fmt, new_fmt
 
 
