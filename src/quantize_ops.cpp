@@ -48,15 +48,18 @@ QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool
 }
 
 void check_storage_bits(int64_t bits, const char* op) {
+  QKIT_CHECK(bits >= 2 && bits <= 8, op, "`bits` must be in [2, 8], got ", bits);
+}
+
+void check_wire_bits(int64_t bits, const char* op) {
   QKIT_CHECK(bits == 4 || bits == 8, op, "`bits` must be 4 or 8, got ", bits);
 }
 
-void check_codes_and_params(const Tensor& q, const Tensor& params, int64_t bits, const char* op) {
+void check_codes_and_params(const Tensor& q, const Tensor& params, const char* op) {
   QKIT_CHECK(q.scalar_type() == ScalarType::Char, op, "`q` must be int8, got ", dtype_name(q.scalar_type()));
   QKIT_CHECK(params.scalar_type() == ScalarType::Float, op, "`params` must be float32, got ",
              dtype_name(params.scalar_type()));
   check_same_device(q, "q", params, "params", op);
-  check_storage_bits(bits, op);
 }
 
 namespace {
@@ -66,7 +69,7 @@ void check_fake_bits(int64_t bits, const char* op) {
 }
 
 void check_packable(const Tensor& t, int64_t bits, const char* op, const char* arg) {
-  if (bits != 4 || t.numel() == 0) return;
+  if (!packs_pairs(static_cast<int>(bits)) || t.numel() == 0) return;
   QKIT_CHECK(t.dim() >= 1 && t.sizes()[t.dim() - 1] % 2 == 0, op, "4-bit storage packs pairs along the last dimension: `",
              arg, "` needs an even last dimension");
 }
@@ -137,7 +140,7 @@ void fake_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetri
 
 Shape code_sizes(const Tensor& input, int64_t bits) {
   Shape sizes = sizes_of(input);
-  if (bits == 4 && !sizes.empty()) sizes.back() /= 2;
+  if (packs_pairs(static_cast<int>(bits)) && !sizes.empty()) sizes.back() /= 2;
   return sizes;
 }
 
@@ -187,16 +190,18 @@ ScalarType output_scalar_type(std::optional<ScalarType> dtype, const char* op) {
 // Checks dequantize's inputs; returns the output's sizes.
 Shape check_dequantize_args(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits,
                                            bool symmetric, const char* op) {
-  check_codes_and_params(q, params, bits, op);
-  QKIT_CHECK(bits == 8 || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
-  const int64_t numel = bits == 4 ? 2 * q.numel() : q.numel();
+  check_codes_and_params(q, params, op);
+  check_storage_bits(bits, op);
+  const bool packed = packs_pairs(static_cast<int>(bits));
+  QKIT_CHECK(!packed || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
+  const int64_t numel = packed ? 2 * q.numel() : q.numel();
   check_groups(numel, groups, op, "the dequantized output");
   const int64_t per_group = symmetric ? 1 : 2;
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [groups, ", per_group, "] = [", groups, ", ", per_group, "] for ",
              symmetric ? "symmetric" : "asymmetric", " quantization, got ", shape_text(params.sizes()));
   Shape out_sizes = sizes_of(q);
-  if (bits == 4) out_sizes.back() *= 2;
+  if (packed) out_sizes.back() *= 2;
   return out_sizes;
 }
 

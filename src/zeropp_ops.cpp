@@ -25,7 +25,7 @@ SwizzleLayout check_layout(int64_t groups, int64_t pipeline, int64_t nodes, int6
 
 void check_swizzle_input(const Tensor& input, int64_t groups, int64_t bits, bool symmetric, const char* op) {
   float_dtype(input, op, "input");
-  check_storage_bits(bits, op);
+  check_wire_bits(bits, op);
   check_groups(input.numel(), groups, op, "input");
   check_params_size(groups, symmetric, op);
   QKIT_CHECK(bits == 8 || (input.numel() / groups) % 2 == 0, op,
@@ -194,7 +194,8 @@ void swizzle_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symme
 std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& params, std::optional<Tensor> error,
                                             double beta, int64_t in_groups, int64_t out_groups, int64_t bits,
                                             bool symmetric, int64_t devices, const char* op) {
-  check_codes_and_params(q, params, bits, op);
+  check_codes_and_params(q, params, op);
+  check_wire_bits(bits, op);
   QKIT_CHECK(devices >= 1, op, "`devices_per_node` must be >= 1, got ", devices);
   QKIT_CHECK(q.dim() >= 1 && q.sizes()[q.dim() - 1] % devices == 0, op,
              "the last dimension of `q` must split into `devices_per_node` (", devices, ") equal tensors");
@@ -259,7 +260,7 @@ Tensor dequantize_unsigned(Tensor data, Tensor scale, Tensor minv, int64_t num_g
   const char* op = "dequantize_unsigned";
   QKIT_CHECK(data.scalar_type() == ScalarType::Char || data.scalar_type() == ScalarType::Byte, op,
              "`data` must be int8 or uint8 (raw bytes), got ", dtype_name(data.scalar_type()));
-  check_storage_bits(bits, op);
+  check_wire_bits(bits, op);
   QKIT_CHECK(num_groups >= 0, op, "`num_groups` must be >= 0, got ", num_groups);
   QKIT_CHECK(group_size >= 1, op, "`group_size` must be >= 1, got ", group_size);
   const int64_t numel = checked_product({num_groups, group_size}, "`num_groups` * `group_size`", op);

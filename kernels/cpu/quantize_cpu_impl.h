@@ -573,7 +573,7 @@ void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* par
       float* v = buf;
       if constexpr (std::is_same_v<T, float>) v = out + t;  // fp32 output: decode in place
       const int8_t* c = codes + t;
-      if (job.bits == 4) {
+      if (packs_pairs(job.bits)) {
         unpack_int4(codes, t, n, unpacked);
         c = unpacked;
       }
@@ -598,7 +598,7 @@ void fake_quantize(const QuantJob& job, const void* in, void* out) {
 void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params) {
   dispatch_dtype(job.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (job.bits == 8) {
+    if (!packs_pairs(job.bits)) {
       run_quantizer<T, Sink::Int8>(job, static_cast<const T*>(in), codes, params);
     } else {
       run_quantizer<T, Sink::Int4>(job, static_cast<const T*>(in), codes, params);
