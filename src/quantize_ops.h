@@ -6,8 +6,9 @@
 
 namespace qkit::binding {
 
-QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric);
-// quantize/dequantize store any width in [2, 8] (4 bits packed, see packs_pairs).
+// `pack`: whether 4-bit codes go two per byte (see packed_storage).
+QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric, bool pack = true);
+// quantize/dequantize store any width in [2, 8] (one code per int8; 4 bits packed unless asked not to).
 void check_storage_bits(int64_t bits, const char* op);
 // The ZeRO++ ops move 4- or 8-bit codes only.
 void check_wire_bits(int64_t bits, const char* op);

@@ -19,6 +19,7 @@ struct QuantJob {
   int bits;
   bool symmetric;
   const int64_t* seed;  // stochastic rounding: one int64 on the job's device; nullptr = nearest
+  bool packed;          // codes two per byte (packed_storage); otherwise one per int8
 };
 
 namespace cpu {

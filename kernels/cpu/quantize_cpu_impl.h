@@ -547,7 +547,7 @@ void run_quantizer(const QuantJob& job, const T* in, void* out, float* params_ou
 // its odd element through code_at.
 void unpack_int4(const int8_t* codes, int64_t first, int64_t n, int8_t* c) {
   const int64_t head = first & 1;
-  if (head != 0) c[0] = static_cast<int8_t>(code_at(codes, first, 4));
+  if (head != 0) c[0] = static_cast<int8_t>(code_at(codes, first, true));
   const int8_t* bytes = codes + ((first + head) >> 1);
   const int64_t pairs = (n - head) / 2;
   int8_t* pair_out = c + head;
@@ -555,7 +555,7 @@ void unpack_int4(const int8_t* codes, int64_t first, int64_t n, int8_t* c) {
     pair_out[2 * j] = static_cast<int8_t>(unpack_high(bytes[j]));
     pair_out[2 * j + 1] = static_cast<int8_t>(unpack_low(bytes[j]));
   }
-  for (int64_t i = head + 2 * pairs; i < n; ++i) c[i] = static_cast<int8_t>(code_at(codes, first + i, 4));
+  for (int64_t i = head + 2 * pairs; i < n; ++i) c[i] = static_cast<int8_t>(code_at(codes, first + i, true));
 }
 
 // Tile by tile: the tile's codes are widened to int8 once (int4), every group
@@ -573,7 +573,7 @@ void dequantize_typed(const QuantJob& job, const int8_t* codes, const float* par
       float* v = buf;
       if constexpr (std::is_same_v<T, float>) v = out + t;  // fp32 output: decode in place
       const int8_t* c = codes + t;
-      if (packs_pairs(job.bits)) {
+      if (job.packed) {
         unpack_int4(codes, t, n, unpacked);
         c = unpacked;
       }
@@ -598,7 +598,7 @@ void fake_quantize(const QuantJob& job, const void* in, void* out) {
 void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params) {
   dispatch_dtype(job.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (!packs_pairs(job.bits)) {
+    if (!job.packed) {
       run_quantizer<T, Sink::Int8>(job, static_cast<const T*>(in), codes, params);
     } else {
       run_quantizer<T, Sink::Int4>(job, static_cast<const T*>(in), codes, params);
