@@ -69,9 +69,7 @@ def make_input(shape, dtype: torch.dtype, seed: int = 0, kind: str = "randn") ->
     return x.reshape(shape).to(dtype)
 
 
-def check_quantize(
-    x: torch.Tensor, groups: int, bits: int, symmetric: bool, device: str, packed: bool = True
-) -> None:
+def check_quantize(x: torch.Tensor, groups: int, bits: int, symmetric: bool, device: str, packed: bool = True) -> None:
     """quantize on `device` == reference (codes of finite groups, params); then dequantize too."""
     q, params = torch.ops.qkit.quantize(x.to(device), groups, bits, symmetric, packed)
     assert q.device.type == params.device.type == torch.device(device).type

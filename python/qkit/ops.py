@@ -47,8 +47,8 @@ from qkit._checks import (
     check_vmap_same_device,
     checked_product,
     dtype_name,
-    packed_storage,
     functorch_unsupported_error,
+    packed_storage,
 )
 from qkit._library import (
     BELOW_AUTOGRAD,
