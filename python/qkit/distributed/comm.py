@@ -21,7 +21,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["WireCounter", "all_gather", "all_to_all", "count_wire_bytes", "reduce_scatter_sum"]
+__all__ = ["WireCounter", "all_gather", "all_to_all", "count_wire_bytes", "reduce_scatter_sum", "sent_bytes"]
 
 
 # torch >= 2.13 renamed the tensor forms; older releases only have the old names. Looked up at
@@ -68,6 +68,16 @@ def _record(name: str, size: int, sent: int) -> None:
         c.calls.append((name, size, sent))
 
 
+def sent_bytes(collective: str, k: int, input_bytes: int) -> int:
+    """Bytes one rank sends when it hands ``input_bytes`` to ``collective`` (``"all_to_all"``,
+    ``"reduce_scatter"`` or ``"all_gather"``) in a group of ``k`` ranks (the table above)."""
+    if collective in ("all_to_all", "reduce_scatter"):
+        return input_bytes * (k - 1) // k
+    if collective == "all_gather":
+        return input_bytes * (k - 1)
+    raise ValueError(f"qkit.distributed.comm.sent_bytes: unknown collective {collective!r}")
+
+
 def group_size(group: Any) -> int:
     """Ranks in ``group`` (``None``: the default group)."""
     return dist.get_world_size(group)
@@ -77,7 +87,7 @@ def all_to_all(output: Tensor, input: Tensor, group: Any) -> None:
     """``all_to_all_single`` with an even split: chunk ``k`` of ``input`` goes to group rank ``k``,
     chunk ``k`` of ``output`` comes from group rank ``k``. A group of one copies."""
     k = group_size(group)
-    _record("all_to_all", k, input.numel() * input.element_size() * (k - 1) // k)
+    _record("all_to_all", k, sent_bytes("all_to_all", k, input.numel() * input.element_size()))
     if k == 1:
         output.copy_(input)
     else:
@@ -87,7 +97,7 @@ def all_to_all(output: Tensor, input: Tensor, group: Any) -> None:
 def reduce_scatter_sum(output: Tensor, input: Tensor, group: Any = None) -> None:
     """Sum over the group, chunk ``k`` (of ``k`` equal chunks of ``input``) to group rank ``k``."""
     k = group_size(group)
-    _record("reduce_scatter", k, input.numel() * input.element_size() * (k - 1) // k)
+    _record("reduce_scatter", k, sent_bytes("reduce_scatter", k, input.numel() * input.element_size()))
     if k == 1:
         output.copy_(input)
     else:
@@ -97,7 +107,7 @@ def reduce_scatter_sum(output: Tensor, input: Tensor, group: Any = None) -> None
 def all_gather(output: Tensor, input: Tensor, group: Any = None) -> None:
     """Concatenate every group rank's ``input`` into ``output`` in group-rank order."""
     k = group_size(group)
-    _record("all_gather", k, input.numel() * input.element_size() * (k - 1))
+    _record("all_gather", k, sent_bytes("all_gather", k, input.numel() * input.element_size()))
     if k == 1:
         output.copy_(input)
     else:

@@ -10,6 +10,7 @@ ranks of node ``n``; ``global_{d}`` holds the ``N`` ranks with device index ``d`
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,11 +106,12 @@ def _resolve_local(local_world_size: int | None, world: int) -> int:
 
 @dataclass(frozen=True)
 class Topology:
-    """Where this rank sits: ``rank = node * local + device``, ``world = nodes * local``."""
+    """Where this rank sits: ``rank = node * local_world_size + device``,
+    ``world = nodes * local_world_size``."""
 
     world: int
     nodes: int
-    local: int
+    local_world_size: int
     rank: int
     local_group: Any
     global_group: Any
@@ -117,12 +119,22 @@ class Topology:
     @property
     def node(self) -> int:
         """``n``: this rank's node (its group rank in ``global_{d}``)."""
-        return self.rank // self.local
+        return self.rank // self.local_world_size
 
     @property
     def device(self) -> int:
         """``d``: this rank's index on its node (its group rank in ``local_{n}``)."""
-        return self.rank % self.local
+        return self.rank % self.local_world_size
+
+    @property
+    def local(self) -> int:
+        """Deprecated name of :attr:`local_world_size`."""
+        warnings.warn(
+            "qkit.distributed.Topology.local is deprecated; use Topology.local_world_size",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.local_world_size
 
 
 def topology(groups: dict[str, Any], fn: str = "topology") -> Topology:
@@ -151,7 +163,7 @@ def topology(groups: dict[str, Any], fn: str = "topology") -> Topology:
     return Topology(
         world=world,
         nodes=nodes,
-        local=local,
+        local_world_size=local,
         rank=rank,
         local_group=groups[f"local_{rank // local}"],
         global_group=groups[f"global_{rank % local}"],

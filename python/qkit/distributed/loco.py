@@ -80,12 +80,12 @@ class LocoReducer:
 
     # deviation: loco-per-parameter-reset, loco-buffer-precision (own counter; buffers in the grad's dtype)
     def _prepare(self, param: Tensor, grad: Tensor, topo: Topology, reset_T: int) -> LocoState:
-        key = (tuple(grad.shape), grad.dtype, grad.device, topo.world, topo.local)
+        key = (tuple(grad.shape), grad.dtype, grad.device, topo.world, topo.local_world_size)
         st = self._state.get(param)
         if st is None or st.key != key:
             st = LocoState(
                 intra=torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device),
-                inter=torch.zeros(grad.numel() // topo.local, dtype=grad.dtype, device=grad.device),
+                inter=torch.zeros(grad.numel() // topo.local_world_size, dtype=grad.dtype, device=grad.device),
                 steps=0,
                 key=key,
             )
@@ -140,14 +140,15 @@ class LocoReducer:
             def f(i: int, t: Tensor, g: int) -> tuple[Tensor, Tensor]:
                 st = state_of(i, topo)
                 # deviation: loco-fp32-update (the ops compute in fp32 and round e once)
-                return loco_swizzle_quantize(t, st.intra, beta, g, 4, True, 1, topo.nodes, topo.local)
+                return loco_swizzle_quantize(t, st.intra, beta, g, 4, True, 1, topo.nodes, topo.local_world_size)
 
             return f
 
         def stage3(topo: Topology) -> ReduceStage:
             def f(i: int, q: Tensor, p: Tensor, g: int) -> tuple[Tensor, Tensor]:
                 st = state_of(i, topo)
-                return loco_quantized_reduction(q, p, st.inter, beta, g, g // topo.local, 4, True, topo.local)
+                lws = topo.local_world_size
+                return loco_quantized_reduction(q, p, st.inter, beta, g, g // lws, 4, True, lws)
 
             return f
 

@@ -79,7 +79,7 @@ def reduce(
     with the quantizers of steps 1 and 3 supplied (plain or LoCo)."""
     if not tensors:
         return []
-    n_nodes, local, world = topo.nodes, topo.local, topo.world
+    n_nodes, local, world = topo.nodes, topo.local_world_size, topo.world
     first = []
     for i, (t, p) in enumerate(zip(tensors, plans, strict=True)):
         codes, params = stage1(i, t, p.groups)
@@ -225,9 +225,10 @@ def all_to_all_quant_reduce(
     """
 
     def stage1(topo: Topology) -> Stage:
-        return lambda i, t, g: swizzle_quantize(t, g, 4, True, 1, topo.nodes, topo.local)
+        return lambda i, t, g: swizzle_quantize(t, g, 4, True, 1, topo.nodes, topo.local_world_size)
 
     def stage3(topo: Topology) -> ReduceStage:
-        return lambda i, q, p, g: quantized_reduction(q, p, g, g // topo.local, 4, True, topo.local)
+        lws = topo.local_world_size
+        return lambda i, q, p, g: quantized_reduction(q, p, g, g // lws, 4, True, lws)
 
     return run(tensors, groups, "all_to_all_quant_reduce", stage1, stage3, validate)[0]
