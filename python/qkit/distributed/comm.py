@@ -9,6 +9,7 @@ algorithm sends them (what NCCL's ring/direct algorithms and gloo's send):
 | ``all_to_all_single`` of ``B`` input bytes (even split) | ``B * (k - 1) / k`` (its own chunk stays) |
 | ``reduce_scatter`` of ``B`` input bytes | ``B * (k - 1) / k`` |
 | ``all_gather`` of ``B`` input bytes | ``B * (k - 1)`` |
+| ``all_reduce`` of ``B`` bytes (baselines only) | ``2 * B * (k - 1) / k`` (reduce-scatter + all-gather) |
 """
 
 from __future__ import annotations
@@ -70,9 +71,12 @@ def _record(name: str, size: int, sent: int) -> None:
 
 def sent_bytes(collective: str, k: int, input_bytes: int) -> int:
     """Bytes one rank sends when it hands ``input_bytes`` to ``collective`` (``"all_to_all"``,
-    ``"reduce_scatter"`` or ``"all_gather"``) in a group of ``k`` ranks (the table above)."""
+    ``"reduce_scatter"``, ``"all_gather"`` or ``"all_reduce"``) in a group of ``k`` ranks (the
+    table above)."""
     if collective in ("all_to_all", "reduce_scatter"):
         return input_bytes * (k - 1) // k
+    if collective == "all_reduce":
+        return 2 * input_bytes * (k - 1) // k
     if collective == "all_gather":
         return input_bytes * (k - 1)
     raise ValueError(f"qkit.distributed.comm.sent_bytes: unknown collective {collective!r}")
