@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qkit.distributed.consistency import Validate
-from qkit.distributed.groups import Topology
+from qkit.distributed.groups import UNSET, Topology, process_groups_arg
 from qkit.distributed.qgz import ReduceStage, Stage, run
 from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize
 
@@ -99,11 +99,12 @@ class LocoReducer:
     def __call__(
         self,
         params: Sequence[Tensor],
-        groups: dict[str, Any],
+        process_groups: dict[str, Any] | None = None,
         *,
         err_beta: float | None = None,
         reset_T: int | None = None,
         validate: Validate = "once",
+        groups: Any = UNSET,
     ) -> list[Tensor]:
         """Reduce ``p.grad`` of every parameter (collective); returns what
         :func:`~qkit.distributed.all_to_all_quant_reduce` returns for the gradients.
@@ -153,7 +154,8 @@ class LocoReducer:
             return f
 
         fn = "all_to_all_loco_quant_reduce"
-        out, _ = run(grads, groups, fn, stage1, stage3, validate, settings=(beta, period), error=error)
+        pgs = process_groups_arg(fn, process_groups, groups)
+        out, _ = run(grads, pgs, fn, stage1, stage3, validate, settings=(beta, period), error=error)
         for st in states.values():
             st.steps += 1
         return out
@@ -171,18 +173,20 @@ _default = LocoReducer()
 
 def all_to_all_loco_quant_reduce(
     params: Sequence[Tensor],
-    groups: dict[str, Any],
+    process_groups: dict[str, Any] | None = None,
     err_beta: float | None = None,
     reset_T: int | None = None,
     *,
     reducer: LocoReducer | None = None,
     validate: Validate = "once",
+    groups: Any = UNSET,
 ) -> list[Tensor]:
     """LoCo qgZ of ``p.grad`` for each parameter (collective), with error state kept per parameter.
 
     Args:
         params: tensors with ``.grad`` (float32/float16/bfloat16; the same shapes on every rank).
-        groups: from :func:`qkit.distributed.hierarchical_groups`.
+        process_groups: from :func:`qkit.distributed.hierarchical_groups` (``groups``: its
+            deprecated keyword name, with a ``DeprecationWarning``).
         err_beta, reset_T: see :class:`LocoReducer`; ``None`` takes the reducer's (the default
             reducer's are DeepSpeed's defaults, 0.8 and 1024).
         reducer: the state owner; by default a process-wide one (state keyed weakly per parameter).
@@ -191,4 +195,5 @@ def all_to_all_loco_quant_reduce(
     Returns:
         As :func:`~qkit.distributed.all_to_all_quant_reduce`: this rank's 1-D slice of each mean.
     """
-    return (reducer or _default)(params, groups, err_beta=err_beta, reset_T=reset_T, validate=validate)
+    pgs = process_groups_arg("all_to_all_loco_quant_reduce", process_groups, groups)
+    return (reducer or _default)(params, pgs, err_beta=err_beta, reset_T=reset_T, validate=validate)
