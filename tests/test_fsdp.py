@@ -305,7 +305,8 @@ def _check_handle(rank: int, world: int) -> dict:
     out["loco_vs_plain"] = _expect(ValueError, lambda: h2.load_state_dict(sd_l))
     out["bad_local_world_size"] = _expect(ValueError, lambda: qd.zeropp(sharded(), local_world_size=world + 1))
     # ranks that resolve different topologies: every rank raises the same error
-    out["local_mismatch"] = _expect(ValueError, lambda: qd.zeropp(sharded(), local_world_size=1 if rank else world))
+    # rank 0 alone would build the two-hop subgroups (a collective the others never join)
+    out["local_mismatch"] = _expect(ValueError, lambda: qd.zeropp(sharded(), local_world_size=None if rank else 2))
     out["compiled"] = _expect(NotImplementedError, lambda: qd.zeropp(torch.compile(sharded())))
     out["no_fsdp"] = _expect(ValueError, lambda: qd.zeropp(make_model(torch.float32)))
     # ranks that disagree: every rank raises the same error
@@ -371,7 +372,9 @@ def _check_loco_reduce_scatter(rank: int, world: int) -> dict:
     return out
 
 
-def _resume_model(rank: int, loco: Any) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
+def _resume_model(
+    rank: int, loco: Any, local_world_size: int | None = None
+) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
     from torch.distributed.fsdp import fully_shard
 
     import qkit.distributed as qd
@@ -381,7 +384,7 @@ def _resume_model(rank: int, loco: Any) -> tuple[torch.nn.Module, Any, torch.opt
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco)
+    handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco, local_world_size=local_world_size)
     return model, handle, torch.optim.SGD(model.parameters(), lr=0.05)
 
 
@@ -403,27 +406,32 @@ def _local(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_resume(rank: int, world: int) -> dict:
+    """One hop, and two hops (2 ranks per node) where the world has two nodes or more."""
+    return {lws: _resume(rank, lws) for lws in [None, *([2] if world >= 4 else [])]}
+
+
+def _resume(rank: int, lws: int | None) -> dict:
     import io
 
     import qkit.distributed as qd
 
     loco = qd.LocoConfig(beta=0.8, reset_T=1024)
     # one run of 4 steps
-    model, _, opt = _resume_model(rank, loco)
+    model, _, opt = _resume_model(rank, loco, lws)
     straight = _resume_steps(model, opt, rank, range(4))
     straight_params = _local(model)
     # 2 steps, checkpoint (this rank's shards + the handle's state), fresh processes' worth of
     # objects, 2 more steps; SGD without momentum has no state to save
-    model, handle, opt = _resume_model(rank, loco)
+    model, handle, opt = _resume_model(rank, loco, lws)
     first = _resume_steps(model, opt, rank, range(2))
     buf = io.BytesIO()
     torch.save({"model": _local(model), "zeropp": handle.state_dict()}, buf)
     del model, handle, opt
-    out = {"straight": straight, "straight_params": straight_params}
+    out: dict[str, Any] = {"straight": straight, "straight_params": straight_params}
     for label, load_zeropp in (("resumed", True), ("resumed_without_loco_state", False)):
         buf.seek(0)
         ckpt = torch.load(buf, weights_only=True)
-        model, handle, opt = _resume_model(rank, loco)
+        model, handle, opt = _resume_model(rank, loco, lws)
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 v.to_local().copy_(ckpt["model"][k])
@@ -431,6 +439,8 @@ def _check_resume(rank: int, world: int) -> dict:
             handle.load_state_dict(ckpt["zeropp"])
         out[label] = first + _resume_steps(model, opt, rank, range(2, 4))
         out[f"{label}_params"] = _local(model)
+    used = [d for d in ckpt["zeropp"]["loco"].values() if d["error"] is not None]  # the root holds no parameter
+    out["has_inter_error"] = bool(used) and all(d["inter_error"] is not None for d in used)
     return out
 
 
@@ -749,11 +759,14 @@ def test_loco_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> Non
 
 
 def test_loco_resumes_bit_for_bit(world: dict) -> None:
-    for r, res in enumerate(_check(world, "resume")):
-        assert res["resumed"] == res["straight"], f"rank {r}"
-        assert all(torch.equal(res["resumed_params"][k], v) for k, v in res["straight_params"].items())
-        # and the LoCo state is what made it exact: resuming without it diverges
-        assert res["resumed_without_loco_state"][3] != res["straight"][3]
+    for r, by_hops in enumerate(_check(world, "resume")):
+        assert list(by_hops) == ([None, 2] if world["world"] >= 4 else [None])
+        for lws, res in by_hops.items():
+            assert res["resumed"] == res["straight"], f"rank {r}, local_world_size {lws}"
+            assert all(torch.equal(res["resumed_params"][k], v) for k, v in res["straight_params"].items())
+            # and the LoCo state is what made it exact: resuming without it diverges
+            assert res["resumed_without_loco_state"][3] != res["straight"][3]
+            assert res["has_inter_error"] == (lws is not None)  # two hops carry the second buffer
 
 
 def ref_two_hop(
