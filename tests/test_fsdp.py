@@ -40,6 +40,7 @@ RS_CASES = [
     ("f32_two_groups", 300, torch.float32, 4, None),
     ("f16_8bit", 40, torch.float16, 8, 16),
     ("f32_small_groups", 37, torch.float32, 4, 6),
+    ("bf16_empty", 0, torch.bfloat16, 4, None),  # an empty shard: nothing to exchange, on every rank
 ]
 AG_CASES = [
     ("f32_odd", 9, torch.float32, 8, None),
@@ -47,6 +48,7 @@ AG_CASES = [
     ("f32_4bit_odd", 11, torch.float32, 4, 4),
     ("f32_two_groups", 3000, torch.float32, 8, None),
     ("f16_one", 1, torch.float16, 8, None),
+    ("f32_empty", 0, torch.float32, 8, None),
 ]
 PREMUL = 0.3
 
@@ -588,6 +590,13 @@ def test_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
     ranks = _check(world, "reduce_scatter")
     for salt, (name, s, dtype, bits, gs) in enumerate(RS_CASES):
+        if s == 0:
+            for op in ("sum", "avg", "premul"):
+                for r in range(w):
+                    got = ranks[r][(name, op)]
+                    assert got["ret"] is None and got["out"].shape == (0,) and got["out"].dtype == dtype
+                    assert sum(got["bytes"].values()) == 0 and got["stats"]["calls"] == 0
+            continue
         gs = gs or 256
         exact_sum = sum(rank_input(w * s, dtype, j, salt).double().view(w, s) for j in range(w))
         for op in ("sum", "avg", "premul"):
@@ -614,6 +623,12 @@ def test_all_gather_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
     ranks = _check(world, "all_gather")
     for salt, (name, m, dtype, bits, gs) in enumerate(AG_CASES):
+        if m == 0:
+            for r in range(w):
+                got = ranks[r][name]
+                assert got["ret"] is None and got["out"].shape == (0,) and got["out"].dtype == dtype
+                assert sum(got["bytes"].values()) == 0 and got["stats"]["calls"] == 0
+            continue
         shards = torch.stack([rank_input(m, dtype, j, 100 + salt) for j in range(w)])
         want, nbytes = ref_roundtrip(shards, bits, gs or 2048, dtype)
         assert nbytes % w == 0
