@@ -12,8 +12,8 @@ import torch
 
 import qkit
 from helpers import FLOAT_DTYPES, assert_same
-from qkit import bench
-from qkit import bench_baselines as base
+from qkit.bench import baselines as base
+from qkit.bench import cli as bench
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from qkit import bench, ops
+from qkit import ops
+from qkit.bench import cli as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "ci" / "gpu_check.sh"

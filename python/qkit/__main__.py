@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "demo":
         from qkit.demo import main as run
     elif args[0] == "bench":
-        from qkit.bench import main as run
+        from qkit.bench.cli import main as run
     else:
         from qkit.info import main as run
     return run(args[1:])

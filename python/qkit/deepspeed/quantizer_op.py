@@ -23,7 +23,6 @@ them raises :class:`qkit.QkitLoadError` with the diagnosis.
 
 from __future__ import annotations
 
-import operator
 from enum import IntEnum
 
 import torch
@@ -31,6 +30,7 @@ from torch import Tensor
 
 # deviation: ops-defects, ops-ieee-math, ops-stochastic-rng (the module docstring and docs/deviations.md)
 from qkit import ops, zeropp_ops
+from qkit._checks import ds_fake_quantize_args, ds_is_symmetric
 
 __all__ = [
     "Asymmetric",
@@ -68,50 +68,15 @@ Symmetric = QuantizationType.Symmetric
 Asymmetric = QuantizationType.Asymmetric
 
 
-# ---------------------------------------------------------------- argument checks
-
-
-def _as_int(value: object, arg: str, op: str) -> int:
-    # bool is an int subclass; `groups=True` is a mistake, not 1 group.
-    if isinstance(value, bool):
-        raise TypeError(f"qkit.deepspeed.{op}: `{arg}` must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"qkit.deepspeed.{op}: `{arg}` must be an int, got {type(value).__name__}") from None
-
-
-def _check_vals(vals: object, groups: object, bits: object, op: str) -> tuple[int, int]:
-    """Check a fake quantizer's arguments here, so errors name the DeepSpeed function called."""
-    name = f"deepspeed.{op}"
-    if not isinstance(vals, Tensor):
-        raise TypeError(f"qkit.{name}: `vals` must be a torch.Tensor, got {type(vals).__name__}")
-    groups_i = _as_int(groups, "groups", op)
-    bits_i = _as_int(bits, "bits", op)
-    ops.check_float_input(vals, name, "vals")
-    ops.check_fake_bits(bits_i, name)
-    ops.check_groups(vals.numel(), groups_i, name, "vals")
-    return groups_i, bits_i
+# ---------------------------------------------------------------- argument checks (qkit._checks)
 
 
 def _is_symmetric(qtype: object, op: str) -> bool:
-    # True would silently mean Asymmetric (== 1): refuse bools outright.
-    if isinstance(qtype, bool):
-        raise TypeError(f"qkit.deepspeed.{op}: `qtype` must be a QuantizationType (or 0/1), got bool")
-    try:
-        return QuantizationType(operator.index(qtype)) is QuantizationType.Symmetric
-    except TypeError:
-        raise TypeError(
-            f"qkit.deepspeed.{op}: `qtype` must be a QuantizationType (or 0/1), got {type(qtype).__name__}"
-        ) from None
-    except ValueError:
-        raise ValueError(
-            f"qkit.deepspeed.{op}: `qtype` must be QuantizationType.Symmetric (0) or .Asymmetric (1), got {qtype!r}"
-        ) from None
+    return ds_is_symmetric(qtype, op, QuantizationType)
 
 
 def _fake_quantize_inplace(vals: Tensor, groups: int, bits: int, symmetric: bool, stochastic: bool, op: str) -> Tensor:
-    groups, bits = _check_vals(vals, groups, bits, op)
+    groups, bits = ds_fake_quantize_args(vals, groups, bits, op)
     return ops.fake_quantize_(vals, groups, bits, symmetric, stochastic)
 
 

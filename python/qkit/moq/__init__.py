@@ -1,10 +1,16 @@
 """MoQ (Mixture-of-Quantization): quantize weights during training, descending in bits on a schedule.
 
-- :class:`MoQ`: the front for any model and optimizer (``MoQ(model, config).attach(optimizer)``).
-- :class:`MoQConfig` (:meth:`MoQConfig.from_deepspeed` reads DeepSpeed JSON configs),
-  :class:`GroupConfig`, :class:`EigenvalueConfig`.
-- :class:`Quantizer`: DeepSpeed's runtime quantizer (``deepspeed.runtime.quantize``),
-  same constructor and ``quantize(...)``, same schedule and values, its defects fixed.
+- :class:`MoQ` (:mod:`qkit.moq.moq`): the front for any model and optimizer
+  (``MoQ(model, config).attach(optimizer)``); :mod:`qkit.moq.selection` picks its weights,
+  :mod:`qkit.moq.master` keeps their master weights, :mod:`qkit.moq.state` checks its checkpoints.
+- :class:`MoQConfig`, :class:`GroupConfig`, :class:`EigenvalueConfig` (:mod:`qkit.moq.config`);
+  :meth:`MoQConfig.from_deepspeed` reads DeepSpeed JSON/hjson configs (:mod:`qkit.moq.deepspeed_config`).
+- :class:`ScheduleEngine`, :class:`ParamSchedule`, :class:`QuantizerSettings`
+  (:mod:`qkit.moq.schedule`): the one schedule engine, per-parameter state keyed by name.
+- :class:`Quantizer` (:mod:`qkit.moq.quantizer`): DeepSpeed's runtime quantizer
+  (``deepspeed.runtime.quantize``), same constructor, ``quantize(...)`` and parameter
+  attributes, an adapter over the engine, its defects fixed.
+- :func:`quantize_weight` and DeepSpeed's formulas (:mod:`qkit.moq.values`).
 - :mod:`qkit.moq.eigenvalue`: per-block Hessian top eigenvalues (power iteration) and
   DeepSpeed's ``Eigenvalue`` class.
 """
@@ -14,8 +20,10 @@ from __future__ import annotations
 from qkit.moq import eigenvalue
 from qkit.moq.config import EigenvalueConfig, GroupConfig, MoQConfig, MoQConfigError
 from qkit.moq.eigenvalue import Eigenvalue
-from qkit.moq.front import BitDrop, MoQ
-from qkit.moq.quantizer import Quantizer, quantize_binary, quantize_highbit, quantize_ternary, quantize_weight
+from qkit.moq.moq import BitDrop, MoQ
+from qkit.moq.quantizer import Quantizer
+from qkit.moq.schedule import ParamSchedule, QuantizerSettings, ScheduleEngine
+from qkit.moq.values import quantize_binary, quantize_highbit, quantize_ternary, quantize_weight
 
 __all__ = [
     "BitDrop",
@@ -25,7 +33,10 @@ __all__ = [
     "MoQ",
     "MoQConfig",
     "MoQConfigError",
+    "ParamSchedule",
     "Quantizer",
+    "QuantizerSettings",
+    "ScheduleEngine",
     "eigenvalue",
     "quantize_binary",
     "quantize_highbit",

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkit.moq.config import MAX_BITS, MIN_KERNEL_BITS
+from qkit.moq.config import MAX_BITS, MIN_KERNEL_BITS, _is_int
+from qkit.moq.schedule import DEEPSPEED_ATTRIBUTES
 
 __all__ = [
     "MAX_COUNT",
@@ -39,7 +40,7 @@ __all__ = [
 #: Step counters and periods are stored as int64 by every checkpoint format worth having.
 MAX_COUNT = 2**63 - 1
 
-SCHEDULE_KEYS = ("start_bits", "target_bits", "q_period")
+SCHEDULE_KEYS = tuple(DEEPSPEED_ATTRIBUTES.values())  # a schedule's checkpoint keys
 
 
 class MoQStateError(ValueError):
@@ -48,11 +49,6 @@ class MoQStateError(ValueError):
     def __init__(self, where: str, key: str, message: str) -> None:
         self.key = key
         super().__init__(f"{where}: `{key}` {message}")
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass, and True for a bit width is corruption, not a 1.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_mapping(where: str, key: str, value: object) -> Mapping[str, Any]:

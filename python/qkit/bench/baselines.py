@@ -1,4 +1,4 @@
-"""What users have instead of qkit, for ``qkit bench`` and ``qkit.bench_zeropp``.
+"""What users have instead of qkit, for ``qkit bench`` and ``qkit.bench.zeropp``.
 
 The same math as each qkit op written in eager PyTorch (the runners also time it under
 ``torch.compile``), aten's per-channel fake quantization, and on CUDA, when installed,

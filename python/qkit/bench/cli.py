@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 import qkit
-from qkit import bench_baselines as base
+from qkit.bench import baselines as base
 from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
 
 OPS = (
@@ -631,7 +631,3 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, args.plot, shown)
         print(f"wrote {args.plot}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``python -m qkit.bench_zeropp``: the ZeRO++ qgZ chain, qkit's fused ops vs eager PyTorch.
+"""``python -m qkit.bench.zeropp``: the ZeRO++ qgZ chain, qkit's fused ops vs eager PyTorch.
 
 What one rank computes in :func:`qkit.distributed.all_to_all_quant_reduce`, timed per stage
 on one device without the collectives (their buffers have the same sizes as the inputs
@@ -26,14 +26,14 @@ import torch
 from torch import Tensor
 
 import qkit
-from qkit.bench import time_seconds
-from qkit.bench_baselines import (
+from qkit.bench.baselines import (
     eager_loco_stage1,
     eager_loco_stage3,
     eager_stage1,
     eager_stage3,
     eager_stage5,
 )
+from qkit.bench.cli import time_seconds
 from qkit.distributed.plan import plan_qgz
 from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize, quantized_reduction, swizzle_quantize
 
@@ -186,7 +186,9 @@ def _gloo_rank(rank: int, world: int, local: int, port: int, shape: tuple[int, i
         with count_wire_bytes() as c:
             fn()
         dist.barrier()
-        t = _best_ms(fn, repeat, "cpu")
+        # A count-based warm-up: a timed one would let ranks make different numbers of
+        # collectives, and the one that stops first leaves the others waiting forever.
+        t = 1e3 * time_seconds(fn, repeat, "cpu", reduce=min, warmup=0.0)
         res[name] = (t, c.bytes)
     if rank == 0:
         q.put(res)
@@ -211,7 +213,7 @@ def run_gloo(nodes: int, local: int, shape: tuple[int, int], repeat: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qkit.bench_zeropp", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qkit.bench.zeropp", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="4096,1024", help="gradient shape ROWS,COLS")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--topology", default="2x8", help="NODESxRANKS_PER_NODE the chain is laid out for")
