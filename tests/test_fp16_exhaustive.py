@@ -34,7 +34,10 @@ def same_bits(got, want, what):
     ints = {torch.float16: torch.int16, torch.float32: torch.int32}[want.dtype]
     g, w = got[~nan].view(ints), want[~nan].view(ints)
     bad = (g != w).nonzero()
-    assert bad.numel() == 0, f"{what}: {bad.numel()} differ, first {want[~nan][bad[0]].item()!r} -> {g[bad[0]].item():#x}, want {w[bad[0]].item():#x}"
+    if bad.numel():
+        i = bad[0].item()
+        first = f"{want[~nan][i].item()!r}: got {g[i].item():#x}, want {w[i].item():#x}"
+        raise AssertionError(f"{what}: {bad.numel()} differ, first {first}")
 
 def in_pieces(fn, values, width):
     # one call per `width` values: width 16 runs the AVX-512 loop only, 8 the F16C
@@ -58,7 +61,8 @@ up = torch.where(finite >= 0, up, -torch.nextafter(
     (-finite).half(), torch.tensor(float("inf"), dtype=torch.float16)).double())
 up[finite.abs() == 65504] = 65536.0 * finite[finite.abs() == 65504].sign()  # the overflow threshold's neighbour
 mid = ((finite + up) / 2).float()
-extra = torch.tensor([3e38, 1e-40, 1.4e-45, 2.0**-25, 2.0**-24, 2.0**-14, 65519.996, 65520.0, 1e10], dtype=torch.float32)
+extra = [3e38, 1e-40, 1.4e-45, 2.0**-25, 2.0**-24, 2.0**-14, 65519.996, 65520.0, 1e10]
+extra = torch.tensor(extra, dtype=torch.float32)
 values = torch.cat([halves.float(), mid, torch.nextafter(mid, torch.tensor(0.0)),
                     torch.nextafter(mid, torch.tensor(float("inf")) * mid.sign()), extra, -extra,
                     torch.tensor([float("inf"), -float("inf")]),
