@@ -27,6 +27,8 @@ namespace cpu {
 // Work splitting, implemented by the bindings on top of torch's thread pool.
 using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 void parallel_for(int64_t begin, int64_t end, int64_t grain, void* ctx, RangeFn fn);
+// The threads parallel_for splits work among.
+int64_t thread_count();
 
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
