@@ -15,4 +15,6 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, void* ctx, RangeFn 
   torch::stable::parallel_for(begin, end, grain, [ctx, fn](int64_t b, int64_t e) { fn(ctx, b, e); });
 }
 
+int64_t thread_count() { return static_cast<int64_t>(torch::stable::get_num_threads()); }
+
 }  // namespace qkit::cpu

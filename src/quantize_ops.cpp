@@ -43,20 +43,24 @@ void check_code_outputs(const Tensor& input, const Tensor& q, const Shape& code_
   check_no_overlap(q, "q", params, "params", op);
 }
 
-QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric) {
-  return QuantJob{dtype, numel, groups, static_cast<int>(bits), symmetric, nullptr};
+QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric, bool pack) {
+  const int width = static_cast<int>(bits);
+  return QuantJob{dtype, numel, groups, width, symmetric, nullptr, packed_storage(width, pack)};
 }
 
 void check_storage_bits(int64_t bits, const char* op) {
+  QKIT_CHECK(bits >= 2 && bits <= 8, op, "`bits` must be in [2, 8], got ", bits);
+}
+
+void check_wire_bits(int64_t bits, const char* op) {
   QKIT_CHECK(bits == 4 || bits == 8, op, "`bits` must be 4 or 8, got ", bits);
 }
 
-void check_codes_and_params(const Tensor& q, const Tensor& params, int64_t bits, const char* op) {
+void check_codes_and_params(const Tensor& q, const Tensor& params, const char* op) {
   QKIT_CHECK(q.scalar_type() == ScalarType::Char, op, "`q` must be int8, got ", dtype_name(q.scalar_type()));
   QKIT_CHECK(params.scalar_type() == ScalarType::Float, op, "`params` must be float32, got ",
              dtype_name(params.scalar_type()));
   check_same_device(q, "q", params, "params", op);
-  check_storage_bits(bits, op);
 }
 
 namespace {
@@ -65,8 +69,8 @@ void check_fake_bits(int64_t bits, const char* op) {
   QKIT_CHECK(bits >= 2 && bits <= 16, op, "`bits` must be in [2, 16], got ", bits);
 }
 
-void check_packable(const Tensor& t, int64_t bits, const char* op, const char* arg) {
-  if (bits != 4 || t.numel() == 0) return;
+void check_packable(const Tensor& t, bool packed, const char* op, const char* arg) {
+  if (!packed || t.numel() == 0) return;
   QKIT_CHECK(t.dim() >= 1 && t.sizes()[t.dim() - 1] % 2 == 0, op, "4-bit storage packs pairs along the last dimension: `",
              arg, "` needs an even last dimension");
 }
@@ -135,19 +139,21 @@ void fake_quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetri
   write_into(out, [&](Tensor& dst) { fake_quantize_into(in, dst, groups, bits, symmetric, stochastic, op); });
 }
 
-Shape code_sizes(const Tensor& input, int64_t bits) {
+Shape code_sizes(const Tensor& input, bool packed) {
   Shape sizes = sizes_of(input);
-  if (bits == 4 && !sizes.empty()) sizes.back() /= 2;
+  if (packed && !sizes.empty()) sizes.back() /= 2;
   return sizes;
 }
 
-DType check_quantize_args(const Tensor& input, int64_t groups, int64_t bits, bool symmetric, const char* op) {
+QuantJob check_quantize_args(const Tensor& input, int64_t groups, int64_t bits, bool symmetric, bool packed,
+                             const char* op) {
   const DType dtype = float_dtype(input, op, "input");
   check_storage_bits(bits, op);
   check_groups(input.numel(), groups, op, "input");
   check_params_size(groups, symmetric, op);
-  check_packable(input, bits, op, "input");
-  return dtype;
+  const QuantJob job = make_job(dtype, input.numel(), groups, bits, symmetric, packed);
+  check_packable(input, job.packed, op, "input");
+  return job;
 }
 
 void quantize_tensors(const Tensor& input, const QuantJob& job, Tensor& codes, Tensor& params, const char* op) {
@@ -158,21 +164,20 @@ void quantize_tensors(const Tensor& input, const QuantJob& job, Tensor& codes, T
   });
 }
 
-std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric) {
+std::tuple<Tensor, Tensor> quantize(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool packed) {
   const char* op = "quantize";
-  const DType dtype = check_quantize_args(input, groups, bits, symmetric, op);
-  const QuantJob job = make_job(dtype, input.numel(), groups, bits, symmetric);
-  Tensor codes = empty_on(input, code_sizes(input, bits), ScalarType::Char);
+  const QuantJob job = check_quantize_args(input, groups, bits, symmetric, packed, op);
+  Tensor codes = empty_on(input, code_sizes(input, job.packed), ScalarType::Char);
   Tensor params = empty_on(input, {groups, symmetric ? 1 : 2}, ScalarType::Float);
   quantize_tensors(input, job, codes, params, op);
   return std::make_tuple(std::move(codes), std::move(params));
 }
 
-void quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, Tensor q, Tensor params) {
+void quantize_out(Tensor input, int64_t groups, int64_t bits, bool symmetric, bool packed, Tensor q,
+                  Tensor params) {
   const char* op = "quantize";
-  const DType dtype = check_quantize_args(input, groups, bits, symmetric, op);
-  const QuantJob job = make_job(dtype, input.numel(), groups, bits, symmetric);
-  check_code_outputs(input, q, code_sizes(input, bits), params, groups, symmetric, op);
+  const QuantJob job = check_quantize_args(input, groups, bits, symmetric, packed, op);
+  check_code_outputs(input, q, code_sizes(input, job.packed), params, groups, symmetric, op);
   quantize_tensors(input, job, q, params, op);
 }
 
@@ -185,26 +190,28 @@ ScalarType output_scalar_type(std::optional<ScalarType> dtype, const char* op) {
 }
 
 // Checks dequantize's inputs; returns the output's sizes.
-Shape check_dequantize_args(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits,
-                                           bool symmetric, const char* op) {
-  check_codes_and_params(q, params, bits, op);
-  QKIT_CHECK(bits == 8 || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
-  const int64_t numel = bits == 4 ? 2 * q.numel() : q.numel();
+Shape check_dequantize_args(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits, bool symmetric,
+                            bool pack, const char* op) {
+  check_codes_and_params(q, params, op);
+  check_storage_bits(bits, op);
+  const bool packed = packed_storage(static_cast<int>(bits), pack);
+  QKIT_CHECK(!packed || q.dim() >= 1, op, "4-bit `q` must have at least one dimension");
+  const int64_t numel = packed ? 2 * q.numel() : q.numel();
   check_groups(numel, groups, op, "the dequantized output");
   const int64_t per_group = symmetric ? 1 : 2;
   QKIT_CHECK(params.dim() == 2 && params.sizes()[0] == groups && params.sizes()[1] == per_group, op,
              "`params` must have shape [groups, ", per_group, "] = [", groups, ", ", per_group, "] for ",
              symmetric ? "symmetric" : "asymmetric", " quantization, got ", shape_text(params.sizes()));
   Shape out_sizes = sizes_of(q);
-  if (bits == 4) out_sizes.back() *= 2;
+  if (packed) out_sizes.back() *= 2;
   return out_sizes;
 }
 
 void dequantize_tensors(const Tensor& q, const Tensor& params, int64_t groups, int64_t bits, bool symmetric,
-                        Tensor& out, const char* op) {
+                        bool packed, Tensor& out, const char* op) {
   const Tensor codes = dense(q);
   const Tensor p = dense(params);
-  const QuantJob job = make_job(float_dtype(out, op, "out"), out.numel(), groups, bits, symmetric);
+  const QuantJob job = make_job(float_dtype(out, op, "out"), out.numel(), groups, bits, symmetric, packed);
   const auto* code_ptr = static_cast<const int8_t*>(codes.const_data_ptr());
   const auto* param_ptr = static_cast<const float*>(p.const_data_ptr());
   write_into(out, [&](Tensor& dst) {
@@ -217,22 +224,23 @@ void dequantize_tensors(const Tensor& q, const Tensor& params, int64_t groups, i
 }
 
 Tensor dequantize(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric,
-                  std::optional<ScalarType> dtype) {
+                  std::optional<ScalarType> dtype, bool packed) {
   const char* op = "dequantize";
-  const Shape out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
+  const Shape out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, packed, op);
   Tensor out = empty_on(q, out_sizes, output_scalar_type(dtype, op));
-  dequantize_tensors(q, params, groups, bits, symmetric, out, op);
+  dequantize_tensors(q, params, groups, bits, symmetric, packed, out, op);
   return out;
 }
 
-void dequantize_out(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric, Tensor out) {
+void dequantize_out(Tensor q, Tensor params, int64_t groups, int64_t bits, bool symmetric, bool packed,
+                    Tensor out) {
   const char* op = "dequantize";
-  const Shape out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, op);
+  const Shape out_sizes = check_dequantize_args(q, params, groups, bits, symmetric, packed, op);
   float_dtype(out, op, "out");
   check_out(out, "out", out.scalar_type(), out_sizes, q, "q", op);
   check_no_overlap(q, "q", out, "out", op);
   check_no_overlap(params, "params", out, "out", op);
-  dequantize_tensors(q, params, groups, bits, symmetric, out, op);
+  dequantize_tensors(q, params, groups, bits, symmetric, packed, out, op);
 }
 
 void register_kernels(torch::stable::detail::StableLibrary& m) {

@@ -6,10 +6,14 @@
 
 namespace qkit::binding {
 
-QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric);
+// `pack`: whether 4-bit codes go two per byte (see packed_storage).
+QuantJob make_job(DType dtype, int64_t numel, int64_t groups, int64_t bits, bool symmetric, bool pack = true);
+// quantize/dequantize store any width in [2, 8] (one code per int8; 4 bits packed unless asked not to).
 void check_storage_bits(int64_t bits, const char* op);
-// Quantized input of an op: int8 codes, float32 params on the codes' device, 4 or 8 bits.
-void check_codes_and_params(const Tensor& q, const Tensor& params, int64_t bits, const char* op);
+// The ZeRO++ ops move 4- or 8-bit codes only.
+void check_wire_bits(int64_t bits, const char* op);
+// Quantized input of an op: int8 codes and float32 params on the codes' device.
+void check_codes_and_params(const Tensor& q, const Tensor& params, const char* op);
 // The quantizing launchers' device scratch for `job`, on like's device.
 Tensor workspace_for(const Tensor& like, const QuantJob& job);
 // Quantizes contiguous `in` (job.dtype) into codes/params on in's device.

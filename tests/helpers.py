@@ -69,21 +69,23 @@ def make_input(shape, dtype: torch.dtype, seed: int = 0, kind: str = "randn") ->
     return x.reshape(shape).to(dtype)
 
 
-def check_quantize(x: torch.Tensor, groups: int, bits: int, symmetric: bool, device: str) -> None:
+def check_quantize(x: torch.Tensor, groups: int, bits: int, symmetric: bool, device: str, packed: bool = True) -> None:
     """quantize on `device` == reference (codes of finite groups, params); then dequantize too."""
-    q, params = torch.ops.qkit.quantize(x.to(device), groups, bits, symmetric)
+    q, params = torch.ops.qkit.quantize(x.to(device), groups, bits, symmetric, packed)
     assert q.device.type == params.device.type == torch.device(device).type
-    want_q, want_params = ref_quantize(x, groups, bits, symmetric)
+    want_q, want_params = ref_quantize(x, groups, bits, symmetric, packed)
     assert q.dtype == torch.int8 and q.shape == want_q.shape
     assert_same(params, want_params, "params")
     finite = ref_finite_mask(x, groups)
     if bool(finite.all()):
         assert_same(q, want_q, "q")
     else:
-        assert_same(codes_of_storage(q, bits)[finite], codes_of_storage(want_q, bits)[finite], "q (finite groups)")
+        got, want = codes_of_storage(q, bits, packed), codes_of_storage(want_q, bits, packed)
+        assert_same(got[finite], want[finite], "q (finite groups)")
     for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
-        y = torch.ops.qkit.dequantize(q, params, groups, bits, symmetric, dtype)
-        assert_same(y, ref_dequantize(q, params, groups, bits, symmetric, dtype), f"dequantize -> {dtype}")
+        y = torch.ops.qkit.dequantize(q, params, groups, bits, symmetric, dtype, packed)
+        want_y = ref_dequantize(q, params, groups, bits, symmetric, dtype, packed)
+        assert_same(y, want_y, f"dequantize -> {dtype}")
 
 
 def free_port() -> int:

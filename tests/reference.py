@@ -98,21 +98,23 @@ def unpack_int4(q: Tensor) -> Tensor:
     return torch.stack([hi, lo], dim=1).reshape(-1)
 
 
-def codes_of_storage(q: Tensor, bits: int) -> Tensor:
-    """Flat int32 codes of a stored tensor (8-bit: as is; 4-bit: unpacked)."""
-    return unpack_int4(q) if bits == 4 else q.cpu().reshape(-1).to(torch.int32)
+def codes_of_storage(q: Tensor, bits: int, packed: bool = True) -> Tensor:
+    """Flat int32 codes of a stored tensor (one int8 per code as is; packed 4-bit: unpacked)."""
+    return unpack_int4(q) if bits == 4 and packed else q.cpu().reshape(-1).to(torch.int32)
 
 
-def ref_quantize(x: Tensor, groups: int, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
-    """(q int8, params fp32 [G, 1|2]); q has x's shape, 4-bit: last dim halved and packed."""
-    assert bits in (4, 8)
+def ref_quantize(
+    x: Tensor, groups: int, bits: int, symmetric: bool = True, packed: bool = True
+) -> tuple[Tensor, Tensor]:
+    """(q int8, params fp32 [G, 1|2]); q has x's shape, packed 4-bit: last dim halved and packed."""
+    assert 2 <= bits <= 8
     _, step, offset = ref_params(x, groups, bits, symmetric)
     codes = ref_codes(x, groups, bits, symmetric)
     codes = torch.nan_to_num(codes, nan=0.0)  # non-finite groups: codes undefined
     params = step if symmetric else torch.cat([step, offset], dim=1)
-    if bits == 8:
-        return codes.to(torch.int8).reshape(x.shape), params
-    return pack_int4(codes, x.shape), params
+    if bits == 4 and packed:
+        return pack_int4(codes, x.shape), params
+    return codes.to(torch.int8).reshape(x.shape), params
 
 
 def dequant_codes(codes: Tensor, step: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
@@ -121,14 +123,20 @@ def dequant_codes(codes: Tensor, step: Tensor, offset: Tensor, dtype: torch.dtyp
 
 
 def ref_dequantize(
-    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool = True, dtype: torch.dtype | None = None
+    q: Tensor,
+    params: Tensor,
+    groups: int,
+    bits: int,
+    symmetric: bool = True,
+    dtype: torch.dtype | None = None,
+    packed: bool = True,
 ) -> Tensor:
     params = params.cpu().to(torch.float32)
-    codes = codes_of_storage(q, bits).to(torch.float32).reshape(groups, -1)
+    codes = codes_of_storage(q, bits, packed).to(torch.float32).reshape(groups, -1)
     step = params[:, 0:1]
     offset = torch.zeros_like(step) if symmetric else params[:, 1:2]
     shape = list(q.shape)
-    if bits == 4:
+    if bits == 4 and packed:
         shape[-1] *= 2
     return dequant_codes(codes, step, offset, dtype or torch.float16).reshape(shape)
 

@@ -78,12 +78,27 @@ def test_a_tiny_run_reports_every_case(tmp_path, capsys):
             if base.load_torchao_mx()[0] is not None:
                 assert "torchao" in timed, row
         assert all(v > 0 for v in row["gbps"].values())
+        assert row["copy_gbps"] > 0 and row["clone_gbps"] > 0  # the out= and the fresh-output ceilings
     assert [r["numel"] for r in data["latency"]] == [64, 1024, 4096, 16384, 65536]
     assert "torch.add" in data["latency"][0]["us"]
     capsys.readouterr()
     assert bench.main(["--report", str(report)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0].startswith("| op | dtype | group |") and len(table) == 2 + len(rows)
+    assert table[0].startswith("| op | dtype | group | threads | copy | clone |") and len(table) == 2 + len(rows)
+    assert "fresh of clone" in table[0]
+    cells = [line.split(" | ") for line in table]
+    assert {len(c) for c in cells} == {len(cells[0])}  # every row has every column
+    clone, share = cells[0].index("clone"), cells[0].index("fresh of clone")
+    for row, row_cells in zip(rows, cells[2:], strict=True):  # the table's rows in the report's order
+        assert row_cells[clone] == f"{row['clone_gbps']:.1f}"
+        assert row_cells[share] == f"{row['gbps']['qkit'] / row['clone_gbps']:.0%}"
+    # a report written before clone was timed still renders, with "-" for it
+    for row in data["rows"]:
+        del row["clone_gbps"]
+    report.write_text(json.dumps(data))
+    assert bench.main(["--report", str(report)]) == 0
+    old_table = capsys.readouterr().out.strip().splitlines()
+    assert all(line.split(" | ")[clone] == "-" for line in old_table[2:])
 
 
 def test_plot_writes_a_png(tmp_path):

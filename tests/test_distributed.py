@@ -635,7 +635,7 @@ def test_empty_groups_when_every_tensor_falls_back(world: dict) -> None:
         for got, want in zip(res["loco_empty"], res["with_groups"][:2], strict=True):
             assert torch.equal(got, want), rank
         msg = res["needs_groups"]
-        assert "`groups` is empty, but tensors[0] (shape (16, 24)" in msg and "hierarchical_groups" in msg, msg
+        assert "`process_groups` is empty, but tensors[0] (shape (16, 24)" in msg and "hierarchical_groups" in msg, msg
 
 
 def test_mismatched_calls_raise_the_same_error_on_every_rank(world: dict) -> None:

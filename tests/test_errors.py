@@ -57,7 +57,7 @@ case("wrapper-fake_quantize-bits", "fake_quantize", "bits", [((8,), F32)], lambd
 case("wrapper-fake_quantize_-groups", "fake_quantize_", "groups", [((8,), F32)], lambda x: qkit.fake_quantize_(x, 3))
 
 # quantize
-for bits in (3, 2, 16, 1, 17, 0):
+for bits in (9, 16, 1, 17, 0):  # 2..8 are stored (one int8 per code)
     case(f"quantize-bits{bits}", "quantize", "bits", [((4, 8), F32)], lambda x, b=bits: ops.quantize(x, 1, b, True))
 case("quantize-groups0", "quantize", "groups", [((4, 8), F32)], lambda x: ops.quantize(x, 0, 8, True))
 case("quantize-groups-neg", "quantize", "groups", [((4, 8), F32)], lambda x: ops.quantize(x, -1, 4, False))
@@ -67,13 +67,13 @@ for dtype in (torch.int32, torch.float64, torch.uint8):
 case("quantize-4bit-odd-last-dim", "quantize", "input", [((4, 7), F32)], lambda x: ops.quantize(x, 1, 4, True))
 case("quantize-4bit-odd-1d", "quantize", "input", [((9,), BF16)], lambda x: ops.quantize(x, 3, 4, False))
 case("quantize-4bit-0dim", "quantize", "input", [((), F32)], lambda x: ops.quantize(x, 1, 4, True))
-case("wrapper-quantize-bits", "quantize", "bits", [((8,), F32)], lambda x: qkit.quantize(x, bits=2))
+case("wrapper-quantize-bits", "quantize", "bits", [((8,), F32)], lambda x: qkit.quantize(x, bits=9))
 
 # dequantize: q [4, 8] int8 and params [G, 1|2] float32 unless a case says otherwise
 Q = ((4, 8), I8)
 SYM_P = ((4, 1), F32)
 ASYM_P = ((4, 2), F32)
-for bits in (3, 2, 16, 0):
+for bits in (9, 16, 1, 0):
     case(f"dequantize-bits{bits}", "dequantize", "bits", [Q, SYM_P], lambda q, p, b=bits: ops.dequantize(q, p, 4, b))
 for dtype in (torch.uint8, torch.int32, torch.float32, torch.float16):
     case(f"dequantize-q-{dtype}", "dequantize", "q", [((4, 8), dtype), SYM_P], lambda q, p: ops.dequantize(q, p, 4, 8))

@@ -1,4 +1,4 @@
-"""qkit's FSDP2 custom comms (qkit.distributed.fsdp) on gloo, 127.0.0.1, worlds 2 and 4.
+"""qkit's FSDP2 custom comms (qkit.distributed.fsdp) on gloo, 127.0.0.1, worlds 2, 4 and 8.
 
 Each world is spawned once (forkserver processes, every collective under a process-group
 timeout and the whole world under SPAWN_TIMEOUT_S, after which every rank is killed). Every
@@ -26,7 +26,7 @@ from helpers import join_gloo_world, spawn_ranks
 from qkit.distributed.fsdp import predicted_bytes
 from reference import ref_dequantize, ref_quantize
 
-WORLDS = [2, 4]
+WORLDS = [2, 4, 8]
 TIMEOUT_S = 60  # every collective
 SPAWN_TIMEOUT_S = 240  # a whole world
 STEPS = 3
@@ -40,6 +40,7 @@ RS_CASES = [
     ("f32_two_groups", 300, torch.float32, 4, None),
     ("f16_8bit", 40, torch.float16, 8, 16),
     ("f32_small_groups", 37, torch.float32, 4, 6),
+    ("bf16_empty", 0, torch.bfloat16, 4, None),  # an empty shard: nothing to exchange, on every rank
 ]
 AG_CASES = [
     ("f32_odd", 9, torch.float32, 8, None),
@@ -47,6 +48,7 @@ AG_CASES = [
     ("f32_4bit_odd", 11, torch.float32, 4, 4),
     ("f32_two_groups", 3000, torch.float32, 8, None),
     ("f16_one", 1, torch.float16, 8, None),
+    ("f32_empty", 0, torch.float32, 8, None),
 ]
 PREMUL = 0.3
 
@@ -68,12 +70,16 @@ def _ops() -> dict[str, Any]:
 
 
 class BoundaryCounter:
-    """Input bytes handed to torch.distributed's tensor collectives, by function name."""
+    """Bytes sent to other ranks through torch.distributed's tensor collectives, by function name,
+    from the input each call hands over and its group's size ``k``: an all-to-all or a
+    reduce-scatter keeps its own ``1/k`` of the input, an all-gather sends its input ``k - 1``
+    times. ``calls`` lists ``(name, k, input bytes)``."""
 
     NAMES = ("all_to_all_single", "all_gather_single", "reduce_scatter_single")
 
     def __init__(self) -> None:
         self.bytes = dict.fromkeys(self.NAMES, 0)
+        self.calls: list[tuple[str, int, int]] = []
         self._saved: dict[str, Any] = {}
 
     def __enter__(self) -> BoundaryCounter:
@@ -85,7 +91,10 @@ class BoundaryCounter:
 
             def wrapped(*args: Any, _fn: Any = fn, _name: str = name, **kwargs: Any) -> Any:
                 inp = kwargs.get("input", args[1] if len(args) > 1 else None)
-                self.bytes[_name] += inp.numel() * inp.element_size()
+                k = dist.get_world_size(kwargs.get("group"))
+                nbytes = inp.numel() * inp.element_size()
+                self.calls.append((_name, k, nbytes))
+                self.bytes[_name] += nbytes * (k - 1) if _name == "all_gather_single" else nbytes * (k - 1) // k
                 return _fn(*args, **kwargs)
 
             setattr(dist, name, wrapped)
@@ -146,16 +155,22 @@ def make_model(param_dtype: torch.dtype) -> torch.nn.Module:
     return model.to(param_dtype)
 
 
-# label -> (param dtype, fully_shard kwargs name, gradient divide factor as a multiple of the world, LoCo)
-RUNS: dict[str, tuple[torch.dtype, str, int | None, bool]] = {
-    "fp32": (torch.float32, "plain", None, False),
-    "bf16": (torch.bfloat16, "plain", None, False),
-    "mp": (torch.float32, "bf16_params_fp32_reduce", None, False),  # AVG on bf16 all-gathers, fp32 reduce
-    "fp16_reduce": (torch.float32, "fp16_reduce", None, False),  # FSDP2: SUM with pre/post divide
-    "no_reshard": (torch.float32, "no_reshard", None, False),  # reshard_after_forward=False
-    "divide": (torch.float32, "plain", 2, False),  # set_gradient_divide_factor(2 W): PREMUL_SUM(1 / (2 W))
-    "loco": (torch.float32, "plain", None, True),  # LocoConfig(0.8, 1024)
+# label -> (param dtype, fully_shard kwargs name, gradient divide factor as a multiple of the world, LoCo,
+# local_world_size)
+RUNS: dict[str, tuple[torch.dtype, str, int | None, bool, int | None]] = {
+    "fp32": (torch.float32, "plain", None, False, None),
+    "bf16": (torch.bfloat16, "plain", None, False, None),
+    "fp16": (torch.float16, "plain", None, False, None),
+    "mp": (torch.float32, "bf16_params_fp32_reduce", None, False, None),  # AVG on bf16 all-gathers, fp32 reduce
+    "fp16_reduce": (torch.float32, "fp16_reduce", None, False, None),  # FSDP2: SUM with pre/post divide
+    "no_reshard": (torch.float32, "no_reshard", None, False, None),  # reshard_after_forward=False
+    "divide": (torch.float32, "plain", 2, False, None),  # set_gradient_divide_factor(2 W): PREMUL_SUM(1 / (2 W))
+    "loco": (torch.float32, "plain", None, True, None),  # LocoConfig(0.8, 1024)
+    "two_hop": (torch.float32, "plain", None, False, 2),  # 2 ranks per node (one hop at world 2)
+    "two_hop_loco": (torch.float32, "plain", None, True, 2),
 }
+# world 8 on 2 cores: the runs that say most, kept few
+RUNS_WORLD8 = ("fp32", "bf16", "two_hop", "two_hop_loco")
 
 
 def _shard_kwargs(name: str) -> dict[str, Any]:
@@ -177,7 +192,7 @@ def _train(rank: int, world: int, label: str, zero: bool) -> dict:
     import qkit.distributed as qd
     import qkit.distributed.fsdp as fsdp_impl
 
-    param_dtype, kw_name, divide, use_loco = RUNS[label]
+    param_dtype, kw_name, divide, use_loco, local_world_size = RUNS[label]
     kw = _shard_kwargs(kw_name)
     model = make_model(param_dtype)
     for layer in model:
@@ -193,7 +208,9 @@ def _train(rank: int, world: int, label: str, zero: bool) -> dict:
                 m.set_gradient_divide_factor(float(divide * world))
         lr *= divide
     loco = qd.LocoConfig(beta=0.8, reset_T=1024) if use_loco else None
-    handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco) if zero else None
+    handle = (
+        qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco, local_world_size=local_world_size) if zero else None
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(99 + rank)
     losses: list[float] = []
@@ -224,10 +241,14 @@ def _train(rank: int, world: int, label: str, zero: bool) -> dict:
     }
 
 
+def _labels(world: int) -> tuple[str, ...]:
+    return RUNS_WORLD8 if world >= 8 else tuple(RUNS)
+
+
 def _check_training(rank: int, world: int) -> dict:
     return {
         label: {"default": _train(rank, world, label, False), "zeropp": _train(rank, world, label, True)}
-        for label in RUNS
+        for label in _labels(world)
     }
 
 
@@ -274,14 +295,21 @@ def _check_handle(rank: int, world: int) -> dict:
     name = next(iter(sd_l["loco"]))
     bad_l = {
         **sd_l,
-        "loco": {**sd_l["loco"], name: {"error": torch.zeros(3), "steps": 1, "layout": [2, 9, 10, "float32"]}},
+        "loco": {
+            **sd_l["loco"],
+            name: {"error": torch.zeros(3), "inter_error": None, "steps": 1, "layout": [2, 9, 10, "float32"]},
+        },
     }
     before = hl.state_dict()
     out["bad_loco"] = (_expect(ValueError, lambda: hl.load_state_dict(bad_l)), _same(hl.state_dict(), before))
     other = {**sd_l, "loco": {"nope": sd_l["loco"][name]}}
     out["bad_loco_names"] = _expect(ValueError, lambda: hl.load_state_dict(other))
     out["loco_vs_plain"] = _expect(ValueError, lambda: h2.load_state_dict(sd_l))
-    out["two_hop"] = _expect(NotImplementedError, lambda: qd.zeropp(sharded(), local_world_size=1))
+    out["bad_local_world_size"] = _expect(ValueError, lambda: qd.zeropp(sharded(), local_world_size=world + 1))
+    # ranks that resolve different topologies: every rank raises the same error
+    # rank 0 alone would build the two-hop subgroups (a collective the others never join)
+    out["local_mismatch"] = _expect(ValueError, lambda: qd.zeropp(sharded(), local_world_size=None if rank else 2))
+    out["compiled"] = _expect(NotImplementedError, lambda: qd.zeropp(torch.compile(sharded())))
     out["no_fsdp"] = _expect(ValueError, lambda: qd.zeropp(make_model(torch.float32)))
     # ranks that disagree: every rank raises the same error
     out["mismatch"] = _expect(ValueError, lambda: qd.zeropp(sharded(), grad_bits=4 if rank == 0 else 8))
@@ -322,7 +350,11 @@ def _roundtrip(obj: Any, rank: int) -> Any:
     return buf
 
 
-LOCO_CASES = [("f32_odd", 13, torch.float32), ("bf16_odd", 9, torch.bfloat16), ("f32_two_groups", 300, torch.float32)]
+LOCO_CASES = [
+    ("f32_odd", 13, torch.float32, None, None),
+    ("bf16_odd", 9, torch.bfloat16, None, None),
+    ("f32_two_groups", 300, torch.float32, None, None),
+]
 LOCO_BETA, LOCO_RESET_T, LOCO_CALLS = 0.5, 3, 5
 
 
@@ -330,7 +362,7 @@ def _check_loco_reduce_scatter(rank: int, world: int) -> dict:
     import qkit.distributed as qd
 
     out = {}
-    for salt, (name, s, dtype) in enumerate(LOCO_CASES):
+    for salt, (name, s, dtype, _, _) in enumerate(LOCO_CASES):
         comm = qd.QuantizedReduceScatter(bits=4, loco=qd.LocoConfig(beta=LOCO_BETA, reset_T=LOCO_RESET_T))
         outs = []
         for call in range(LOCO_CALLS):
@@ -342,7 +374,9 @@ def _check_loco_reduce_scatter(rank: int, world: int) -> dict:
     return out
 
 
-def _resume_model(rank: int, loco: Any) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
+def _resume_model(
+    rank: int, loco: Any, local_world_size: int | None = None
+) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
     from torch.distributed.fsdp import fully_shard
 
     import qkit.distributed as qd
@@ -352,7 +386,7 @@ def _resume_model(rank: int, loco: Any) -> tuple[torch.nn.Module, Any, torch.opt
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco)
+    handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco, local_world_size=local_world_size)
     return model, handle, torch.optim.SGD(model.parameters(), lr=0.05)
 
 
@@ -374,27 +408,32 @@ def _local(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_resume(rank: int, world: int) -> dict:
+    """One hop, and two hops (2 ranks per node) where the world has two nodes or more."""
+    return {lws: _resume(rank, lws) for lws in [None, *([2] if world >= 4 else [])]}
+
+
+def _resume(rank: int, lws: int | None) -> dict:
     import io
 
     import qkit.distributed as qd
 
     loco = qd.LocoConfig(beta=0.8, reset_T=1024)
     # one run of 4 steps
-    model, _, opt = _resume_model(rank, loco)
+    model, _, opt = _resume_model(rank, loco, lws)
     straight = _resume_steps(model, opt, rank, range(4))
     straight_params = _local(model)
     # 2 steps, checkpoint (this rank's shards + the handle's state), fresh processes' worth of
     # objects, 2 more steps; SGD without momentum has no state to save
-    model, handle, opt = _resume_model(rank, loco)
+    model, handle, opt = _resume_model(rank, loco, lws)
     first = _resume_steps(model, opt, rank, range(2))
     buf = io.BytesIO()
     torch.save({"model": _local(model), "zeropp": handle.state_dict()}, buf)
     del model, handle, opt
-    out = {"straight": straight, "straight_params": straight_params}
+    out: dict[str, Any] = {"straight": straight, "straight_params": straight_params}
     for label, load_zeropp in (("resumed", True), ("resumed_without_loco_state", False)):
         buf.seek(0)
         ckpt = torch.load(buf, weights_only=True)
-        model, handle, opt = _resume_model(rank, loco)
+        model, handle, opt = _resume_model(rank, loco, lws)
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 v.to_local().copy_(ckpt["model"][k])
@@ -402,6 +441,55 @@ def _check_resume(rank: int, world: int) -> dict:
             handle.load_state_dict(ckpt["zeropp"])
         out[label] = first + _resume_steps(model, opt, rank, range(2, 4))
         out[f"{label}_params"] = _local(model)
+    used = [d for d in ckpt["zeropp"]["loco"].values() if d["error"] is not None]  # the root holds no parameter
+    out["has_inter_error"] = bool(used) and all(d["inter_error"] is not None for d in used)
+    return out
+
+
+# Two hops: (name, chunk elements s, dtype, bits, group_size)
+HOP_CASES = [
+    ("f32_odd", 9, torch.float32, 4, None),
+    ("bf16_odd", 13, torch.bfloat16, 4, None),
+    ("f16_8bit", 40, torch.float16, 8, 16),
+    ("f32_two_groups", 300, torch.float32, 4, None),
+]
+
+
+def _local_sizes(world: int) -> list[int]:
+    """Ranks per node that give two real hops at this world."""
+    return [lws for lws in (2, 4) if world % lws == 0 and 1 < lws < world]
+
+
+def _check_two_hop(rank: int, world: int) -> dict:
+    import qkit.distributed as qd
+
+    out: dict[Any, Any] = {}
+    for lws in _local_sizes(world):
+        for salt, (name, s, dtype, bits, gs) in enumerate(HOP_CASES):
+            for op_name, op in _ops().items():
+                comm = qd.QuantizedReduceScatter(bits=bits, group_size=gs, local_world_size=lws)
+                inp = rank_input(world * s, dtype, rank, 500 + salt)
+                before = inp.clone()
+                res = torch.empty(s, dtype=dtype)
+                with BoundaryCounter() as counter:
+                    comm(res, inp, torch.distributed.group.WORLD, op)
+                out[(lws, name, op_name)] = {
+                    "out": res,
+                    "input_unchanged": torch.equal(before, inp),
+                    "calls": counter.calls,
+                    "bytes": counter.bytes,
+                    "stats": comm.stats.as_dict(),
+                }
+        # LoCo over both hops, with a reset
+        for salt, (name, s, dtype, _, _) in enumerate(LOCO_CASES):
+            cfg = qd.LocoConfig(beta=LOCO_BETA, reset_T=LOCO_RESET_T)
+            comm = qd.QuantizedReduceScatter(bits=4, loco=cfg, local_world_size=lws)
+            outs = []
+            for call in range(LOCO_CALLS):
+                res = torch.empty(s, dtype=dtype)
+                comm(res, rank_input(world * s, dtype, rank, 2000 + 10 * salt + call), None, _ops()["avg"])
+                outs.append(res)
+            out[(lws, "loco", name)] = {"outs": outs, "error": comm.error.clone(), "inter": comm.inter_error.clone()}
     return out
 
 
@@ -412,6 +500,7 @@ CHECKS = {
     "handle": _check_handle,
     "loco": _check_loco_reduce_scatter,
     "resume": _check_resume,
+    "two_hop": _check_two_hop,
 }
 
 
@@ -450,6 +539,8 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 def _check(world: dict, name: str) -> list[dict]:
+    if name not in world["ranks"][0]:
+        pytest.skip(f"check {name!r} is not run at world {world['world']} (kept short on 2 cores)")
     out = [r[name] for r in world["ranks"]]
     for r, res in enumerate(out):
         assert "traceback" not in res, f"rank {r}, check {name!r}:\n{res['traceback']}"
@@ -499,6 +590,13 @@ def test_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
     ranks = _check(world, "reduce_scatter")
     for salt, (name, s, dtype, bits, gs) in enumerate(RS_CASES):
+        if s == 0:
+            for op in ("sum", "avg", "premul"):
+                for r in range(w):
+                    got = ranks[r][(name, op)]
+                    assert got["ret"] is None and got["out"].shape == (0,) and got["out"].dtype == dtype
+                    assert sum(got["bytes"].values()) == 0 and got["stats"]["calls"] == 0
+            continue
         gs = gs or 256
         exact_sum = sum(rank_input(w * s, dtype, j, salt).double().view(w, s) for j in range(w))
         for op in ("sum", "avg", "premul"):
@@ -515,9 +613,9 @@ def test_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
                 assert (got["out"].double() - exact).abs().max() <= bound
                 # the wire: codes + params per chunk, counted at torch.distributed's boundary
                 groups, elems = _layout(s, bits, gs)
-                sent = w * (groups * elems * bits // 8 + 4 * groups)
+                sent = (w - 1) * (groups * elems * bits // 8 + 4 * groups)
                 assert got["bytes"] == {"all_to_all_single": sent, "all_gather_single": 0, "reduce_scatter_single": 0}
-                assert got["stats"] == {"calls": 1, "sent": sent, "baseline": w * s * dtype.itemsize}
+                assert got["stats"] == {"calls": 1, "sent": sent, "baseline": (w - 1) * s * dtype.itemsize}
                 assert predicted_bytes(w * s, w, bits, gs, "reduce_scatter") == sent
 
 
@@ -525,17 +623,24 @@ def test_all_gather_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
     ranks = _check(world, "all_gather")
     for salt, (name, m, dtype, bits, gs) in enumerate(AG_CASES):
+        if m == 0:
+            for r in range(w):
+                got = ranks[r][name]
+                assert got["ret"] is None and got["out"].shape == (0,) and got["out"].dtype == dtype
+                assert sum(got["bytes"].values()) == 0 and got["stats"]["calls"] == 0
+            continue
         shards = torch.stack([rank_input(m, dtype, j, 100 + salt) for j in range(w)])
         want, nbytes = ref_roundtrip(shards, bits, gs or 2048, dtype)
         assert nbytes % w == 0
+        sent = (w - 1) * nbytes // w
         for r in range(w):
             got = ranks[r][name]
             assert got["ret"] is None and got["out"].dtype == dtype
             assert torch.equal(got["out"].view(w, m), want), f"{name} rank {r}"
-            want_bytes = {"all_to_all_single": 0, "all_gather_single": nbytes // w, "reduce_scatter_single": 0}
+            want_bytes = {"all_to_all_single": 0, "all_gather_single": sent, "reduce_scatter_single": 0}
             assert got["bytes"] == want_bytes
-            assert got["stats"] == {"calls": 1, "sent": nbytes // w, "baseline": m * dtype.itemsize}
-            assert predicted_bytes(m, w, bits, gs or 2048, "all_gather") == nbytes // w
+            assert got["stats"] == {"calls": 1, "sent": sent, "baseline": (w - 1) * m * dtype.itemsize}
+            assert predicted_bytes(m, w, bits, gs or 2048, "all_gather") == sent
             # 8 bits: within half a step (plus bf16/fp16 rounding) of the shard
             if bits == 8:
                 err = (got["out"].view(w, m).double() - shards.double()).abs().max()
@@ -544,6 +649,8 @@ def test_all_gather_is_bit_exact_with_the_reference(world: dict) -> None:
 
 @pytest.mark.parametrize("label", list(RUNS))
 def test_training_matches_the_default_comms(world: dict, label: str) -> None:
+    if label not in _labels(world["world"]):
+        pytest.skip(f"{label} is not run at world {world['world']} (kept short on 2 cores)")
     ranks = _check(world, "training")
     for r, res in enumerate(ranks):
         d, z = res[label]["default"], res[label]["zeropp"]
@@ -557,6 +664,8 @@ def test_training_matches_the_default_comms(world: dict, label: str) -> None:
 
 @pytest.mark.parametrize("label", list(RUNS))
 def test_wire_bytes_match_the_torch_distributed_boundary(world: dict, label: str) -> None:
+    if label not in _labels(world["world"]):
+        pytest.skip(f"{label} is not run at world {world['world']} (kept short on 2 cores)")
     for res in _check(world, "training"):
         d, z = res[label]["default"], res[label]["zeropp"]
         wire = z["wire"]
@@ -569,24 +678,29 @@ def test_wire_bytes_match_the_torch_distributed_boundary(world: dict, label: str
         assert wire["baseline_all_gather"] == d["boundary"]["all_gather_single"]
         # the ratios of the issue: 4-bit gradients <= 0.14x of fp32 (0.27x of bf16), 8-bit weights
         # <= 0.27x of fp32 (0.53x of bf16); "mp" gathers bf16 and reduces in fp32
-        rs_limit = 0.27 if label in ("bf16", "fp16_reduce") else 0.14
-        ag_limit = 0.53 if label in ("bf16", "mp") else 0.27
+        rs_limit = 0.27 if label in ("bf16", "fp16", "fp16_reduce") else 0.14
+        ag_limit = 0.53 if label in ("bf16", "fp16", "mp") else 0.27
         assert wire["reduce_scatter"] <= rs_limit * wire["baseline_reduce_scatter"]
         assert wire["all_gather"] <= ag_limit * wire["baseline_all_gather"]
         assert z["state"]["stats"]["reduce_scatter"]["sent"] == wire["reduce_scatter"]
+        two_hop = RUNS[label][4] is not None and world["world"] > RUNS[label][4]
+        assert z["state"]["config"]["local_world_size"] == (RUNS[label][4] if two_hop else None)
 
 
 def test_fsdp2_passes_the_op_of_its_default_path(world: dict) -> None:
     w = world["world"]
     for res in _check(world, "training"):
         fp32_baseline = res["fp32"]["zeropp"]["wire"]["baseline_reduce_scatter"]
-        for label in RUNS:
+        for label in _labels(w):
             z = res[label]["zeropp"]
             want = {
                 "fp16_reduce": [("sum", 1.0)],  # FSDP2 divides before and after itself
+                "fp16": [("sum", 1.0)],  # an fp16 reduce dtype, as above
                 "divide": [("premul", 1.0 / (2 * w))],
             }.get(label, [("avg", float(w))])
             assert z["ops"] == want, label
+        if w >= 8:
+            continue
         assert res["fp16_reduce"]["zeropp"]["wire"]["baseline_reduce_scatter"] * 2 == fp32_baseline
         assert (
             res["mp"]["zeropp"]["wire"]["baseline_all_gather"] * 2
@@ -614,7 +728,8 @@ def test_handle_state_dict_and_refusals(world: dict) -> None:
         assert "`error` must be" in msg and unchanged
         assert "LoCo state for modules" in res["bad_loco_names"]
         assert "config" in res["loco_vs_plain"]
-        assert "`local_world_size`" in res["two_hop"]
+        assert "`local_world_size`" in res["bad_local_world_size"] and "divide" in res["bad_local_world_size"]
+        assert "torch.compile" in res["compiled"]
         assert "no FSDP2 module" in res["no_fsdp"]
         assert "`bits` must be 4 or 8" in res["bad_bits"]
         if world["world"] % 2 == 0:
@@ -622,6 +737,8 @@ def test_handle_state_dict_and_refusals(world: dict) -> None:
     # rank-dependent grad_bits: the same ValueError on every rank
     msgs = {res["mismatch"] for res in ranks}
     assert len(msgs) == 1 and "ValueError" in next(iter(msgs)) and "grad" in next(iter(msgs))
+    msgs = {res["local_mismatch"] for res in ranks}
+    assert len(msgs) == 1 and "ValueError" in next(iter(msgs)) and "local_world_size" in next(iter(msgs))
 
 
 def test_loco_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
@@ -629,7 +746,7 @@ def test_loco_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> Non
 
     w = world["world"]
     ranks = _check(world, "loco")
-    for salt, (name, s, dtype) in enumerate(LOCO_CASES):
+    for salt, (name, s, dtype, _, _) in enumerate(LOCO_CASES):
         groups, elems = _layout(s, 4, 256)
         errors = [torch.zeros(w * groups * elems, dtype=dtype) for _ in range(w)]
         for call in range(LOCO_CALLS):
@@ -657,8 +774,138 @@ def test_loco_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> Non
 
 
 def test_loco_resumes_bit_for_bit(world: dict) -> None:
-    for r, res in enumerate(_check(world, "resume")):
-        assert res["resumed"] == res["straight"], f"rank {r}"
-        assert all(torch.equal(res["resumed_params"][k], v) for k, v in res["straight_params"].items())
-        # and the LoCo state is what made it exact: resuming without it diverges
-        assert res["resumed_without_loco_state"][3] != res["straight"][3]
+    for r, by_hops in enumerate(_check(world, "resume")):
+        assert list(by_hops) == ([None, 2] if world["world"] >= 4 else [None])
+        for lws, res in by_hops.items():
+            assert res["resumed"] == res["straight"], f"rank {r}, local_world_size {lws}"
+            assert all(torch.equal(res["resumed_params"][k], v) for k, v in res["straight_params"].items())
+            # and the LoCo state is what made it exact: resuming without it diverges
+            assert res["resumed_without_loco_state"][3] != res["straight"][3]
+            assert res["has_inter_error"] == (lws is not None)  # two hops carry the second buffer
+
+
+def ref_two_hop(
+    inputs: list[torch.Tensor],
+    lws: int,
+    bits: int,
+    gs: int,
+    loco: tuple[float, list[torch.Tensor], list[torch.Tensor]] | None = None,
+) -> list[torch.Tensor]:
+    """Reference of the two-hop reduce-scatter: every rank's fp32 result before the op.
+
+    ``inputs[j]`` is rank j's ``[k * s]``; ranks are ``n * lws + d``. Hop 1: rank j quantizes its
+    rows in (device d', node m) order (row d' * N + m = its chunk for rank m * lws + d') and sends
+    rows ``[d' N, (d' + 1) N)`` to node peer d'; each rank sums (fp32, in device order) what it
+    got and re-quantizes (``reference.py``'s quantized reduction); hop 2: node m's sum for rank
+    (n, d) comes from rank (m, d); summed in fp32 in node order. ``loco`` = (beta, intra errors,
+    inter errors) per rank, updated in place."""
+    from reference import (
+        ref_loco_quantized_reduction,
+        ref_loco_swizzle_quantize,
+        ref_quantized_reduction,
+    )
+
+    k = len(inputs)
+    nodes = k // lws
+    s = inputs[0].numel() // k
+    groups, elems = _layout(s, bits, gs)
+    padded = groups * elems
+    cb = padded * bits // 8
+    q1, p1 = [], []
+    for j in range(k):
+        rows = inputs[j].view(nodes, lws, s).transpose(0, 1).reshape(k, s)
+        pad = torch.zeros(k, padded, dtype=rows.dtype)
+        pad[:, :s] = rows
+        if loco is None:
+            q, p = ref_quantize(pad.reshape(-1), k * groups, bits, True)
+        else:
+            q, p, loco[1][j] = ref_loco_swizzle_quantize(
+                pad.reshape(-1), loco[1][j], loco[0], k * groups, bits, True, 1, 1, 1
+            )
+        q1.append(q.reshape(k, cb))
+        p1.append(p.reshape(k, groups))
+    q2, p2 = {}, {}
+    for n in range(nodes):
+        for d in range(lws):
+            r = n * lws + d
+            qin = torch.cat([q1[n * lws + j][d * nodes : (d + 1) * nodes].reshape(-1) for j in range(lws)])
+            pin = torch.cat([p1[n * lws + j][d * nodes : (d + 1) * nodes].reshape(-1) for j in range(lws)])
+            g_in, g_out = lws * nodes * groups, nodes * groups
+            if loco is None:
+                q, p = ref_quantized_reduction(qin, pin.reshape(-1, 1), g_in, g_out, bits, True, lws)
+            else:
+                q, p, loco[2][r] = ref_loco_quantized_reduction(
+                    qin, pin.reshape(-1, 1), loco[2][r], loco[0], g_in, g_out, bits, True, lws
+                )
+            q2[r], p2[r] = q.reshape(nodes, cb), p.reshape(nodes, groups)
+    out = []
+    for n in range(nodes):
+        for d in range(lws):
+            vals = [
+                ref_dequantize(
+                    q2[m * lws + d][n], p2[m * lws + d][n].reshape(-1, 1), groups, bits, True, torch.float32
+                )[:s]
+                for m in range(nodes)
+            ]
+            acc = vals[0].clone()
+            for v in vals[1:]:
+                acc = acc + v
+            out.append(acc)
+    return out
+
+
+def _apply(acc: torch.Tensor, op: str, world: int) -> torch.Tensor:
+    return acc / world if op == "avg" else acc * PREMUL if op == "premul" else acc
+
+
+def test_two_hop_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
+    w = world["world"]
+    if not _local_sizes(w):
+        pytest.skip("one node at world 2: no second hop")
+    ranks = _check(world, "two_hop")
+    for lws in _local_sizes(w):
+        nodes = w // lws
+        for salt, (name, s, dtype, bits, gs) in enumerate(HOP_CASES):
+            gs = gs or 256
+            inputs = [rank_input(w * s, dtype, j, 500 + salt) for j in range(w)]
+            sums = ref_two_hop(inputs, lws, bits, gs)
+            exact_sum = sum(x.double().view(w, s) for x in inputs)
+            groups, elems = _layout(s, bits, gs)
+            wb = groups * elems * bits // 8 + 4 * groups
+            for op in ("sum", "avg", "premul"):
+                for r in range(w):
+                    got = ranks[r][(lws, name, op)]
+                    want = _apply(sums[r], op, w).to(dtype)
+                    assert got["input_unchanged"]
+                    assert torch.equal(got["out"], want), f"L={lws} {name} {op} rank {r}"
+                    # within the 4/8-bit error of the exact reduction (a step per rank and per re-quantization)
+                    scale = {"sum": 1.0, "avg": 1.0 / w, "premul": PREMUL}[op]
+                    exact = exact_sum[r] * scale
+                    bound = 2 * w * (exact_sum.abs().max() + 10) * scale / 2 ** (bits - 1) + 1e-2 * exact.abs().max()
+                    assert (got["out"].double() - exact).abs().max() <= bound
+                    # two all_to_alls: k chunks in the node's group, then N in the cross-node group
+                    assert got["calls"] == [
+                        ("all_to_all_single", lws, w * wb),
+                        ("all_to_all_single", nodes, nodes * wb),
+                    ]
+                    sent = (lws - 1) * nodes * wb + (nodes - 1) * wb
+                    assert sent == (w - 1) * wb == predicted_bytes(w * s, w, bits, gs, "reduce_scatter")
+                    assert got["stats"] == {"calls": 1, "sent": sent, "baseline": (w - 1) * s * dtype.itemsize}
+                    assert got["bytes"]["all_to_all_single"] == sent
+        for salt, (name, s, dtype, _, _) in enumerate(LOCO_CASES):
+            groups, elems = _layout(s, 4, 256)
+            intra = [torch.zeros(w * groups * elems, dtype=dtype) for _ in range(w)]
+            inter = [torch.zeros(nodes * groups * elems, dtype=dtype) for _ in range(w)]
+            for call in range(LOCO_CALLS):
+                if call and call % LOCO_RESET_T == 0:
+                    intra = [torch.zeros_like(e) for e in intra]
+                    inter = [torch.zeros_like(e) for e in inter]
+                inputs = [rank_input(w * s, dtype, j, 2000 + 10 * salt + call) for j in range(w)]
+                sums = ref_two_hop(inputs, lws, 4, 256, (LOCO_BETA, intra, inter))
+                for r in range(w):
+                    got = ranks[r][(lws, "loco", name)]["outs"][call]
+                    assert torch.equal(got, (sums[r] / w).to(dtype)), f"LoCo L={lws} {name} call {call} rank {r}"
+            for r in range(w):
+                got = ranks[r][(lws, "loco", name)]
+                assert torch.equal(got["error"], intra[r]) and torch.equal(got["inter"], inter[r])
+                assert inter[r].abs().max() > 0  # the second quantization's feedback is not trivially zero

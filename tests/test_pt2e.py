@@ -127,6 +127,8 @@ SCHEMES = {
     "w4-group3": (QuantSpec(4, group_size=3), None),
     "w8-asym+a8-per-token": (QuantSpec(8, symmetric=False), QuantSpec(8)),
     "w2-group3+a4-per-tensor": (QuantSpec(2, group_size=3, ch_axis=None), QuantSpec(4, ch_axis=None)),
+    # activations of any width 2..8 convert to quantize/dequantize (one int8 per code)
+    "w6-per-channel+a3-asym-per-tensor": (QuantSpec(6), QuantSpec(3, symmetric=False, ch_axis=None)),
 }
 
 
@@ -266,7 +268,7 @@ def test_ptq_folds_batch_norm_first(ao) -> None:
     ("kwargs", "error", "message"),
     [
         ({"weight": QuantSpec(9)}, ValueError, r"`weight.bits` must be in \[2, 8\]"),
-        ({"weight": QuantSpec(), "activation": QuantSpec(3)}, ValueError, "`activation.bits` must be 4 or 8"),
+        ({"weight": QuantSpec(), "activation": QuantSpec(12)}, ValueError, r"`activation.bits` must be in \[2, 8\]"),
         ({"weight": QuantSpec(), "ops": ("matmul",)}, ValueError, "`ops`"),
         ({"weight": 8}, TypeError, "`weight` must be a qkit.QuantSpec"),
     ],

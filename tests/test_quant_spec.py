@@ -10,7 +10,7 @@ import torch
 import qkit
 from helpers import assert_same, make_input
 from qkit import QuantSpec
-from reference import codes_of_storage
+from reference import codes_of_storage, ref_params
 
 
 def test_defaults_and_derived_values() -> None:
@@ -66,8 +66,9 @@ def test_shape_errors_name_the_field() -> None:
         QuantSpec(group_size=4).fake_quantize(x)
     with pytest.raises(ValueError, match=r"`ch_axis` \(2\) is out of range"):
         QuantSpec(ch_axis=2).fake_quantize(x)
-    with pytest.raises(ValueError, match="`bits` = 3"):
-        QuantSpec(3).quantize(x)
+    # quantize() stores 2..8 bits (one int8 per code); wider schemes are fake-only
+    with pytest.raises(ValueError, match=r"quantize\(\) stores one int8 per code, `bits` must be in \[2, 8\], got 12"):
+        QuantSpec(12).quantize(x)
 
 
 def _by_hand(spec: QuantSpec, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,8 @@ def test_equals_torch_per_channel_fake_quant(bits: int, ch_axis: int, kind: str)
     spec = QuantSpec(bits, ch_axis=ch_axis)
     w = make_input((48, 40), torch.float32, seed=bits, kind=kind)
     steps = spec.steps(w)
-    assert torch.equal(1.0 / steps, spec._scale_offset(w)[0])  # the reciprocal round trip
+    scales = ref_params(spec.to_op_layout(w).contiguous(), w.shape[ch_axis], bits, True)[0].flatten()
+    assert torch.equal(1.0 / steps, scales)  # the reciprocal round trip recovers the kernels' scale
     zero = torch.zeros(w.shape[ch_axis], dtype=torch.int32)
     want = torch.fake_quantize_per_channel_affine(w, steps, zero, ch_axis, spec.quant_min, spec.quant_max)
     assert_same(spec.fake_quantize(w), want, f"{bits} bits, axis {ch_axis}")

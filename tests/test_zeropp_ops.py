@@ -32,10 +32,10 @@ from reference import (
 
 ops = torch.ops.qkit
 
-STORAGE_BITS = (4, 8)
+WIRE_BITS = (4, 8)
 SYM = pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 DTYPE = pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-BITS = pytest.mark.parametrize("bits", STORAGE_BITS)
+BITS = pytest.mark.parametrize("bits", WIRE_BITS)
 
 # (nodes, devices_per_node, pipeline)
 LAYOUTS = [(1, 1, 1), (2, 4, 1), (2, 4, 2), (3, 2, 1)]
@@ -818,7 +818,7 @@ def test_any_thread_count(set_threads, threads):
     set_threads(threads)
     x = make_input((8, 20002), torch.bfloat16, seed=threads)
     e = make_input((8 * 20002,), torch.bfloat16, seed=1) * 1e-2
-    for bits in STORAGE_BITS:
+    for bits in WIRE_BITS:
         check_swizzle(x, 8, bits, False, (2, 2, 2), "cpu")
         check_loco_swizzle(x, e, 0.5, 8, bits, True, (2, 2, 2), "cpu")
         q, params = make_tensors(4, 2, 20002, bits, True, "quantized", seed=threads)

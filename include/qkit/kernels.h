@@ -20,6 +20,7 @@ struct QuantJob {
   int bits;
   bool symmetric;
   const int64_t* seed;  // stochastic rounding: one int64 on the job's device; nullptr = nearest
+  bool packed;          // codes two per byte (packed_storage); otherwise one per int8
 };
 
 // One floating-point quantization job (docs/ops.md §10) over a flattened tensor of
@@ -40,6 +41,8 @@ namespace cpu {
 // Work splitting, implemented by the bindings on top of torch's thread pool.
 using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 void parallel_for(int64_t begin, int64_t end, int64_t grain, void* ctx, RangeFn fn);
+// The threads parallel_for splits work among.
+int64_t thread_count();
 
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {

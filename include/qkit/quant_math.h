@@ -197,9 +197,13 @@ QKIT_HD int unpack_low(int8_t byte) {
   return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(byte) << 4)) >> 4;
 }
 
-// The signed code of element i of an int8 or packed int4 stream.
-QKIT_HD int code_at(const int8_t* codes, int64_t i, int bits) {
-  if (bits == 8) return codes[i];
+// Stored codes: 4-bit codes two per byte unless the caller asks for one per int8
+// (`pack` false); every other width (2..8) takes one int8.
+QKIT_HD constexpr bool packed_storage(int bits, bool pack = true) { return pack && bits == 4; }
+
+// The signed code of element i of a stored code stream (one per int8, or packed pairs).
+QKIT_HD int code_at(const int8_t* codes, int64_t i, bool packed) {
+  if (!packed) return codes[i];
   const int8_t byte = codes[i >> 1];
   return (i & 1) ? unpack_low(byte) : unpack_high(byte);
 }

@@ -53,7 +53,7 @@ QKIT_HD float dequantized_sum(const ReductionJob& r, const int8_t* codes, const 
   float acc = 0.0f;
   for (int64_t j = 0; j < r.tensors; ++j) {
     const StoredParams p = load_params(params, j * groups_per_tensor + group_in_tensor, r.symmetric);
-    acc += dequantize_code(static_cast<float>(code_at(codes, j * r.values + i, r.bits)), p.step, p.offset);
+    acc += dequantize_code(static_cast<float>(code_at(codes, j * r.values + i, packed_storage(r.bits))), p.step, p.offset);
   }
   return acc;
 }

@@ -62,7 +62,7 @@ void update_error(const QuantJob& job, const SwizzleLayout* layout, const float*
         const auto [step, offset] = load_params(params, g, job.symmetric);
         const int64_t shift = layout == nullptr ? 0 : (swizzled_slot(g, *layout) - g) * group_size;
         for (int64_t a = pb; a < pe; ++a) {
-          const float d = dequantize_code(static_cast<float>(code_at(codes, a, job.bits)), step, offset);
+          const float d = dequantize_code(static_cast<float>(code_at(codes, a, job.packed)), step, offset);
           ev[a + shift] = from_float<E>(updated_error(to_float(ev[a + shift]), s[a], d, beta));
         }
       });
@@ -96,7 +96,7 @@ void dequantize_sum(const ReductionJob& job, const int8_t* codes, const float* p
           }
         } else {
           for (int64_t i = 0; i < n; ++i) {
-            acc[i] += dequantize_code(static_cast<float>(code_at(codes, first + i, 4)), step, offset);
+            acc[i] += dequantize_code(static_cast<float>(code_at(codes, first + i, true)), step, offset);
           }
         }
       }

@@ -200,7 +200,7 @@ __global__ void dequantize_kernel(QuantJob job, const int8_t* __restrict__ codes
         next_boundary += group_size;
       }
       const StoredParams p = load_params(params, g, job.symmetric);
-      out[i] = from_float<T>(dequantize_code(static_cast<float>(code_at(codes, i, job.bits)), p.step, p.offset));
+      out[i] = from_float<T>(dequantize_code(static_cast<float>(code_at(codes, i, job.packed)), p.step, p.offset));
     }
   }
 }
@@ -365,7 +365,7 @@ void launch_single_pass(const QuantJob& job, const T* in, void* out, float* para
 // quantization packs nothing but is judged alike: it only costs unused scratch.
 bool fits_single_pass(const QuantJob& job) {
   const int64_t group_size = job.numel / job.groups;
-  return group_size <= kSinglePassMax && (job.bits != 4 || group_size % 2 == 0);
+  return group_size <= kSinglePassMax && (!job.packed || group_size % 2 == 0);
 }
 
 // Runs the single-pass quantizer when the groups fit it; false otherwise.
@@ -436,7 +436,7 @@ Status quantize(const QuantJob& job, const void* in, int8_t* codes, float* param
   dispatch_dtype(job.dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto s = static_cast<cudaStream_t>(stream);
-    status = job.bits == 8
+    status = !job.packed
                  ? run_quantizer<T, Sink::Int8>(job, static_cast<const T*>(in), codes, params, workspace, s)
                  : run_quantizer<T, Sink::Int4>(job, static_cast<const T*>(in), codes, params, workspace, s);
   });

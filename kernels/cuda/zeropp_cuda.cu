@@ -58,7 +58,7 @@ __global__ void update_error_kernel(QuantJob job, SwizzleLayout layout, bool swi
   QKIT_GRID_STRIDE(a, job.numel) {
     const int64_t g = a / group_size;
     const StoredParams p = load_params(params, g, job.symmetric);
-    const float d = dequantize_code(static_cast<float>(code_at(codes, a, job.bits)), p.step, p.offset);
+    const float d = dequantize_code(static_cast<float>(code_at(codes, a, job.packed)), p.step, p.offset);
     const int64_t pos = swizzled ? a + (swizzled_slot(g, layout) - g) * group_size : a;
     error[pos] = from_float<E>(updated_error(to_float(error[pos]), s[a], d, beta));
   }

@@ -24,8 +24,11 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 # the C++ bindings check the same numbers.
 #: Code widths ``fake_quantize`` accepts.
 MIN_BITS, MAX_BITS = 2, 16
-#: Code widths ``quantize`` / ``dequantize`` (and the ZeRO++ ops) store.
-STORAGE_BITS = (4, 8)
+#: ``quantize`` / ``dequantize`` store widths ``MIN_BITS..MAX_STORAGE_BITS``, one code per
+#: int8 (4 bits: two per byte unless ``packed=False``; see :func:`packed_storage`).
+MAX_STORAGE_BITS = 8
+#: Code widths the ZeRO++ ops move.
+WIRE_BITS = (4, 8)
 #: Rounding modes (``stochastic=False`` / ``True`` of ``fake_quantize``).
 ROUNDING_MODES = ("nearest", "stochastic")
 
@@ -118,12 +121,22 @@ def check_fake_bits(bits: int, op: str) -> None:
 
 
 def check_storage_bits(bits: int, op: str) -> None:
-    if bits not in STORAGE_BITS:
-        raise QkitValueError(f"qkit.{op}: `bits` must be {STORAGE_BITS[0]} or {STORAGE_BITS[1]}, got {bits}")
+    if not MIN_BITS <= bits <= MAX_STORAGE_BITS:
+        raise QkitValueError(f"qkit.{op}: `bits` must be in [{MIN_BITS}, {MAX_STORAGE_BITS}], got {bits}")
 
 
-def check_packable(t: Tensor, bits: int, op: str, arg: str) -> None:
-    if bits == 4 and t.numel() > 0 and (t.dim() == 0 or t.shape[-1] % 2 != 0):
+def check_wire_bits(bits: int, op: str) -> None:
+    if bits not in WIRE_BITS:
+        raise QkitValueError(f"qkit.{op}: `bits` must be {WIRE_BITS[0]} or {WIRE_BITS[1]}, got {bits}")
+
+
+def packed_storage(bits: int, packed: bool = True) -> bool:
+    """Whether codes of width ``bits`` are stored two per byte (4 bits, unless ``packed`` is false)."""
+    return packed and bits == 4
+
+
+def check_packable(t: Tensor, packed: bool, op: str, arg: str) -> None:
+    if packed and t.numel() > 0 and (t.dim() == 0 or t.shape[-1] % 2 != 0):
         raise QkitValueError(
             f"qkit.{op}: 4-bit storage packs pairs along the last dimension: `{arg}` needs an even last dimension"
         )
@@ -159,15 +172,14 @@ def check_code_outputs(
     check_out(params, "params", torch.float32, [groups, 1 if symmetric else 2], input, "input", op)
 
 
-def check_codes_and_params(q: Tensor, params: Tensor, bits: int, op: str) -> None:
-    """Quantized input of an op: int8 codes, float32 params on the codes' device, 4 or 8 bits."""
+def check_codes_and_params(q: Tensor, params: Tensor, op: str) -> None:
+    """Quantized input of an op: int8 codes and float32 params on the codes' device."""
     if q.dtype != torch.int8:
         raise QkitTypeError(f"qkit.{op}: `q` must be int8, got {dtype_name(q.dtype)}")
     if params.dtype != torch.float32:
         raise QkitTypeError(f"qkit.{op}: `params` must be float32, got {dtype_name(params.dtype)}")
     if params.device != q.device:
         raise QkitValueError(f"qkit.{op}: `params` must be on the same device as `q`")
-    check_storage_bits(bits, op)
 
 
 # ---------------------------------------------------------------- fake_quantize
@@ -200,25 +212,27 @@ def check_vmap_same_device(device: torch.device) -> None:
 # ---------------------------------------------------------------- quantize / dequantize
 
 
-def check_quantize_args(input: Tensor, groups: int, bits: int, symmetric: bool) -> None:
+def check_quantize_args(input: Tensor, groups: int, bits: int, symmetric: bool, packed: bool) -> None:
     op = "quantize"
     check_float_input(input, op)
     check_storage_bits(bits, op)
     check_groups(input.numel(), groups, op)
     check_params_size(groups, symmetric, op)
-    check_packable(input, bits, op, "input")
+    check_packable(input, packed_storage(bits, packed), op, "input")
 
 
 def check_dequantize_args(
-    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool, dtype: torch.dtype | None
+    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool, dtype: torch.dtype | None, packed: bool
 ) -> None:
     op = "dequantize"
-    check_codes_and_params(q, params, bits, op)
-    if bits == 4 and q.dim() == 0:
+    check_codes_and_params(q, params, op)
+    check_storage_bits(bits, op)
+    pairs = packed_storage(bits, packed)
+    if pairs and q.dim() == 0:
         raise QkitValueError(f"qkit.{op}: 4-bit `q` must have at least one dimension")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {dtype_name(dtype)}")
-    numel = q.numel() * (2 if bits == 4 else 1)
+    numel = q.numel() * (2 if pairs else 1)
     check_groups(numel, groups, op, "the dequantized output")
     per_group = 1 if symmetric else 2
     if params.dim() != 2 or params.shape[0] != groups or params.shape[1] != per_group:
@@ -251,7 +265,7 @@ def check_swizzle(
     op: str,
 ) -> None:
     check_float_input(input, op)
-    check_storage_bits(bits, op)
+    check_wire_bits(bits, op)
     check_groups(input.numel(), groups, op)
     check_params_size(groups, symmetric, op)
     if bits == 4 and (input.numel() // groups) % 2 != 0:
@@ -293,7 +307,8 @@ def check_reduction(
     q: Tensor, params: Tensor, in_groups: int, out_groups: int, bits: int, symmetric: bool, devices: int, op: str
 ) -> int:
     """Checks and returns V, the number of values per input tensor."""
-    check_codes_and_params(q, params, bits, op)
+    check_codes_and_params(q, params, op)
+    check_wire_bits(bits, op)
     check_positive(devices, "devices_per_node", op)
     if q.dim() == 0 or q.shape[-1] % devices != 0:
         raise QkitValueError(
@@ -326,7 +341,7 @@ def check_dequantize_unsigned(
     op = "dequantize_unsigned"
     if data.dtype not in (torch.int8, torch.uint8):
         raise QkitTypeError(f"qkit.{op}: `data` must be int8 or uint8 (raw bytes), got {dtype_name(data.dtype)}")
-    check_storage_bits(bits, op)
+    check_wire_bits(bits, op)
     if num_groups < 0:
         raise QkitValueError(f"qkit.{op}: `num_groups` must be >= 0, got {num_groups}")
     check_positive(group_size, "group_size", op)

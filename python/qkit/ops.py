@@ -22,10 +22,11 @@ from qkit._checks import (
     FLOAT_DTYPES,
     FORWARD_HINT,
     MAX_BITS,
+    MAX_STORAGE_BITS,
     MIN_BITS,
     OUT_HAS_NO_GRADIENT,
     ROUNDING_MODES,
-    STORAGE_BITS,
+    WIRE_BITS,
     QkitTypeError,
     QkitValueError,
     check_code_outputs,
@@ -47,6 +48,7 @@ from qkit._checks import (
     checked_product,
     dtype_name,
     functorch_unsupported_error,
+    packed_storage,
 )
 from qkit._library import (
     BELOW_AUTOGRAD,
@@ -76,12 +78,13 @@ __all__ = [
     "FLOAT_DTYPES",
     "FORWARD_HINT",
     "MAX_BITS",
+    "MAX_STORAGE_BITS",
     "MIN_BITS",
     "MISSING_PRIVATE_APIS",
     "OUT_HAS_NO_GRADIENT",
     "ROUNDING_MODES",
-    "STORAGE_BITS",
     "STRAIGHT_CALLS",
+    "WIRE_BITS",
     "KernelKeys",
     "QkitTypeError",
     "QkitValueError",
@@ -342,33 +345,36 @@ def fake_quantize_(
 
 # ---------------------------------------------------------------- quantize
 
-define("quantize(Tensor input, int groups, int bits, bool symmetric=True) -> (Tensor, Tensor)")
+define("quantize(Tensor input, int groups, int bits, bool symmetric=True, bool packed=True) -> (Tensor, Tensor)")
 define(
-    "quantize.out(Tensor input, int groups, int bits, bool symmetric=True, *, Tensor(a!) q, Tensor(b!) params) -> ()"
+    "quantize.out(Tensor input, int groups, int bits, bool symmetric=True, bool packed=True, "
+    "*, Tensor(a!) q, Tensor(b!) params) -> ()"
 )
 
 
-def _code_shape(shape: torch.Size, bits: int) -> list[int]:
+def _code_shape(shape: torch.Size, bits: int, packed: bool) -> list[int]:
     out = list(shape)
-    if bits == 4 and out:
+    if packed_storage(bits, packed) and out:
         out[-1] //= 2
     return out
 
 
 @torch.library.register_fake("qkit::quantize")
-def _quantize_fake(input: Tensor, groups: int, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
-    check_quantize_args(input, groups, bits, symmetric)
-    codes = input.new_empty(_code_shape(input.shape, bits), dtype=torch.int8)
+def _quantize_fake(
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, packed: bool = True
+) -> tuple[Tensor, Tensor]:
+    check_quantize_args(input, groups, bits, symmetric, packed)
+    codes = input.new_empty(_code_shape(input.shape, bits, packed), dtype=torch.int8)
     params = input.new_empty((groups, 1 if symmetric else 2), dtype=torch.float32)
     return codes, params
 
 
 @torch.library.register_fake("qkit::quantize.out")
 def _quantize_out_fake(
-    input: Tensor, groups: int, bits: int, symmetric: bool = True, *, q: Tensor, params: Tensor
+    input: Tensor, groups: int, bits: int, symmetric: bool = True, packed: bool = True, *, q: Tensor, params: Tensor
 ) -> None:
-    check_quantize_args(input, groups, bits, symmetric)
-    check_code_outputs(q, params, _code_shape(input.shape, bits), groups, symmetric, input, "quantize")
+    check_quantize_args(input, groups, bits, symmetric, packed)
+    check_code_outputs(q, params, _code_shape(input.shape, bits, packed), groups, symmetric, input, "quantize")
 
 
 register_autograd_rules("quantize")
@@ -382,68 +388,81 @@ def quantize(
     groups: int = 1,
     bits: int = 8,
     symmetric: bool = True,
+    packed: bool = True,
     *,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Quantize ``input`` group-wise to int8 codes (or int4 packed two per byte).
+    """Quantize ``input`` group-wise to int8 codes (4 bits: packed two per byte by default).
 
     Args:
-        input: float32/float16/bfloat16, ``M`` elements; for 4 bits an even last dimension.
+        input: float32/float16/bfloat16, ``M`` elements; for packed 4 bits an even last dimension.
         groups: ``G``, dividing ``M``.
-        bits: 8 (one int8 per element) or 4 (pairs packed, the even element in the high nibble).
+        bits: 2..8; codes lie in ``[-2^(b-1), 2^(b-1) - 1]``, one int8 per element, except
+            4 bits, whose pairs are packed (the even element in the high nibble).
         symmetric: symmetric (params ``[G, 1]``: step) or asymmetric (``[G, 2]``: step, offset).
+        packed: ``False`` stores 4-bit codes one per int8 too (ignored for other widths).
         out: optional preallocated ``(q, params)`` of the shapes and dtypes below, on
             ``input``'s device, sharing no memory with ``input`` or each other.
 
     Returns:
-        ``(q, params)``: ``q`` int8 of ``input``'s shape (4-bit: last dimension halved),
+        ``(q, params)``: ``q`` int8 of ``input``'s shape (packed 4-bit: last dimension halved),
         ``params`` float32 ``[G, 1|2]``. No gradient flows through either.
     """
     if out is None:
         keys = kernel_keys(input)
         if keys is not None:
-            return _quantize_kernel(keys, input, groups, bits, symmetric)
-        return torch.ops.qkit.quantize.default(input, groups, bits, symmetric)
+            return _quantize_kernel(keys, input, groups, bits, symmetric, packed)
+        return torch.ops.qkit.quantize.default(input, groups, bits, symmetric, packed)
     q, params = out
     keys = kernel_keys(input, q, params)
     if keys is not None:
-        _quantize_out_kernel(keys, input, groups, bits, symmetric, q=q, params=params)
+        _quantize_out_kernel(keys, input, groups, bits, symmetric, packed, q=q, params=params)
         bump(out)
         return q, params
-    torch.ops.qkit.quantize.out(input, groups, bits, symmetric, q=q, params=params)
+    torch.ops.qkit.quantize.out(input, groups, bits, symmetric, packed, q=q, params=params)
     return q, params
 
 
 # ---------------------------------------------------------------- dequantize
 
 define(
-    "dequantize(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, ScalarType? dtype=None) -> Tensor"
+    "dequantize(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, ScalarType? dtype=None, "
+    "bool packed=True) -> Tensor"
 )
-define("dequantize.out(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, *, Tensor(a!) out) -> ()")
+define(
+    "dequantize.out(Tensor q, Tensor params, int groups, int bits, bool symmetric=True, bool packed=True, "
+    "*, Tensor(a!) out) -> ()"
+)
 
 
-def _dequantized_shape(q: Tensor, bits: int) -> list[int]:
+def _dequantized_shape(q: Tensor, bits: int, packed: bool) -> list[int]:
     shape = list(q.shape)
-    if bits == 4:
+    if packed_storage(bits, packed):
         shape[-1] *= 2
     return shape
 
 
 @torch.library.register_fake("qkit::dequantize")
 def _dequantize_fake(
-    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool = True, dtype: torch.dtype | None = None
+    q: Tensor,
+    params: Tensor,
+    groups: int,
+    bits: int,
+    symmetric: bool = True,
+    dtype: torch.dtype | None = None,
+    packed: bool = True,
 ) -> Tensor:
-    check_dequantize_args(q, params, groups, bits, symmetric, dtype)
-    return q.new_empty(_dequantized_shape(q, bits), dtype=dtype or torch.float16)
+    check_dequantize_args(q, params, groups, bits, symmetric, dtype, packed)
+    return q.new_empty(_dequantized_shape(q, bits, packed), dtype=dtype or torch.float16)
 
 
 @torch.library.register_fake("qkit::dequantize.out")
 def _dequantize_out_fake(
-    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool = True, *, out: Tensor
+    q: Tensor, params: Tensor, groups: int, bits: int, symmetric: bool = True, packed: bool = True, *, out: Tensor
 ) -> None:
-    check_dequantize_args(q, params, groups, bits, symmetric, None)
+    check_dequantize_args(q, params, groups, bits, symmetric, None, packed)
     check_float_input(out, "dequantize", "out")
-    check_out(out, "out", out.dtype, _dequantized_shape(q, bits), q, "q", "dequantize")
+    check_out(out, "out", out.dtype, _dequantized_shape(q, bits, packed), q, "q", "dequantize")
 
 
 register_autograd_rules("dequantize", no_grad_for=("params",), hint=DEQUANTIZE_HINT)
@@ -459,37 +478,39 @@ def dequantize(
     bits: int = 8,
     symmetric: bool = True,
     dtype: torch.dtype | None = None,
+    packed: bool = True,
     *,
     out: Tensor | None = None,
 ) -> Tensor:
     """Inverse of :func:`quantize`: ``y = step * q (+ offset)``, computed in fp32 and rounded once.
 
     Args:
-        q: int8 codes from :func:`quantize` (4-bit: packed).
+        q: int8 codes from :func:`quantize`.
         params: float32 ``[G, 1|2]`` from :func:`quantize`.
         groups: ``G``; defaults to ``params.shape[0]``.
-        bits: 4 or 8, as quantized.
+        bits: 2..8, as quantized.
         symmetric: as quantized.
         dtype: output dtype: float16 (default, as DeepSpeed), bfloat16 or float32.
             With ``out=``, the dtype of ``out`` (``dtype``, if given, must match it).
         out: optional preallocated result, on ``q``'s device, sharing no memory with
             ``q`` or ``params``.
+        packed: as quantized (``False``: 4-bit codes one per int8).
 
     Returns:
-        Tensor of ``q``'s shape (4-bit: last dimension doubled) and ``dtype``, or ``out``.
+        Tensor of ``q``'s shape (packed 4-bit: last dimension doubled) and ``dtype``, or ``out``.
     """
     if groups is None:
         groups = params.shape[0] if params.dim() > 0 else 1
     if out is None:
         keys = kernel_keys(q, params)
         if keys is not None:
-            return _dequantize_kernel(keys, q, params, groups, bits, symmetric, dtype)
-        return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype)
+            return _dequantize_kernel(keys, q, params, groups, bits, symmetric, dtype, packed)
+        return torch.ops.qkit.dequantize.default(q, params, groups, bits, symmetric, dtype, packed)
     check_dequantize_out_dtype(dtype, out)
     keys = kernel_keys(q, params, out)
     if keys is not None:
-        _dequantize_out_kernel(keys, q, params, groups, bits, symmetric, out=out)
+        _dequantize_out_kernel(keys, q, params, groups, bits, symmetric, packed, out=out)
         bump(out)
         return out
-    torch.ops.qkit.dequantize.out(q, params, groups, bits, symmetric, out=out)
+    torch.ops.qkit.dequantize.out(q, params, groups, bits, symmetric, packed, out=out)
     return out

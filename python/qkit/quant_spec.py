@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from qkit import ops
-from qkit.ops import MAX_BITS, MIN_BITS, ROUNDING_MODES, STORAGE_BITS
+from qkit.ops import MAX_BITS, MAX_STORAGE_BITS, MIN_BITS, ROUNDING_MODES
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
@@ -44,7 +44,7 @@ class QuantSpec:
 
     Attributes:
         bits: code width ``b``, 2..16 (fake quantization); real int storage
-            (:meth:`quantize`) needs 4 or 8.
+            (:meth:`quantize`, :meth:`codes`, :meth:`steps`) needs 2..8.
         symmetric: ``step = 2·max|x| / 2^b``, zero at code 0; otherwise
             ``step = (max - min) / 2^b`` around the group's midpoint.
         group_size: ``n`` consecutive elements along the last axis share a step
@@ -110,8 +110,8 @@ class QuantSpec:
 
     @property
     def storable(self) -> bool:
-        """Whether :meth:`quantize` can store this scheme (4 or 8 bits)."""
-        return self.bits in STORAGE_BITS
+        """Whether :meth:`quantize` can store this scheme (2..8 bits, one int8 per code; 4 bits packed)."""
+        return self.bits <= MAX_STORAGE_BITS
 
     def with_bits(self, bits: int) -> QuantSpec:
         """The same scheme at another bit width (validated), e.g. for a MoQ schedule."""
@@ -183,12 +183,12 @@ class QuantSpec:
         return self.from_op_layout(y).contiguous()
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``x`` as int8 codes (4 bits: two per byte) and float32 params.
+        """Store ``x`` as int8 codes (one per element; 4 bits: two per byte) and float32 params.
 
         Rounds to nearest whatever ``rounding`` says (storage is deterministic).
 
         Args:
-            x: float32/float16/bfloat16 tensor; ``bits`` must be 4 or 8.
+            x: float32/float16/bfloat16 tensor; ``bits`` must be 2..8.
 
         Returns:
             ``(q, params)``: ``q`` int8 in the *op layout* (:meth:`to_op_layout`: the
@@ -196,8 +196,7 @@ class QuantSpec:
             dimension halved), ``params`` float32 ``[G, 1]`` (step) or ``[G, 2]``
             (step, midpoint). :meth:`dequantize` undoes both.
         """
-        if not self.storable:
-            raise ValueError(f"QuantSpec: quantize() stores 4 or 8 bits, this scheme has `bits` = {self.bits}")
+        self._check_storable("quantize()")
         return ops.quantize(self.to_op_layout(x), self._op_groups(x), self.bits, self.symmetric)
 
     def dequantize(self, q: Tensor, params: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -211,75 +210,41 @@ class QuantSpec:
         Returns:
             Tensor of the quantized tensor's original shape and ``dtype``.
         """
-        if not self.storable:
-            raise ValueError(f"QuantSpec: dequantize() reads 4 or 8 bits, this scheme has `bits` = {self.bits}")
+        self._check_storable("dequantize()")
         groups = params.shape[0] if params.dim() > 0 else 1
         y = ops.dequantize(q, params, groups, self.bits, self.symmetric, dtype)
         return self.from_op_layout(y)
 
-    def _scale_offset(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-group fp32 ``(scale, offset, step)`` with the kernels' arithmetic (``[G]`` each)."""
-        xs = self.to_op_layout(x.detach()).float().reshape(self._op_groups(x), -1)
-        # include/qkit/quant_math.h, one correctly rounded fp32 operation at a time:
-        # scale = 2^(b-1) / half_range, 1 for a zero range; a non-finite group gets a
-        # NaN scale and offset.
-        if self.symmetric:
-            half = xs.abs().amax(dim=1)
-            nonzero = half != 0
-            offset = torch.zeros_like(half)
-            spread = 2.0 * half
-        else:
-            hi, lo = xs.amax(dim=1), xs.amin(dim=1)
-            half = 0.5 * hi - 0.5 * lo
-            nonzero = hi > lo
-            offset = 0.5 * hi + 0.5 * lo
-            spread = hi - lo
-        scale = float(1 << (self.bits - 1)) / half
-        scale = torch.where(nonzero, scale, torch.ones_like(scale))
-        poison = (xs * 0.0).sum(dim=1)  # 0, or NaN when the group holds a NaN/Inf
-        scale, offset = scale + poison, offset + poison
-        # A tiny range overflows the scale to +inf; its step is then spread / 2^b rounded
-        # up to a float (a subnormal), and its codes divide by the step (see _code_units).
-        levels = float(1 << self.bits)
-        tiny = spread * (1.0 / levels)
-        tiny = torch.where(tiny * levels < spread, torch.nextafter(tiny, torch.full_like(tiny, torch.inf)), tiny)
-        step = torch.where(torch.isinf(scale), tiny, 1.0 / scale)
-        return scale, offset, step
-
-    def steps(self, x: Tensor) -> Tensor:
-        """The per-group step qkit uses for ``x`` (``1/scale`` but for tiny ranges), float32 ``[G]``.
-
-        For symmetric schemes this is also the ``scale`` of PyTorch's affine
-        quantization (zero point 0, codes ``[quant_min, quant_max]``).
-        """
-        return self._scale_offset(x)[2]
-
-    def qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(steps, offsets)`` of ``x``, float32 ``[G]`` each (offsets: the midpoints; 0 if symmetric)."""
-        _, offset, step = self._scale_offset(x)
-        return step, offset
-
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Unpacked int8 codes and params of ``x``, for any ``bits`` up to 8.
+        """Unpacked int8 codes and params of ``x``, for any ``bits`` up to 8, from the ``quantize`` op.
 
-        The same numbers as :meth:`quantize` (8 bits; 4 bits before packing), so
-        ``step * q + offset`` equals :meth:`fake_quantize` exactly; used where a
-        2/3/5/6/7-bit scheme must be stored (one code per int8).
+        The same numbers as :meth:`quantize` (4 bits: before packing), so
+        ``step * q + offset`` equals :meth:`fake_quantize` exactly.
 
         Returns:
             ``(q, params)``: ``q`` int8 in the op layout, one code per element;
             ``params`` float32 ``[G, 1]`` (step) or ``[G, 2]`` (step, offset).
         """
-        if self.bits > 8:
-            raise ValueError(f"QuantSpec: codes() stores one int8 per element, `bits` must be <= 8, got {self.bits}")
-        scale, offset, step = self._scale_offset(x)
-        groups = scale.shape[0]
-        xs = self.to_op_layout(x.detach()).float().reshape(groups, -1)
-        d = xs - offset[:, None]
-        v = torch.where(torch.isinf(scale)[:, None], d / step[:, None], d * scale[:, None])
-        v = v.clamp(self.quant_min, self.quant_max)
-        # The kernels clamp NaN to the lowest code (the group's params are NaN anyway).
-        v = torch.where(torch.isnan(v), float(self.quant_min), v)
-        q = torch.round(v).to(torch.int8).reshape(self.to_op_layout(x).shape)
-        params = step[:, None] if self.symmetric else torch.stack([step, offset], dim=1)
-        return q, params
+        self._check_storable("codes()")
+        return ops.quantize(self.to_op_layout(x.detach()), self._op_groups(x), self.bits, self.symmetric, packed=False)
+
+    def steps(self, x: Tensor) -> Tensor:
+        """The per-group step qkit uses for ``x`` (the kernels' ``params[:, 0]``), float32 ``[G]``.
+
+        For symmetric schemes this is also the ``scale`` of PyTorch's affine
+        quantization (zero point 0, codes ``[quant_min, quant_max]``).
+        """
+        return self.qparams(x)[0]
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(steps, offsets)`` of ``x``, float32 ``[G]`` each (offsets: the midpoints; 0 if symmetric)."""
+        params = self.codes(x)[1]
+        offsets = torch.zeros_like(params[:, 0]) if self.symmetric else params[:, 1]
+        return params[:, 0], offsets
+
+    def _check_storable(self, what: str) -> None:
+        if not self.storable:
+            raise ValueError(
+                f"QuantSpec: {what} stores one int8 per code, `bits` must be in [{MIN_BITS}, {MAX_STORAGE_BITS}], "
+                f"got {self.bits}"
+            )

@@ -1,8 +1,9 @@
 """``qkit bench`` (or ``python -m qkit.bench``): qkit's kernels against what users have.
 
 For every (threads, dtype, group size, op) case it times, side by side on the same
-tensors: a copy of the input into an existing buffer (the memory-bandwidth ceiling),
-the op's math in eager PyTorch, that code under ``torch.compile``, aten's
+tensors: a copy of the input into an existing buffer (the memory-bandwidth ceiling of
+``out=``), ``clone()`` of the input (the ceiling of a fresh output, which pays the same
+page faults), the op's math in eager PyTorch, that code under ``torch.compile``, aten's
 ``fake_quantize_per_channel_affine``, DeepSpeed's and bitsandbytes' CUDA kernels (when
 installed), qkit with a fresh output, and qkit writing into a reused ``out=`` buffer. The
 floating-point ops (``*_e4m3``: FP8 with a float32 absmax scale per group; ``*_mxfp4``:
@@ -372,8 +373,10 @@ def run(
                         # The ceiling is re-read next to each case: on a shared machine it
                         # drifts within a run, and a ratio should compare like moments.
                         copy_s = time_seconds(lambda x=x, y=copy_into: y.copy_(x), repeat, device, warmup=warmup)
+                        clone_s = time_seconds(x.clone, repeat, device, warmup=warmup)
+                        ceilings = (copy_s, clone_s)
                         rows.append(
-                            _time_case(op, x, group_size, spec, libs, copy_s, n_threads, repeat, device, warmup)
+                            _time_case(op, x, group_size, spec, libs, ceilings, n_threads, repeat, device, warmup)
                         )
                         torch._dynamo.reset()  # every case compiles its own graph; keep the cache small
     return rows
@@ -385,7 +388,7 @@ def _time_case(
     group_size: int,
     spec: str,
     libs: Baselines,
-    copy_s: float,
+    ceilings: tuple[float, float],
     n_threads: int,
     repeat: int,
     device: str,
@@ -395,6 +398,7 @@ def _time_case(
     if op in FP_OPS and FP_OPS[op][2] == "mx":
         group_size, spec = base.MX_BLOCK, "mx32"  # the format fixes its blocks
     groups = numel // group_size
+    copy_s, clone_s = ceilings  # seconds of x's copy into an existing buffer and of x.clone()
     row = {
         "op": op,
         "dtype": str(x.dtype).removeprefix("torch."),
@@ -403,6 +407,7 @@ def _time_case(
         "numel": numel,
         "threads": n_threads if device == "cpu" else None,
         "copy_gbps": 2 * numel * x.element_size() / copy_s / 1e9,
+        "clone_gbps": 2 * numel * x.element_size() / clone_s / 1e9,
         "seconds": {},
         "gbps": {},
         "skipped": {},
@@ -480,20 +485,23 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
 def print_table(rows: list[dict], impls: list[str]) -> None:
     headings = [_HEADINGS.get(name, name) for name in impls]
     print(
-        f"{'op':<20}{'dtype':<9}{'group':>6}{'numel':>10}{'thr':>4}{'copy':>7}"
+        f"{'op':<20}{'dtype':<9}{'group':>6}{'numel':>10}{'thr':>4}{'copy':>7}{'clone':>7}"
         + "".join(f"{h:>10}" for h in headings)
-        + f"{'out=/copy':>10}{'x eager':>8}{'x comp':>8}{'x best':>8}   (GB/s; x = qkit fresh vs that)"
+        + f"{'out=/copy':>10}{'new/clone':>10}{'x eager':>8}{'x comp':>8}{'x best':>8}   (GB/s; x = qkit fresh vs that)"
     )
     for r in rows:
         g = r["gbps"]
         ours = g.get("qkit")
         others = [v for k, v in g.items() if k not in ("qkit", "qkit_out")]
         fresh_or_out = g.get("qkit_out", ours)
+        clone = r.get("clone_gbps")  # absent from reports written before it was timed
 
         print(
             f"{r['op']:<20}{r['dtype']:<9}{r['group']:>6}{r['numel']:>10}{r['threads'] or '':>4}{r['copy_gbps']:>7.1f}"
+            + _fmt(clone, 7, 1)
             + "".join(_fmt(g.get(name), 10) for name in impls)
             + (f"{fresh_or_out / r['copy_gbps']:>10.0%}" if fresh_or_out else f"{'-':>10}")
+            + (f"{ours / clone:>10.0%}" if ours and clone else f"{'-':>10}")
             + _ratio(ours, g.get("eager"))
             + _ratio(ours, g.get("compile"))
             + _ratio(ours, max(others) if others else None)
@@ -509,8 +517,10 @@ def markdown_table(rows: list[dict], impls: list[str]) -> str:
     """The rows as a Markdown table (GB/s), for BENCHMARKS.md."""
     names = [_HEADINGS.get(name, name) for name in impls]
     lines = [
-        "| op | dtype | group | threads | copy | " + " | ".join(names) + " | out= of copy | vs eager | vs compile |",
-        "| --- " * (8 + len(impls)) + "|",
+        "| op | dtype | group | threads | copy | clone | "
+        + " | ".join(names)
+        + " | out= of copy | fresh of clone | vs eager | vs compile |",
+        "| --- " * (10 + len(impls)) + "|",
     ]
     for r in rows:
         g = r["gbps"]
@@ -518,11 +528,14 @@ def markdown_table(rows: list[dict], impls: list[str]) -> str:
         best = g.get("qkit_out", g.get("qkit"))
         ours = g.get("qkit")
         share = f"{best / r['copy_gbps']:.0%}" if best else "-"
+        clone = r.get("clone_gbps")  # absent from reports written before it was timed
+        fresh_share = f"{ours / clone:.0%}" if ours and clone else "-"
         vs = [f"{ours / g[k]:.1f}x" if ours and k in g else "-" for k in ("eager", "compile")]
         lines.append(
             f"| {r['op']} | {r['dtype']} | {r['group']} | {r['threads'] or '-'} | {r['copy_gbps']:.1f} | "
+            + (f"{clone:.1f} | " if clone else "- | ")
             + " | ".join(cells)
-            + f" | {share} | {vs[0]} | {vs[1]} |"
+            + f" | {share} | {fresh_share} | {vs[0]} | {vs[1]} |"
         )
     return "\n".join(lines)
 

@@ -12,6 +12,13 @@ outputs (dequantized; for LoCo also the updated error buffers). Times are the be
 
 ``--gloo NxL`` also times the whole collective on ``N*L`` local gloo processes against an
 fp32 averaging reduce-scatter (loopback: mostly compute on a small machine).
+
+``--fsdp NxL`` times FSDP2 training steps of an MLP (``--fsdp-width``, ``--fsdp-layers``) on
+``N*L`` local gloo processes with the default comms and with :func:`qkit.distributed.zeropp`
+(4-bit gradients over two hops, 8-bit weights; and with LoCo): per step, the whole step, the
+time inside the comms, the part of it spent in torch.distributed's collectives, and the rest —
+qkit's quantize/dequantize work (the default comms are a pass-through to the same collectives,
+so they are timed the same way).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import argparse
 import datetime
 import multiprocessing
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -212,6 +219,141 @@ def run_gloo(nodes: int, local: int, shape: tuple[int, int], repeat: int) -> dic
     return q.get() if not q.empty() else {}
 
 
+# ---------------------------------------------------------------- optional: FSDP2 steps on gloo
+
+FSDP_RUNS = ("default", "qgZ + qwZ", "qgZ + qwZ + LoCo")
+
+
+class _Timer:
+    """Seconds spent inside wrapped callables (``comm``: the FSDP2 comms; ``collective``:
+    torch.distributed's collectives)."""
+
+    def __init__(self) -> None:
+        self.seconds = {"comm": 0.0, "collective": 0.0}
+
+    def wrap(self, kind: str, fn: Callable[..., object]) -> Callable[..., object]:
+        import time
+
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[kind] += time.perf_counter() - start
+
+        return timed
+
+
+def _plain_comms(timer: _Timer) -> tuple[object, object]:
+    """FSDP2 custom comms that call the default collectives (timed like qkit's)."""
+    import torch.distributed as dist
+
+    class Alloc:
+        def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
+            return torch.empty(size, dtype=dtype, device=device)
+
+    class PlainReduceScatter(Alloc):
+        def __call__(
+            self, output_tensor: Tensor, input_tensor: Tensor, group: object, op: object, async_op: bool = False
+        ) -> None:
+            avg = getattr(op, "op", op) == dist.ReduceOp.AVG  # gloo has no AVG: sum, then divide
+            fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            fn(output_tensor, input_tensor, op=dist.ReduceOp.SUM if avg else op, group=group)
+            if avg:
+                output_tensor.div_(dist.get_world_size(group))
+
+    class PlainAllGather(Alloc):
+        def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group: object, async_op: bool = False) -> None:
+            fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            fn(output_tensor, input_tensor, group=group)
+
+    for cls in (PlainReduceScatter, PlainAllGather):
+        cls.__call__ = timer.wrap("comm", cls.__call__)  # type: ignore[method-assign]
+    return PlainReduceScatter(), PlainAllGather()
+
+
+def _fsdp_rank(
+    rank: int, world: int, local: int, port: int, width: int, layers: int, steps: int, warmup: int, q: object
+) -> None:
+    import os
+    import statistics
+    import time
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import qkit.distributed as qd
+    from qkit.distributed import fsdp as qfsdp
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    timer = _Timer()
+    for name in ("all_to_all_single", "all_gather_single", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            setattr(dist, name, timer.wrap("collective", getattr(dist, name)))
+    for cls in (qfsdp.QuantizedReduceScatter, qfsdp.QuantizedAllGather):
+        cls.__call__ = timer.wrap("comm", cls.__call__)  # type: ignore[method-assign]
+    res = {}
+    for label in FSDP_RUNS:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        if label == "default":
+            rs, ag = _plain_comms(timer)
+            for m in model.modules():
+                if hasattr(m, "set_custom_reduce_scatter"):
+                    m.set_custom_reduce_scatter(rs)
+                    m.set_custom_all_gather(ag)
+        else:
+            loco = qd.LocoConfig() if "LoCo" in label else None
+            qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco, local_world_size=local)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x = torch.randn(32, width)
+        rows = []
+        for step in range(warmup + steps):  # the same count on every rank: no timed warm-up
+            timer.seconds = dict.fromkeys(timer.seconds, 0.0)
+            start = time.perf_counter()
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            total = time.perf_counter() - start
+            if step >= warmup:
+                rows.append((total, timer.seconds["comm"], timer.seconds["collective"]))
+        res[label] = tuple(1e3 * statistics.median(r[i] for r in rows) for i in range(3))
+        dist.barrier()
+    if rank == 0:
+        q.put(res)  # type: ignore[attr-defined]
+    dist.destroy_process_group()
+
+
+def run_fsdp(nodes: int, local: int, width: int, layers: int, steps: int, warmup: int = 3) -> dict:
+    """Median per-step (step, comms, collectives) ms of rank 0 for each of :data:`FSDP_RUNS`."""
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port, world = _free_port(), nodes * local
+    procs = [
+        ctx.Process(target=_fsdp_rank, args=(r, world, local, port, width, layers, steps, warmup, q), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return q.get() if not q.empty() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qkit.bench.zeropp", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="4096,1024", help="gradient shape ROWS,COLS")
@@ -222,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also time the eager code under torch.compile")
     parser.add_argument("--gloo", default=None, metavar="NxL", help="also time the collective on N*L gloo ranks")
+    parser.add_argument("--fsdp", default=None, metavar="NxL", help="time FSDP2 steps on N*L gloo ranks (only this)")
+    parser.add_argument("--fsdp-width", type=int, default=1024, help="--fsdp: the MLP's width")
+    parser.add_argument("--fsdp-layers", type=int, default=4, help="--fsdp: the MLP's Linear layers")
+    parser.add_argument("--fsdp-steps", type=int, default=10, help="--fsdp: timed steps (after 3 untimed)")
     args = parser.parse_args(argv)
+    if args.fsdp:
+        return _main_fsdp(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -244,6 +392,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncollective on {n * loc} local gloo ranks ({n}x{loc}), fp32 gradient {shape}, rank 0:")
         for name, (ms, nbytes) in res.items():
             print(f"  {name:<22}{ms:>9.1f} ms  {nbytes / 2**20:>8.2f} MiB sent")
+    return 0
+
+
+def _main_fsdp(args: argparse.Namespace) -> int:
+    n, loc = (int(s) for s in args.fsdp.lower().split("x"))
+    print(
+        f"qkit {qkit.__version__}, torch {torch.__version__}; FSDP2 on {n * loc} local gloo ranks ({n}x{loc}), "
+        f"MLP {args.fsdp_layers} x Linear({args.fsdp_width}, {args.fsdp_width}), fp32, batch 32 per rank, "
+        f"1 thread per rank; median of {args.fsdp_steps} steps, rank 0, ms"
+    )
+    res = run_fsdp(n, loc, args.fsdp_width, args.fsdp_layers, args.fsdp_steps)
+    if not res:
+        print("the gloo ranks failed or timed out")
+        return 1
+    base = res["default"]
+    print(f"{'comms':<20}{'step':>9}{'in comms':>10}{'collectives':>13}{'quant/dequant':>15}{'step vs default':>17}")
+    for label, (step, comm, coll) in res.items():
+        print(f"{label:<20}{step:>9.1f}{comm:>10.1f}{coll:>13.1f}{comm - coll:>15.1f}{step / base[0]:>16.2f}x")
     return 0
 
 

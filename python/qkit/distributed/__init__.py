@@ -6,7 +6,10 @@
 - :func:`all_gather_quantized` — qwZ: all-gather of weight shards at 8 (or 4) bits;
 - :func:`wire_bytes` / :func:`count_wire_bytes` — bytes on the wire, predicted and counted;
 - :func:`zeropp` / :class:`QuantizedReduceScatter` / :class:`QuantizedAllGather` / :class:`LocoConfig`
-  — qgZ (with LoCo) and qwZ as FSDP2 custom comms (torch >= 2.13; the private FSDP2 API is imported only when used).
+  — qgZ (with LoCo; one or two hops) and qwZ as FSDP2 custom comms (torch >= 2.13; the private FSDP2
+  API is imported only when used);
+- :class:`QuantizedAllReduceState` / :func:`quantized_allreduce_hook` — a DDP comm hook: quantized
+  reduce-scatter then quantized all-gather of each bucket, with optional LoCo error feedback.
 
 Every collective first checks, once per distinct call signature, that all ranks made the same
 call (``validate="once"``; see :mod:`qkit.distributed.consistency`).
@@ -17,6 +20,7 @@ See ``docs/distributed.md`` for the algorithm, the output contract and the wire-
 from __future__ import annotations
 
 from qkit.distributed.comm import WireCounter, count_wire_bytes
+from qkit.distributed.ddp import QuantizedAllReduceState, quantized_allreduce, quantized_allreduce_hook
 from qkit.distributed.fallback import slice_bounds
 from qkit.distributed.fsdp import LocoConfig, QuantizedAllGather, QuantizedReduceScatter, ZeroPP, zeropp
 from qkit.distributed.groups import Topology, hierarchical_groups, topology
@@ -33,6 +37,7 @@ __all__ = [
     "QgzFallbackWarning",
     "QgzPlan",
     "QuantizedAllGather",
+    "QuantizedAllReduceState",
     "QuantizedReduceScatter",
     "Topology",
     "WireCounter",
@@ -44,6 +49,8 @@ __all__ = [
     "default_groups",
     "hierarchical_groups",
     "plan_qgz",
+    "quantized_allreduce",
+    "quantized_allreduce_hook",
     "slice_bounds",
     "topology",
     "wire_bytes",

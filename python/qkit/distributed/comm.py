@@ -9,6 +9,7 @@ algorithm sends them (what NCCL's ring/direct algorithms and gloo's send):
 | ``all_to_all_single`` of ``B`` input bytes (even split) | ``B * (k - 1) / k`` (its own chunk stays) |
 | ``reduce_scatter`` of ``B`` input bytes | ``B * (k - 1) / k`` |
 | ``all_gather`` of ``B`` input bytes | ``B * (k - 1)`` |
+| ``all_reduce`` of ``B`` bytes (baselines only) | ``2 * B * (k - 1) / k`` (reduce-scatter + all-gather) |
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["WireCounter", "all_gather", "all_to_all", "count_wire_bytes", "reduce_scatter_sum"]
+__all__ = ["WireCounter", "all_gather", "all_to_all", "count_wire_bytes", "reduce_scatter_sum", "sent_bytes"]
 
 
 # torch >= 2.13 renamed the tensor forms; older releases only have the old names. Looked up at
@@ -68,6 +69,19 @@ def _record(name: str, size: int, sent: int) -> None:
         c.calls.append((name, size, sent))
 
 
+def sent_bytes(collective: str, k: int, input_bytes: int) -> int:
+    """Bytes one rank sends when it hands ``input_bytes`` to ``collective`` (``"all_to_all"``,
+    ``"reduce_scatter"``, ``"all_gather"`` or ``"all_reduce"``) in a group of ``k`` ranks (the
+    table above)."""
+    if collective in ("all_to_all", "reduce_scatter"):
+        return input_bytes * (k - 1) // k
+    if collective == "all_reduce":
+        return 2 * input_bytes * (k - 1) // k
+    if collective == "all_gather":
+        return input_bytes * (k - 1)
+    raise ValueError(f"qkit.distributed.comm.sent_bytes: unknown collective {collective!r}")
+
+
 def group_size(group: Any) -> int:
     """Ranks in ``group`` (``None``: the default group)."""
     return dist.get_world_size(group)
@@ -77,7 +91,7 @@ def all_to_all(output: Tensor, input: Tensor, group: Any) -> None:
     """``all_to_all_single`` with an even split: chunk ``k`` of ``input`` goes to group rank ``k``,
     chunk ``k`` of ``output`` comes from group rank ``k``. A group of one copies."""
     k = group_size(group)
-    _record("all_to_all", k, input.numel() * input.element_size() * (k - 1) // k)
+    _record("all_to_all", k, sent_bytes("all_to_all", k, input.numel() * input.element_size()))
     if k == 1:
         output.copy_(input)
     else:
@@ -87,7 +101,7 @@ def all_to_all(output: Tensor, input: Tensor, group: Any) -> None:
 def reduce_scatter_sum(output: Tensor, input: Tensor, group: Any = None) -> None:
     """Sum over the group, chunk ``k`` (of ``k`` equal chunks of ``input``) to group rank ``k``."""
     k = group_size(group)
-    _record("reduce_scatter", k, input.numel() * input.element_size() * (k - 1) // k)
+    _record("reduce_scatter", k, sent_bytes("reduce_scatter", k, input.numel() * input.element_size()))
     if k == 1:
         output.copy_(input)
     else:
@@ -97,7 +111,7 @@ def reduce_scatter_sum(output: Tensor, input: Tensor, group: Any = None) -> None
 def all_gather(output: Tensor, input: Tensor, group: Any = None) -> None:
     """Concatenate every group rank's ``input`` into ``output`` in group-rank order."""
     k = group_size(group)
-    _record("all_gather", k, input.numel() * input.element_size() * (k - 1))
+    _record("all_gather", k, sent_bytes("all_gather", k, input.numel() * input.element_size()))
     if k == 1:
         output.copy_(input)
     else:

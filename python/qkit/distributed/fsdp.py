@@ -11,7 +11,10 @@ qkit's ``quantize``/``dequantize`` ops and plain ``torch.distributed`` collectiv
   ``k`` destination chunks of ``s`` elements; each chunk is quantized (symmetric, group-wise
   scales, ``bits`` 4 or 8) and sent to its owner with one ``all_to_all``; the owner
   dequantizes the ``k`` received chunks to fp32, sums them in rank order, applies ``op``
-  (SUM, AVG, or PREMUL_SUM's factor) and writes ``output_tensor`` in its dtype. One hop.
+  (SUM, AVG, or PREMUL_SUM's factor) and writes ``output_tensor`` in its dtype. With
+  ``local_world_size`` (given, or read from ``LOCAL_WORLD_SIZE``) the exchange takes two hops
+  over torch.distributed subgroups: inside the node (then an fp32 sum over the node's ranks,
+  re-quantized), then across nodes (:func:`qkit.distributed.chunks.reduce_scatter_chunks`).
 - :class:`QuantizedAllGather`: each rank quantizes its shard, codes and params of all
   ranks travel in one ``all_gather``, and every rank dequantizes all shards into
   ``output_tensor`` (its own shard too, so every rank holds the same weights).
@@ -24,12 +27,14 @@ qkit's ``quantize``/``dequantize`` ops and plain ``torch.distributed`` collectiv
 The private torch API is imported lazily behind feature detection: importing this module
 works on any torch; using the comms on a torch without it raises ``RuntimeError``.
 
-Not supported (refused with an error naming the option): the two-hop intra/inter-node
-exchange (``local_world_size``), HSDP / replicated meshes.
+Not supported (refused with an error naming the option): HSDP / meshes with a replicate
+dimension, ``torch.compile`` of the model (a compiled ``OptimizedModule`` passed to
+:func:`zeropp`, or a comm called while dynamo traces).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +43,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from qkit import ops
 from qkit.distributed import comm
+from qkit.distributed.chunks import (
+    ChunkLayout,
+    Hops,
+    Loco,
+    all_gather_chunks,
+    chunk_layout,
+    reduce_scatter_chunks,
+)
 from qkit.distributed.consistency import ensure_consistent
+from qkit.distributed.groups import hierarchical_groups, topology
 from qkit.distributed.loco import DEFAULT_ERR_BETA, DEFAULT_RESET_T, _check_hyper
-from qkit.zeropp_ops import loco_swizzle_quantize
 
 __all__ = [
     "DEFAULT_GRAD_GROUP_SIZE",
     "DEFAULT_WEIGHT_GROUP_SIZE",
+    "ChunkLayout",
     "LocoConfig",
     "QuantizedAllGather",
     "QuantizedReduceScatter",
@@ -62,7 +75,7 @@ DEFAULT_WEIGHT_GROUP_SIZE = 2048
 """Largest quantization group of a weight shard by default (as :func:`all_gather_quantized`)."""
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: LoCo entries carry the two-hop buffer `inter_error`
 
 
 def _fsdp_api() -> Any:
@@ -78,44 +91,6 @@ def _fsdp_api() -> Any:
         if not hasattr(_fsdp_api, name):  # pragma: no cover
             raise RuntimeError(f"qkit.distributed: torch {torch.__version__}'s _fsdp_api has no {name}")
     return _fsdp_api
-
-
-@dataclass(frozen=True)
-class ChunkLayout:
-    """How one chunk of ``numel`` elements is quantized: ``groups`` groups of ``group_elems``
-    elements (even for 4 bits), the chunk zero-padded to ``padded = groups * group_elems``."""
-
-    numel: int
-    groups: int
-    group_elems: int
-    bits: int
-
-    @property
-    def padded(self) -> int:
-        return self.groups * self.group_elems
-
-    @property
-    def code_bytes(self) -> int:
-        """Bytes of codes per chunk."""
-        return self.padded * self.bits // 8
-
-    @property
-    def wire_bytes(self) -> int:
-        """Bytes per chunk on the wire: fp32 params first, then codes."""
-        return 4 * self.groups + self.code_bytes
-
-
-def chunk_layout(numel: int, bits: int, group_size: int) -> ChunkLayout:
-    """The layout of a chunk of ``numel`` elements: the fewest groups of at most ``group_size``
-    elements, sizes balanced (rounded up to even for 4 bits). Depends only on its arguments,
-    so every rank computes the same. ``numel == 0`` gives one empty group."""
-    if numel == 0:
-        return ChunkLayout(0, 1, 0, bits)
-    groups = -(-numel // group_size)
-    elems = -(-numel // groups)
-    if bits == 4:
-        elems += elems % 2
-    return ChunkLayout(numel, groups, elems, bits)
 
 
 def _check_bits_and_group(fn: str, bits: int, group_size: int | None, default: int) -> int:
@@ -147,39 +122,59 @@ class LocoConfig:
         _check_hyper(self.beta, self.reset_T)
 
 
-def _refuse_unsupported(fn: str, loco: object, local_world_size: int | None) -> None:
+def _check_loco(fn: str, loco: object) -> None:
     if loco is not None and not isinstance(loco, LocoConfig):
         raise TypeError(
             f"qkit.distributed.{fn}: `loco` must be a qkit.distributed.LocoConfig or None, got a {type(loco).__name__}"
         )
-    if local_world_size is not None:
-        raise NotImplementedError(
-            f"qkit.distributed.{fn}: `local_world_size` (the two-hop intra-/inter-node exchange) is not "
-            "implemented for FSDP2 yet; pass local_world_size=None for the one-hop all_to_all"
+
+
+def resolve_local_world_size(fn: str, local_world_size: int | None, world: int) -> int | None:
+    """Ranks per node for the two-hop exchange, or ``None`` for one hop.
+
+    ``None`` reads the ``LOCAL_WORLD_SIZE`` environment variable (set by ``torchrun``) and means
+    one hop when it is unset. A value of 1 or ``world`` (one node) also means one hop; anything
+    else must be a positive int dividing ``world`` (``ValueError`` naming ``local_world_size``)."""
+    source = "`local_world_size`"
+    if local_world_size is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE")
+        if env is None:
+            return None
+        source = "the LOCAL_WORLD_SIZE environment variable (read because local_world_size=None)"
+        try:
+            local_world_size = int(env)
+        except ValueError:
+            raise ValueError(f"qkit.distributed.{fn}: {source} must be an int, got {env!r}") from None
+    if isinstance(local_world_size, bool) or not isinstance(local_world_size, int) or local_world_size < 1:
+        raise ValueError(f"qkit.distributed.{fn}: {source} must be a positive int, got {local_world_size!r}")
+    if world % local_world_size != 0:
+        raise ValueError(
+            f"qkit.distributed.{fn}: {source} ({local_world_size}) must divide the world size ({world}): "
+            "every node needs the same number of ranks"
         )
+    return None if local_world_size in (1, world) else local_world_size
 
 
-def _quantize_rows(rows: Tensor, layout: ChunkLayout) -> Tensor:
-    """``rows`` ``[k, numel]`` (float) -> int8 ``[k, layout.wire_bytes]``: per row, the fp32 params
-    of its ``groups`` groups (as bytes), then its codes. Rows are zero-padded to ``padded``
-    (zeros never raise a symmetric group's max, so the real elements quantize as unpadded)."""
-    k = rows.shape[0]
-    if layout.padded != layout.numel:
-        padded = rows.new_zeros(k, layout.padded)
-        padded[:, : layout.numel] = rows
-        rows = padded
-    codes, params = ops.quantize(rows.reshape(-1), k * layout.groups, layout.bits, True)
-    return torch.cat([params.view(torch.int8).reshape(k, -1), codes.reshape(k, -1)], dim=1)
+_HOPS: dict[tuple[int, int], Hops] = {}
 
 
-def _dequantize_rows(buf: Tensor, layout: ChunkLayout, dtype: torch.dtype) -> Tensor:
-    """Inverse layout of :func:`_quantize_rows`: int8 ``[k, wire_bytes]`` -> ``[k, numel]`` in ``dtype``."""
-    k = buf.shape[0]
-    pbytes = 4 * layout.groups
-    params = buf[:, :pbytes].contiguous().view(torch.float32).reshape(k * layout.groups, 1)
-    codes = buf[:, pbytes:].contiguous().reshape(-1)
-    values = ops.dequantize(codes, params, k * layout.groups, layout.bits, True, dtype)
-    return values.view(k, layout.padded)[:, : layout.numel]
+def _hops(local_world_size: int) -> Hops:
+    """The subgroups of the two-hop exchange over the default world (collective the first time
+    per process and ``local_world_size``: :func:`~qkit.distributed.hierarchical_groups`)."""
+    key = (id(dist.group.WORLD), local_world_size)
+    if key not in _HOPS:
+        topo = topology(hierarchical_groups(local_world_size))
+        _HOPS[key] = Hops(topo.nodes, topo.local_world_size, topo.local_group, topo.global_group)
+    return _HOPS[key]
+
+
+def _refuse_compiling(fn: str) -> None:
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        raise RuntimeError(
+            f"qkit.distributed.{fn}: called while torch.compile traces the model; torch.compile of a model "
+            "with qkit's FSDP2 comms is not supported (run the model eagerly)"
+        )
 
 
 def _op_scale(op: Any, k: int) -> tuple[str, float]:
@@ -203,8 +198,9 @@ def _op_scale(op: Any, k: int) -> tuple[str, float]:
 
 
 class _Stats:
-    """Bytes handed to torch.distributed (input buffers of the collectives) and what FSDP2's
-    default comm would have handed for the same call."""
+    """Bytes this rank sent to other ranks through its collectives (counted by
+    :func:`qkit.distributed.count_wire_bytes`'s rule, :func:`qkit.distributed.comm.sent_bytes`),
+    and what FSDP2's default comm would have sent for the same calls."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -229,15 +225,26 @@ class _Alloc:
         return torch.empty(size, dtype=dtype, device=device)
 
 
+def _apply_op(acc: Tensor, kind: str, value: float) -> Tensor:
+    if kind == "avg":
+        acc.div_(value)
+    elif kind == "premul":
+        acc.mul_(value)
+    return acc
+
+
 class QuantizedReduceScatter(_Alloc):
-    """FSDP2 ``ReduceScatter`` with gradients quantized on the wire (qgZ, one hop).
+    """FSDP2 ``ReduceScatter`` with gradients quantized on the wire (qgZ).
 
     ``__call__(output_tensor, input_tensor, group, op, async_op=False)``: ``input_tensor`` is
     FSDP2's flat reduce buffer ``[k * s]`` (fp32/bf16/fp16, ``k`` = group size, chunk ``j``
-    for group rank ``j``), ``output_tensor`` ``[s]`` of the same dtype. Result: for this rank
-    ``r``, ``op_apply(sum_j fp32(dequantize(quantize(chunk r of rank j))))`` cast to the
-    output's dtype, the sum taken in rank order ``j = 0, 1, ...`` in fp32, then ``/ k`` (AVG),
-    ``* f`` (PREMUL_SUM(f)) or nothing (SUM). Synchronous: returns ``None``.
+    for group rank ``j``), ``output_tensor`` ``[s]`` of the same dtype. Result, for this rank
+    ``r`` (one hop): ``op_apply(sum_j fp32(dequantize(quantize(chunk r of rank j))))`` cast to
+    the output's dtype, the sum taken in rank order ``j = 0, 1, ...`` in fp32, then ``/ k``
+    (AVG), ``* f`` (PREMUL_SUM(f)) or nothing (SUM). Two hops (``k = N * L``, rank
+    ``n * L + d``): node ``m``'s fp32 sum over its devices ``d' = 0, 1, ...`` of the dequantized
+    chunks ``r``, re-quantized, then summed over ``m = 0, 1, ...`` in fp32 and ``op`` applied.
+    Synchronous: returns ``None``.
 
     Other dtypes (float64) take FSDP2's plain ``reduce_scatter`` (full precision; the path
     depends only on the dtype, so every rank takes the same one).
@@ -248,7 +255,11 @@ class QuantizedReduceScatter(_Alloc):
         loco: :class:`LocoConfig` for error feedback, or ``None``. The state belongs to this
             object: use one object per FSDP module (as :func:`zeropp` does); it restarts from zero
             when the buffer's layout (group size, chunk size, dtype) changes.
-        local_world_size: not implemented; anything but ``None`` raises ``NotImplementedError``.
+        local_world_size: ranks per node for the two-hop exchange; ``None`` reads
+            ``LOCAL_WORLD_SIZE`` (one hop when unset); 1 or the world size: one hop. Two hops need
+            FSDP2's group to be the default world in rank order (a 1-D mesh over all ranks), and
+            the first object built with a given value creates the subgroups (collective: every
+            rank builds it, in the same order).
     """
 
     def __init__(
@@ -258,41 +269,64 @@ class QuantizedReduceScatter(_Alloc):
         loco: LocoConfig | None = None,
         local_world_size: int | None = None,
     ) -> None:
+        fn = "QuantizedReduceScatter"
         _fsdp_api()
-        _refuse_unsupported("QuantizedReduceScatter", loco, local_world_size)
+        _check_loco(fn, loco)
         self.bits = bits
-        self.group_size = _check_bits_and_group("QuantizedReduceScatter", bits, group_size, DEFAULT_GRAD_GROUP_SIZE)
+        self.group_size = _check_bits_and_group(fn, bits, group_size, DEFAULT_GRAD_GROUP_SIZE)
         self.loco = loco
+        self.local_world_size: int | None = None
+        self.hops: Hops | None = None
+        if local_world_size is not None or "LOCAL_WORLD_SIZE" in os.environ:
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError(f"qkit.distributed.{fn}: local_world_size needs torch.distributed to be initialized")
+            self.local_world_size = resolve_local_world_size(fn, local_world_size, dist.get_world_size())
+            self.hops = None if self.local_world_size is None else _hops(self.local_world_size)
         self.stats = _Stats()
-        self.error: Tensor | None = None  # LoCo: flat [k * padded] in the reduce dtype
+        self.error: Tensor | None = None  # LoCo, first quantization: flat [k * padded] in the reduce dtype
+        self.inter_error: Tensor | None = None  # LoCo, two hops, re-quantization: [nodes * padded]
         self.steps = 0  # LoCo: calls since the last reset
         self.error_key: tuple[int, int, int, str] | None = None  # (k, chunk numel, padded chunk, dtype)
+        self._checked_groups: set[int] = set()
 
-    def _loco_quantize_rows(self, rows: Tensor, layout: ChunkLayout) -> Tensor:
-        """:func:`_quantize_rows` of ``rows + error`` with the LoCo update of ``self.error``."""
+    def _check_group(self, group: Any, k: int) -> None:
+        """Two hops run over subgroups of the default world: FSDP2's group must be that world."""
+        if self.hops is None or id(group) in self._checked_groups:
+            return
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(k))
+        if ranks != list(range(dist.get_world_size())):
+            raise ValueError(
+                "qkit.distributed.QuantizedReduceScatter: `local_world_size` (two hops) needs FSDP2's "
+                f"reduce-scatter group to be the default world in rank order, got ranks {ranks[:16]}; "
+                "pass local_world_size=None for one hop"
+            )
+        self._checked_groups.add(id(group))
+
+    def _loco_state(self, rows: Tensor, layout: ChunkLayout) -> Loco:
+        """The LoCo buffers for ``rows`` (fresh on a new layout, zeroed every ``reset_T`` calls)."""
         assert self.loco is not None
         k = rows.shape[0]
+        nodes = 0 if self.hops is None else self.hops.nodes
         key = (k, layout.numel, layout.padded, str(rows.dtype).removeprefix("torch."))
         if self.error is None or self.error_key != key:
             self.error = torch.zeros(k * layout.padded, dtype=rows.dtype, device=rows.device)
+            self.inter_error = None if not nodes else torch.zeros(nodes * layout.padded, dtype=rows.dtype)
             self.error_key, self.steps = key, 0
         elif self.loco.reset_T and self.steps >= self.loco.reset_T:
             self.error.zero_()
+            if self.inter_error is not None:
+                self.inter_error.zero_()
             self.steps = 0
         if self.error.device != rows.device:
             self.error = self.error.to(rows.device)
-        padded = rows.new_zeros(k, layout.padded)
-        padded[:, : layout.numel] = rows
-        # padding stays zero: s = 0 + 0 quantizes to 0 exactly, so its error stays 0
-        codes, params = loco_swizzle_quantize(
-            padded.reshape(-1), self.error, self.loco.beta, k * layout.groups, layout.bits, True, 1, 1, 1
-        )
-        self.steps += 1
-        return torch.cat([params.view(torch.int8).reshape(k, -1), codes.reshape(k, -1)], dim=1)
+        if self.inter_error is not None and self.inter_error.device != rows.device:
+            self.inter_error = self.inter_error.to(rows.device)
+        return Loco(float(self.loco.beta), self.error, self.inter_error)
 
     def __call__(
         self, output_tensor: Tensor, input_tensor: Tensor, group: Any, op: Any, async_op: bool = False
     ) -> None:
+        _refuse_compiling("QuantizedReduceScatter")
         k = dist.get_world_size(group)
         n = input_tensor.numel()
         if n % k != 0 or output_tensor.numel() != n // k:
@@ -302,31 +336,25 @@ class QuantizedReduceScatter(_Alloc):
             )
         s = n // k
         dtype = input_tensor.dtype
-        baseline = n * input_tensor.element_size()
+        baseline = comm.sent_bytes("reduce_scatter", k, n * input_tensor.element_size())
         if dtype not in _FLOAT_DTYPES or output_tensor.dtype != dtype:
             comm_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             comm_fn(output_tensor, input_tensor, op=op, group=group)
             self.stats.add(baseline, baseline)
             return None
         kind, value = _op_scale(op, k)
+        self._check_group(group, k)
         if s == 0:  # the same on every rank: nothing to exchange
             return None
         layout = chunk_layout(s, self.bits, self.group_size)
-        with torch.no_grad():
+        with torch.no_grad(), comm.count_wire_bytes() as counter:
             rows = input_tensor.view(k, s)
-            send = _quantize_rows(rows, layout) if self.loco is None else self._loco_quantize_rows(rows, layout)
-            recv = torch.empty_like(send)
-            comm.all_to_all(recv, send, group)
-            values = _dequantize_rows(recv, layout, torch.float32)
-            acc = values[0].clone()
-            for j in range(1, k):
-                acc += values[j]
-            if kind == "avg":
-                acc.div_(value)
-            elif kind == "premul":
-                acc.mul_(value)
-            output_tensor.copy_(acc.view(output_tensor.shape))
-        self.stats.add(send.numel(), baseline)
+            loco = None if self.loco is None else self._loco_state(rows, layout)
+            acc = reduce_scatter_chunks(rows, layout, group, self.hops, loco)
+            output_tensor.copy_(_apply_op(acc, kind, value).view(output_tensor.shape))
+        if loco is not None:
+            self.steps += 1
+        self.stats.add(counter.bytes, baseline)
         return None
 
 
@@ -355,6 +383,7 @@ class QuantizedAllGather(_Alloc):
         self.stats = _Stats()
 
     def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group: Any, async_op: bool = False) -> None:
+        _refuse_compiling("QuantizedAllGather")
         k = dist.get_world_size(group)
         m = input_tensor.numel()
         if output_tensor.numel() != k * m:
@@ -363,7 +392,7 @@ class QuantizedAllGather(_Alloc):
                 f"{k} shards of {m}"
             )
         dtype = input_tensor.dtype
-        baseline = m * input_tensor.element_size()
+        baseline = comm.sent_bytes("all_gather", k, m * input_tensor.element_size())
         if dtype not in _FLOAT_DTYPES or output_tensor.dtype != dtype:
             comm_fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             comm_fn(output_tensor, input_tensor, group=group)
@@ -372,14 +401,11 @@ class QuantizedAllGather(_Alloc):
         if m == 0:  # the same on every rank: nothing to exchange
             return None
         layout = chunk_layout(m, self.bits, self.group_size)
-        with torch.no_grad():
-            # quantize before writing: input_tensor aliases this rank's slot of output_tensor
-            send = _quantize_rows(input_tensor.view(1, m), layout).view(-1)
-            recv = torch.empty(k * send.numel(), dtype=torch.int8, device=send.device)
-            comm.all_gather(recv, send, group)
-            values = _dequantize_rows(recv.view(k, -1), layout, dtype)
+        with torch.no_grad(), comm.count_wire_bytes() as counter:
+            # quantized before anything is written: input_tensor aliases this rank's slot of output_tensor
+            values = all_gather_chunks(input_tensor.reshape(-1), layout, group, dtype)
             output_tensor.view(k, m).copy_(values)
-        self.stats.add(send.numel(), baseline)
+        self.stats.add(counter.bytes, baseline)
         return None
 
 
@@ -413,8 +439,9 @@ class ZeroPP:
         self._config = config
 
     def wire_bytes(self) -> dict[str, int]:
-        """Bytes this rank handed to torch.distributed since install (input buffers of its
-        collectives) and what FSDP2's default comms would have handed for the same calls:
+        """Bytes this rank sent to other ranks since install (what it handed to torch.distributed,
+        less its own chunk: :func:`qkit.distributed.comm.sent_bytes`) and what FSDP2's default comms
+        would have sent for the same calls:
         ``{"reduce_scatter", "all_gather", "baseline_reduce_scatter", "baseline_all_gather"}``.
         A side left at FSDP2's default (``grad_bits=None`` / ``weight_bits=None``) reads 0."""
         out = {"reduce_scatter": 0, "all_gather": 0, "baseline_reduce_scatter": 0, "baseline_all_gather": 0}
@@ -425,13 +452,15 @@ class ZeroPP:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"version", "config", "stats", "loco"}``. ``loco`` maps each module name to
-        ``{"error": Tensor | None, "steps": int, "layout": [k, chunk, padded chunk, dtype]}`` (empty
-        without LoCo); the error tensors are this rank's (save one state per rank)."""
+        ``{"error": Tensor | None, "inter_error": Tensor | None, "steps": int, "layout": [k, chunk,
+        padded chunk, dtype]}`` (empty without LoCo; ``inter_error`` only with two hops); the error
+        tensors are this rank's (save one state per rank)."""
         loco: dict[str, Any] = {}
         if self._config["loco"] is not None:
             for name, rs in self.reduce_scatters.items():
                 loco[name] = {
                     "error": None if rs.error is None else rs.error.detach().clone(),
+                    "inter_error": None if rs.inter_error is None else rs.inter_error.detach().clone(),
                     "steps": rs.steps,
                     "layout": None if rs.error_key is None else list(rs.error_key),
                 }
@@ -467,25 +496,31 @@ class ZeroPP:
         if not isinstance(loco, dict) or set(loco) != want:
             got = sorted(loco) if isinstance(loco, dict) else repr(loco)
             raise ValueError(f"{fn}: LoCo state for modules {got}, this handle has {sorted(want)}")
+        nodes = None
+        if self._config["local_world_size"] is not None:
+            nodes = next(iter(self.reduce_scatters.values())).hops.nodes  # type: ignore[union-attr]
         for name, d in loco.items():
-            _check_loco_entry(fn, name, d)
+            _check_loco_entry(fn, name, d, nodes)
         for name, d in stats.items():
             self.stats[name].load(d)
         for name, d in loco.items():
             rs = self.reduce_scatters[name]
             rs.error = None if d["error"] is None else d["error"].detach().clone()
+            rs.inter_error = None if d["inter_error"] is None else d["inter_error"].detach().clone()
             rs.steps = d["steps"]
             rs.error_key = None if d["layout"] is None else tuple(d["layout"])
 
 
-def _check_loco_entry(fn: str, name: str, d: object) -> None:
-    """One module's LoCo state is well formed (see :meth:`ZeroPP.state_dict`)."""
-    if not isinstance(d, dict) or set(d) != {"error", "steps", "layout"}:
-        raise ValueError(f"{fn}: loco[{name!r}] must have keys error, steps, layout; got {d!r:.200}")
-    error, steps, layout = d["error"], d["steps"], d["layout"]
+def _check_loco_entry(fn: str, name: str, d: object, nodes: int | None) -> None:
+    """One module's LoCo state is well formed (see :meth:`ZeroPP.state_dict`); ``nodes``: the
+    two-hop node count of the handle (``None``: one hop, no ``inter_error``)."""
+    keys = {"error", "inter_error", "steps", "layout"}
+    if not isinstance(d, dict) or set(d) != keys:
+        raise ValueError(f"{fn}: loco[{name!r}] must have keys {', '.join(sorted(keys))}; got {d!r:.200}")
+    error, inter, steps, layout = d["error"], d["inter_error"], d["steps"], d["layout"]
     if type(steps) is not int or steps < 0:
         raise ValueError(f"{fn}: loco[{name!r}]['steps'] must be a non-negative int, got {steps!r}")
-    if error is None and layout is None:
+    if error is None and inter is None and layout is None:
         return
     ok = (
         isinstance(error, Tensor)
@@ -497,12 +532,26 @@ def _check_loco_entry(fn: str, name: str, d: object) -> None:
         and str(error.dtype).removeprefix("torch.") == layout[3]
         and error.dtype in _FLOAT_DTYPES
     )
+    if ok and nodes is None:
+        ok = inter is None
+    elif ok:
+        ok = (
+            isinstance(inter, Tensor)
+            and inter.dim() == 1
+            and inter.numel() == nodes * layout[2]
+            and inter.dtype == error.dtype
+        )
     if not ok:
         raise ValueError(
             f"{fn}: loco[{name!r}]: `error` must be a 1-D float32/float16/bfloat16 tensor of k * padded elements "
-            f"in the dtype `layout` = [k, chunk, padded, dtype] names (or both None); got layout {layout!r}, error "
-            f"{None if not isinstance(error, Tensor) else (error.dtype, tuple(error.shape))}"
+            "in the dtype `layout` = [k, chunk, padded, dtype] names, and `inter_error` one of nodes * padded "
+            "elements in that dtype with two hops, None with one (or all three None); got layout "
+            f"{layout!r}, error {_describe(error)}, inter_error {_describe(inter)}"
         )
+
+
+def _describe(t: object) -> object:
+    return (t.dtype, tuple(t.shape)) if isinstance(t, Tensor) else t
 
 
 def _fsdp_modules(model: torch.nn.Module) -> dict[str, Any]:
@@ -525,6 +574,19 @@ def _refuse_replicated(module: Any) -> None:
             )
 
 
+def _refuse_compiled(model: torch.nn.Module) -> None:
+    """A model wrapped by ``torch.compile`` (an ``OptimizedModule``) or compiled in place
+    (``module.compile()``) is refused: qkit's comms are tested eagerly only."""
+    compiled = isinstance(getattr(model, "_orig_mod", None), torch.nn.Module) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
+    )
+    if compiled:
+        raise NotImplementedError(
+            "qkit.distributed.zeropp: `model` is compiled (torch.compile); torch.compile of a model with "
+            "qkit's FSDP2 comms is not supported: call zeropp on the eager model and do not compile it"
+        )
+
+
 def zeropp(
     model: torch.nn.Module,
     grad_bits: int | None = 4,
@@ -539,15 +601,18 @@ def zeropp(
 
     Call after ``fully_shard`` on the modules. Each FSDP module gets its own
     :class:`QuantizedReduceScatter` (gradients at ``grad_bits``, LoCo state per module when
-    ``loco`` is a :class:`LocoConfig`); one :class:`QuantizedAllGather` (weights at
-    ``weight_bits``) serves all. ``None`` leaves that side at FSDP2's default. Every rank must
-    pass the same configuration: a tiny all-gather on the default group checks it (and the
-    FSDP module names), and every rank raises the same ``ValueError`` if they differ.
+    ``loco`` is a :class:`LocoConfig`, two hops when ``local_world_size`` is given or
+    ``LOCAL_WORLD_SIZE`` is set and names more than one node); one :class:`QuantizedAllGather`
+    (weights at ``weight_bits``) serves all. ``None`` leaves that side at FSDP2's default. Every
+    rank must pass the same configuration: a tiny all-gather on the default group checks it (the
+    resolved ``local_world_size`` and the FSDP module names too), and every rank raises the same
+    error if they differ.
 
     Raises:
-        ValueError: no FSDP module in ``model``, bad bits/group sizes, or ranks disagree.
+        ValueError: no FSDP module in ``model``, bad bits/group sizes or ``local_world_size``, or
+            ranks disagree.
         TypeError: ``loco`` is not a :class:`LocoConfig`.
-        NotImplementedError: ``local_world_size`` (two-hop), or an HSDP / replicated mesh.
+        NotImplementedError: an HSDP / replicated mesh, or a compiled model (``torch.compile``).
         RuntimeError: torch has no FSDP2 custom-comm API, or torch.distributed is not initialized.
     """
     fn = "zeropp"
@@ -556,20 +621,20 @@ def zeropp(
         raise RuntimeError("qkit.distributed.zeropp: torch.distributed is not initialized")
     modules = _fsdp_modules(model)
     error: Exception | None = None
-    rs: dict[str, QuantizedReduceScatter] = {}
-    ag: QuantizedAllGather | None = None
+    resolved: int | None = None
+    grad_gs = weight_gs = None
     try:
-        _refuse_unsupported(fn, loco, local_world_size)
+        _check_loco(fn, loco)
+        _refuse_compiled(model)
         if not modules:
             raise ValueError("qkit.distributed.zeropp: `model` holds no FSDP2 module (call fully_shard first)")
         for m in modules.values():
             _refuse_replicated(m)
         if grad_bits is not None:
-            stats = _Stats()
-            for name in modules:
-                rs[name] = QuantizedReduceScatter(grad_bits, grad_group_size, loco)
-                rs[name].stats = stats
-        ag = None if weight_bits is None else QuantizedAllGather(weight_bits, weight_group_size)
+            grad_gs = _check_bits_and_group(fn, grad_bits, grad_group_size, DEFAULT_GRAD_GROUP_SIZE)
+            resolved = resolve_local_world_size(fn, local_world_size, dist.get_world_size())
+        if weight_bits is not None:
+            weight_gs = _check_bits_and_group(fn, weight_bits, weight_group_size, DEFAULT_WEIGHT_GROUP_SIZE)
     except (TypeError, ValueError, NotImplementedError) as exc:
         error = exc
     fields = {
@@ -577,32 +642,39 @@ def zeropp(
         "weight": (weight_bits, weight_group_size),
         # not repr(loco) for other types: it may hold an address
         "loco": repr(loco) if loco is None or isinstance(loco, LocoConfig) else type(loco).__name__,
-        "local_world_size": local_world_size,
+        "local_world_size": (local_world_size, resolved),
         "fsdp modules": sorted(modules),
     }
     ensure_consistent(fn, fields, validate=True, error=error)
+    rs: dict[str, QuantizedReduceScatter] = {}
+    if grad_bits is not None:
+        stats = _Stats()
+        for name in modules:
+            rs[name] = QuantizedReduceScatter(grad_bits, grad_gs, loco, resolved or 1)
+            rs[name].stats = stats
+    ag = None if weight_bits is None else QuantizedAllGather(weight_bits, weight_gs)
     for name, m in modules.items():
         if name in rs:
             m.set_custom_reduce_scatter(rs[name])
         if ag is not None:
             m.set_custom_all_gather(ag)
-    first = next(iter(rs.values()), None)
     config = {
         "grad_bits": grad_bits,
-        "grad_group_size": first.group_size if first else None,
+        "grad_group_size": grad_gs,
         "weight_bits": weight_bits,
-        "weight_group_size": ag.group_size if ag else None,
+        "weight_group_size": weight_gs,
         "loco": None if loco is None else {"beta": float(loco.beta), "reset_T": loco.reset_T},
+        "local_world_size": resolved,
     }
     return ZeroPP(modules, rs, ag, config)
 
 
 def predicted_bytes(numel: int, world: int, bits: int, group_size: int, kind: str) -> int:
     """Bytes :class:`QuantizedReduceScatter` (``kind="reduce_scatter"``, ``numel`` = FSDP2's input
-    ``[k*s]``) or :class:`QuantizedAllGather` (``"all_gather"``, ``numel`` = the shard) hands to
-    torch.distributed for one call."""
+    ``[k*s]``, one or two hops alike) or :class:`QuantizedAllGather` (``"all_gather"``, ``numel`` =
+    the shard) sends to other ranks in one call, in a group of ``world`` ranks."""
     if kind == "reduce_scatter":
-        return world * chunk_layout(numel // world, bits, group_size).wire_bytes
+        return (world - 1) * chunk_layout(numel // world, bits, group_size).wire_bytes
     if kind == "all_gather":
-        return chunk_layout(numel, bits, group_size).wire_bytes
+        return (world - 1) * chunk_layout(numel, bits, group_size).wire_bytes
     raise ValueError(f"kind must be 'reduce_scatter' or 'all_gather', got {kind!r}")

@@ -10,6 +10,7 @@ ranks of node ``n``; ``global_{d}`` holds the ``N`` ranks with device index ``d`
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,30 @@ import torch.distributed as dist
 
 from qkit.distributed.consistency import Validate, check_validate, ensure_consistent
 
-__all__ = ["Topology", "hierarchical_groups", "require_initialized", "topology"]
+__all__ = ["UNSET", "Topology", "hierarchical_groups", "process_groups_arg", "require_initialized", "topology"]
+
+UNSET: Any = object()
+"""Default of a deprecated keyword: not passed."""
+
+
+def process_groups_arg(fn: str, process_groups: dict[str, Any] | None, groups: Any = UNSET) -> dict[str, Any]:
+    """``process_groups``, or the value of its deprecated keyword ``groups`` (qkit < 0.x named the
+    dict of process groups ``groups``, which elsewhere counts quantization groups) with a
+    ``DeprecationWarning``. ``TypeError`` when both or neither are given."""
+    if groups is not UNSET:
+        if process_groups is not None:
+            raise TypeError(f"qkit.distributed.{fn}: got `process_groups` and its deprecated name `groups`; pass one")
+        warnings.warn(
+            f"qkit.distributed.{fn}: the keyword `groups` is deprecated; pass the dict from "
+            "hierarchical_groups() as `process_groups` (or positionally)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return groups
+    if process_groups is None:
+        raise TypeError(f"qkit.distributed.{fn}: missing `process_groups` (the dict from hierarchical_groups())")
+    return process_groups
+
 
 _LOCAL = re.compile(r"^local_(\d+)$")
 _GLOBAL = re.compile(r"^global_(\d+)$")
@@ -105,11 +129,12 @@ def _resolve_local(local_world_size: int | None, world: int) -> int:
 
 @dataclass(frozen=True)
 class Topology:
-    """Where this rank sits: ``rank = node * local + device``, ``world = nodes * local``."""
+    """Where this rank sits: ``rank = node * local_world_size + device``,
+    ``world = nodes * local_world_size``."""
 
     world: int
     nodes: int
-    local: int
+    local_world_size: int
     rank: int
     local_group: Any
     global_group: Any
@@ -117,42 +142,52 @@ class Topology:
     @property
     def node(self) -> int:
         """``n``: this rank's node (its group rank in ``global_{d}``)."""
-        return self.rank // self.local
+        return self.rank // self.local_world_size
 
     @property
     def device(self) -> int:
         """``d``: this rank's index on its node (its group rank in ``local_{n}``)."""
-        return self.rank % self.local
+        return self.rank % self.local_world_size
+
+    @property
+    def local(self) -> int:
+        """Deprecated name of :attr:`local_world_size`."""
+        warnings.warn(
+            "qkit.distributed.Topology.local is deprecated; use Topology.local_world_size",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.local_world_size
 
 
-def topology(groups: dict[str, Any], fn: str = "topology") -> Topology:
-    """Read ``N`` and ``L`` from a :func:`hierarchical_groups` dict (``N`` ``local_*`` keys,
-    ``L`` ``global_*`` keys) and check them against the default world.
+def topology(process_groups: dict[str, Any], fn: str = "topology") -> Topology:
+    """Read ``N`` and ``L`` (``local_world_size``) from a :func:`hierarchical_groups` dict (``N``
+    ``local_*`` keys, ``L`` ``global_*`` keys) and check them against the default world.
 
     Raises:
         RuntimeError: torch.distributed is not initialized.
         ValueError: the dict does not describe the default world (``N * L != W``, missing keys).
     """
     require_initialized(fn)
-    local_ids = sorted(int(m.group(1)) for k in groups if isinstance(k, str) and (m := _LOCAL.match(k)))
-    global_ids = sorted(int(m.group(1)) for k in groups if isinstance(k, str) and (m := _GLOBAL.match(k)))
+    local_ids = sorted(int(m.group(1)) for k in process_groups if isinstance(k, str) and (m := _LOCAL.match(k)))
+    global_ids = sorted(int(m.group(1)) for k in process_groups if isinstance(k, str) and (m := _GLOBAL.match(k)))
     nodes, local = len(local_ids), len(global_ids)
     world, rank = dist.get_world_size(), dist.get_rank()
     if nodes == 0 or local == 0 or local_ids != list(range(nodes)) or global_ids != list(range(local)):
         raise ValueError(
-            f"qkit.distributed.{fn}: `groups` must hold local_0..local_{{N-1}} and global_0..global_{{L-1}} "
-            f"(from qkit.distributed.hierarchical_groups), got keys {sorted(map(str, groups))}"
+            f"qkit.distributed.{fn}: `process_groups` must hold local_0..local_{{N-1}} and global_0..global_{{L-1}} "
+            f"(from qkit.distributed.hierarchical_groups), got keys {sorted(map(str, process_groups))}"
         )
     if nodes * local != world:
         raise ValueError(
-            f"qkit.distributed.{fn}: `groups` describes {nodes} nodes x {local} ranks = {nodes * local} ranks, "
+            f"qkit.distributed.{fn}: `process_groups` describes {nodes} nodes x {local} ranks = {nodes * local} ranks, "
             f"but the world has {world}"
         )
     return Topology(
         world=world,
         nodes=nodes,
-        local=local,
+        local_world_size=local,
         rank=rank,
-        local_group=groups[f"local_{rank // local}"],
-        global_group=groups[f"global_{rank % local}"],
+        local_group=process_groups[f"local_{rank // local}"],
+        global_group=process_groups[f"global_{rank % local}"],
     )

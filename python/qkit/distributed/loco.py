@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qkit.distributed.consistency import Validate
-from qkit.distributed.groups import Topology
+from qkit.distributed.groups import UNSET, Topology, process_groups_arg
 from qkit.distributed.qgz import ReduceStage, Stage, run
 from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize
 
@@ -80,12 +80,12 @@ class LocoReducer:
 
     # deviation: loco-per-parameter-reset, loco-buffer-precision (own counter; buffers in the grad's dtype)
     def _prepare(self, param: Tensor, grad: Tensor, topo: Topology, reset_T: int) -> LocoState:
-        key = (tuple(grad.shape), grad.dtype, grad.device, topo.world, topo.local)
+        key = (tuple(grad.shape), grad.dtype, grad.device, topo.world, topo.local_world_size)
         st = self._state.get(param)
         if st is None or st.key != key:
             st = LocoState(
                 intra=torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device),
-                inter=torch.zeros(grad.numel() // topo.local, dtype=grad.dtype, device=grad.device),
+                inter=torch.zeros(grad.numel() // topo.local_world_size, dtype=grad.dtype, device=grad.device),
                 steps=0,
                 key=key,
             )
@@ -99,11 +99,12 @@ class LocoReducer:
     def __call__(
         self,
         params: Sequence[Tensor],
-        groups: dict[str, Any],
+        process_groups: dict[str, Any] | None = None,
         *,
         err_beta: float | None = None,
         reset_T: int | None = None,
         validate: Validate = "once",
+        groups: Any = UNSET,
     ) -> list[Tensor]:
         """Reduce ``p.grad`` of every parameter (collective); returns what
         :func:`~qkit.distributed.all_to_all_quant_reduce` returns for the gradients.
@@ -140,19 +141,21 @@ class LocoReducer:
             def f(i: int, t: Tensor, g: int) -> tuple[Tensor, Tensor]:
                 st = state_of(i, topo)
                 # deviation: loco-fp32-update (the ops compute in fp32 and round e once)
-                return loco_swizzle_quantize(t, st.intra, beta, g, 4, True, 1, topo.nodes, topo.local)
+                return loco_swizzle_quantize(t, st.intra, beta, g, 4, True, 1, topo.nodes, topo.local_world_size)
 
             return f
 
         def stage3(topo: Topology) -> ReduceStage:
             def f(i: int, q: Tensor, p: Tensor, g: int) -> tuple[Tensor, Tensor]:
                 st = state_of(i, topo)
-                return loco_quantized_reduction(q, p, st.inter, beta, g, g // topo.local, 4, True, topo.local)
+                lws = topo.local_world_size
+                return loco_quantized_reduction(q, p, st.inter, beta, g, g // lws, 4, True, lws)
 
             return f
 
         fn = "all_to_all_loco_quant_reduce"
-        out, _ = run(grads, groups, fn, stage1, stage3, validate, settings=(beta, period), error=error)
+        pgs = process_groups_arg(fn, process_groups, groups)
+        out, _ = run(grads, pgs, fn, stage1, stage3, validate, settings=(beta, period), error=error)
         for st in states.values():
             st.steps += 1
         return out
@@ -170,18 +173,20 @@ _default = LocoReducer()
 
 def all_to_all_loco_quant_reduce(
     params: Sequence[Tensor],
-    groups: dict[str, Any],
+    process_groups: dict[str, Any] | None = None,
     err_beta: float | None = None,
     reset_T: int | None = None,
     *,
     reducer: LocoReducer | None = None,
     validate: Validate = "once",
+    groups: Any = UNSET,
 ) -> list[Tensor]:
     """LoCo qgZ of ``p.grad`` for each parameter (collective), with error state kept per parameter.
 
     Args:
         params: tensors with ``.grad`` (float32/float16/bfloat16; the same shapes on every rank).
-        groups: from :func:`qkit.distributed.hierarchical_groups`.
+        process_groups: from :func:`qkit.distributed.hierarchical_groups` (``groups``: its
+            deprecated keyword name, with a ``DeprecationWarning``).
         err_beta, reset_T: see :class:`LocoReducer`; ``None`` takes the reducer's (the default
             reducer's are DeepSpeed's defaults, 0.8 and 1024).
         reducer: the state owner; by default a process-wide one (state keyed weakly per parameter).
@@ -190,4 +195,5 @@ def all_to_all_loco_quant_reduce(
     Returns:
         As :func:`~qkit.distributed.all_to_all_quant_reduce`: this rank's 1-D slice of each mean.
     """
-    return (reducer or _default)(params, groups, err_beta=err_beta, reset_T=reset_T, validate=validate)
+    pgs = process_groups_arg("all_to_all_loco_quant_reduce", process_groups, groups)
+    return (reducer or _default)(params, pgs, err_beta=err_beta, reset_T=reset_T, validate=validate)

@@ -29,7 +29,7 @@ from qkit import ops
 from qkit.distributed import comm
 from qkit.distributed.consistency import Validate, check_validate, ensure_consistent
 from qkit.distributed.fallback import mean_reduce_scatter
-from qkit.distributed.groups import Topology, require_initialized, topology
+from qkit.distributed.groups import UNSET, Topology, process_groups_arg, require_initialized, topology
 from qkit.distributed.plan import QgzPlan, plan_qgz, warn_fallback
 from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
 
@@ -79,7 +79,7 @@ def reduce(
     with the quantizers of steps 1 and 3 supplied (plain or LoCo)."""
     if not tensors:
         return []
-    n_nodes, local, world = topo.nodes, topo.local, topo.world
+    n_nodes, local, world = topo.nodes, topo.local_world_size, topo.world
     first = []
     for i, (t, p) in enumerate(zip(tensors, plans, strict=True)):
         codes, params = stage1(i, t, p.groups)
@@ -99,30 +99,33 @@ def reduce(
 
 
 # deviation: qgz-hierarchical-groups
-def _topology(groups: dict[str, Any], fn: str, plans: Sequence[QgzPlan], tensors: Sequence[Tensor]) -> Topology | None:
-    """The hierarchy from ``groups``, or ``None`` for ``groups={}`` when no tensor needs it (the
+def _topology(
+    process_groups: dict[str, Any], fn: str, plans: Sequence[QgzPlan], tensors: Sequence[Tensor]
+) -> Topology | None:
+    """The hierarchy from ``process_groups``, or ``None`` for ``{}`` when no tensor needs it (the
     fallback runs on the world group alone, as DeepSpeed's did)."""
-    if isinstance(groups, Mapping) and len(groups) == 0:
+    if isinstance(process_groups, Mapping) and len(process_groups) == 0:
         needs = next((i for i, p in enumerate(plans) if p.quantized), None)
         if needs is None:
             return None
         raise ValueError(
-            f"qkit.distributed.{fn}: `groups` is empty, but tensors[{needs}] (shape {tuple(tensors[needs].shape)}, "
-            f"{tensors[needs].dtype}) takes the 4-bit path, which needs the hierarchical groups: pass "
-            "qkit.distributed.hierarchical_groups(...) (only calls whose tensors all take the fallback "
-            "accept groups={})"
+            f"qkit.distributed.{fn}: `process_groups` is empty, but tensors[{needs}] "
+            f"(shape {tuple(tensors[needs].shape)}, {tensors[needs].dtype}) takes the 4-bit path, which needs "
+            "the hierarchical groups: pass qkit.distributed.hierarchical_groups(...) (only calls whose "
+            "tensors all take the fallback "
+            "accept process_groups={})"
         )
-    return topology(groups, fn)
+    return topology(process_groups, fn)
 
 
-def _describe_groups(groups: object) -> str:
-    """``groups`` for the fingerprint, read from its keys alone (so that an argument error on one
-    rank does not show up as a difference in groups too)."""
-    if not isinstance(groups, Mapping):
-        return type(groups).__name__
-    if not groups:
+def _describe_groups(process_groups: object) -> str:
+    """``process_groups`` for the fingerprint, read from its keys alone (so that an argument error
+    on one rank does not show up as a difference in process groups too)."""
+    if not isinstance(process_groups, Mapping):
+        return type(process_groups).__name__
+    if not process_groups:
         return "{} (world group only)"
-    keys = [str(k) for k in groups]
+    keys = [str(k) for k in process_groups]
     nodes, local = sum(k.startswith("local_") for k in keys), sum(k.startswith("global_") for k in keys)
     if nodes + local == len(keys):
         return f"{nodes} nodes x {local} ranks"
@@ -131,7 +134,7 @@ def _describe_groups(groups: object) -> str:
 
 def run(
     tensors: Sequence[Tensor],
-    groups: dict[str, Any],
+    process_groups: dict[str, Any],
     fn: str,
     stage1: Callable[[Topology], Stage],
     stage3: Callable[[Topology], ReduceStage],
@@ -158,7 +161,7 @@ def run(
             if any(t.device != tensors[0].device for t in tensors):
                 raise ValueError(f"qkit.distributed.{fn}: all tensors of one call must be on one device")
             plans = [plan_qgz(tuple(t.shape), t.dtype, world) for t in tensors]
-            topo = _topology(groups, fn, plans, tensors)
+            topo = _topology(process_groups, fn, plans, tensors)
         except (TypeError, ValueError) as exc:
             error = exc
     fields = {
@@ -166,7 +169,7 @@ def run(
         "tensor shapes": [tuple(t.shape) for t in tensors],
         "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
         "device types": sorted({t.device.type for t in tensors}),
-        "groups": _describe_groups(groups),
+        "process groups": _describe_groups(process_groups),
         "settings": settings,
     }
     device = tensors[0].device if tensors else None
@@ -195,18 +198,23 @@ def run(
 
 
 def all_to_all_quant_reduce(
-    tensors: Sequence[Tensor], groups: dict[str, Any], *, validate: Validate = "once"
+    tensors: Sequence[Tensor],
+    process_groups: dict[str, Any] | None = None,
+    *,
+    validate: Validate = "once",
+    groups: Any = UNSET,
 ) -> list[Tensor]:
     """ZeRO++ qgZ: averaging reduce-scatter of gradients at 4 bits on the wire (collective).
 
     Args:
         tensors: gradients, float32/float16/bfloat16, on one device (CPU with gloo, CUDA with
             NCCL); every rank passes the same shapes in the same order.
-        groups: from :func:`qkit.distributed.hierarchical_groups` (``N`` and ``L`` are read
-            from its keys). ``{}`` is accepted when every tensor takes the fallback (which
+        process_groups: from :func:`qkit.distributed.hierarchical_groups` (``N`` and ``L`` are
+            read from its keys). ``{}`` is accepted when every tensor takes the fallback (which
             runs on the world group); a tensor on the 4-bit path then raises ``ValueError``.
+        groups: deprecated keyword name of ``process_groups`` (a ``DeprecationWarning``).
         validate: ``"once"`` (default): before the first call of each distinct signature
-            (tensor count, shapes, dtypes, groups), one tiny all-gather checks that every rank
+            (tensor count, shapes, dtypes, process groups), one tiny all-gather checks that every rank
             passed the same, and every rank raises the same ``ValueError`` naming what differs
             if not; later calls with a checked signature communicate nothing extra.
             ``True``: check every call. ``False``: no check — **unsafe**, ranks that pass
@@ -225,9 +233,11 @@ def all_to_all_quant_reduce(
     """
 
     def stage1(topo: Topology) -> Stage:
-        return lambda i, t, g: swizzle_quantize(t, g, 4, True, 1, topo.nodes, topo.local)
+        return lambda i, t, g: swizzle_quantize(t, g, 4, True, 1, topo.nodes, topo.local_world_size)
 
     def stage3(topo: Topology) -> ReduceStage:
-        return lambda i, q, p, g: quantized_reduction(q, p, g, g // topo.local, 4, True, topo.local)
+        lws = topo.local_world_size
+        return lambda i, q, p, g: quantized_reduction(q, p, g, g // lws, 4, True, lws)
 
-    return run(tensors, groups, "all_to_all_quant_reduce", stage1, stage3, validate)[0]
+    fn = "all_to_all_quant_reduce"
+    return run(tensors, process_groups_arg(fn, process_groups, groups), fn, stage1, stage3, validate)[0]

@@ -232,19 +232,14 @@ def _convert_weight_qkit(spec: QuantSpec, model: GraphModule, src: Node, w: Tens
     graph = model.graph
     groups = spec.num_groups(w.shape)
     w_op = spec.to_op_layout(w.detach())
-    if spec.storable and (spec.bits == 8 or (w_op.dim() > 0 and w_op.shape[-1] % 2 == 0)):
-        with torch.no_grad():
-            q, params = torch.ops.qkit.quantize.default(w_op, groups, spec.bits, spec.symmetric)
-        storage_bits = spec.bits
-    else:
-        # 2/3/5/6/7 bits (or 4 bits with an odd last dimension): one code per int8;
-        # 8-bit dequantization of those codes is still step * q (+ offset).
-        q, params = spec.codes(w)
-        storage_bits = 8
+    # One int8 per code, but 4-bit pairs packed where the last dimension allows.
+    packed = w_op.dim() > 0 and w_op.shape[-1] % 2 == 0
+    with torch.no_grad():
+        q, params = torch.ops.qkit.quantize.default(w_op, groups, spec.bits, spec.symmetric, packed)
     q_node = _add_constant(model, f"{src.name}_qkit_codes", q)
     p_node = _add_constant(model, f"{src.name}_qkit_params", params)
     out = graph.call_function(
-        torch.ops.qkit.dequantize.default, (q_node, p_node, groups, storage_bits, spec.symmetric, w.dtype)
+        torch.ops.qkit.dequantize.default, (q_node, p_node, groups, spec.bits, spec.symmetric, w.dtype, packed)
     )
     if spec.moves_axis:  # back to the original layout, contiguous as QuantSpec.fake_quantize returns it
         out = graph.call_function(torch.ops.aten.movedim.int, (out, 0, spec.ch_axis))

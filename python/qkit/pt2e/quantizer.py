@@ -109,7 +109,7 @@ class QkitQuantizer(Quantizer):
         super().__init__()
         if not isinstance(weight, QuantSpec):
             raise TypeError(f"QkitQuantizer: `weight` must be a qkit.QuantSpec, got {type(weight).__name__}")
-        if weight.bits > 8:
+        if not weight.storable:
             raise ValueError(f"QkitQuantizer: `weight.bits` must be in [2, 8] (int8 codes), got {weight.bits}")
         if activation is not None:
             if not isinstance(activation, QuantSpec):
@@ -118,7 +118,7 @@ class QkitQuantizer(Quantizer):
                 )
             if not activation.storable:
                 raise ValueError(
-                    "QkitQuantizer: `activation.bits` must be 4 or 8 (activations are converted to "
+                    "QkitQuantizer: `activation.bits` must be in [2, 8] (activations are converted to "
                     f"torch.ops.qkit.quantize/dequantize), got {activation.bits}"
                 )
         ops = tuple(ops)
