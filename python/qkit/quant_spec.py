@@ -16,6 +16,11 @@ on an axis other than 0 is applied to ``x.movedim(ch_axis, 0)`` and moved back.
 The same object drives the Python API (:meth:`QuantSpec.fake_quantize`,
 :meth:`QuantSpec.quantize`, :meth:`QuantSpec.dequantize`), MoQ and the PT2E quantizer
 (``qkit.pt2e``).
+
+A scheme is either an integer one (``bits``) or a floating-point one (``format``, one of
+``e4m3``, ``e5m2``, ``e3m2``, ``e2m3``, ``e2m1``, with ``scaling`` ``absmax``, ``mx`` or
+``nvfp4``; docs/ops.md §10): ``QuantSpec(format="e2m1", scaling="mx")``. Its methods then
+run ``qkit.fake_quantize_fp`` / ``quantize_fp`` / ``dequantize_fp``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from qkit import ops
+from qkit import fp_ops, ops
 from qkit.ops import MAX_BITS, MAX_STORAGE_BITS, MIN_BITS, ROUNDING_MODES
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
@@ -55,16 +60,27 @@ class QuantSpec:
         rounding: ``"nearest"`` (ties to even) or ``"stochastic"``
             (``floor(v + u)``, training only; storage always rounds to nearest).
 
-    Codes lie in ``[quant_min, quant_max] = [-2^(b-1), 2^(b-1) - 1]``.
+        format: a floating-point element format instead of integer codes (``None``:
+            integer). ``bits`` then is the format's width (8, 6 or 4) and may be left
+            out; ``symmetric`` must stay ``True``.
+        scaling: with ``format``: ``"absmax"`` (a float32 scale per group, granularity
+            as above), ``"mx"`` (E8M0 scale per 32 elements along the last axis) or
+            ``"nvfp4"`` (``e2m1`` only: E4M3 scale per 16, one fp32 tensor scale); mx and
+            nvfp4 set ``group_size`` to their block.
+
+    Integer codes lie in ``[quant_min, quant_max] = [-2^(b-1), 2^(b-1) - 1]``.
     """
 
-    bits: int = 8
+    bits: int | None = None
     symmetric: bool = True
     group_size: int | None = None
     ch_axis: int | None = 0
     rounding: str = "nearest"
+    format: str | None = None
+    scaling: str = "absmax"
 
     def __post_init__(self) -> None:
+        self._check_format()
         if not _is_int(self.bits):
             raise ValueError(f"QuantSpec: `bits` must be an int, got {self.bits!r}")
         if not MIN_BITS <= self.bits <= MAX_BITS:
@@ -83,6 +99,40 @@ class QuantSpec:
         # Always true for 2..16 bits; kept as the PT2E specs' invariant in case the range grows.
         if self.quant_min > self.quant_max:
             raise ValueError(f"QuantSpec: `quant_min` ({self.quant_min}) must be <= `quant_max` ({self.quant_max})")
+
+    def _check_format(self) -> None:
+        """The integer-or-format rule; fills in ``bits`` (and the block's ``group_size``)."""
+        if self.format is None:
+            if self.scaling != "absmax":
+                raise ValueError(f"QuantSpec: `scaling` {self.scaling!r} needs a floating-point `format`")
+            if self.bits is None:
+                object.__setattr__(self, "bits", 8)
+            return
+        if not isinstance(self.format, str) or self.format not in fp_ops.FORMATS:
+            raise ValueError(f"QuantSpec: `format` must be one of {tuple(fp_ops.FORMATS)} or None, got {self.format!r}")
+        width = fp_ops.fp_format_bits(self.format)
+        if self.bits is not None and self.bits != width:
+            raise ValueError(
+                f"QuantSpec: give either `bits` (an integer scheme) or `format`, not both: `bits` is {self.bits!r} "
+                f"but {self.format} has {width} bits"
+            )
+        object.__setattr__(self, "bits", width)
+        if self.scaling not in fp_ops.SCALINGS:
+            raise ValueError(f"QuantSpec: `scaling` must be one of {fp_ops.SCALINGS}, got {self.scaling!r}")
+        if self.scaling == "nvfp4" and self.format != "e2m1":
+            raise ValueError(f"QuantSpec: `scaling` nvfp4 needs `format` e2m1, got {self.format!r}")
+        if self.symmetric is not True:
+            raise ValueError(
+                "QuantSpec: `symmetric` must be True with a `format` (floating-point formats are symmetric)"
+            )
+        block = fp_ops.BLOCK.get(self.scaling)
+        if block is not None:
+            if self.group_size is not None and self.group_size != block:
+                raise ValueError(
+                    f"QuantSpec: {self.scaling} scaling uses blocks of {block}: `group_size` must be None or {block}, "
+                    f"got {self.group_size!r}"
+                )
+            object.__setattr__(self, "group_size", block)
 
     # ------------------------------------------------------------ derived values
 
@@ -110,8 +160,9 @@ class QuantSpec:
 
     @property
     def storable(self) -> bool:
-        """Whether :meth:`quantize` can store this scheme (2..8 bits, one int8 per code; 4 bits packed)."""
-        return self.bits <= MAX_STORAGE_BITS
+        """Whether :meth:`quantize` can store this scheme (2..8 bits, one int8 per code; 4 bits packed;
+        or any floating-point format)."""
+        return self.format is not None or self.bits <= MAX_STORAGE_BITS
 
     def with_bits(self, bits: int) -> QuantSpec:
         """The same scheme at another bit width (validated), e.g. for a MoQ schedule."""
@@ -176,7 +227,13 @@ class QuantSpec:
 
         Returns:
             A new contiguous tensor of ``x``'s shape and dtype; gradients pass straight through.
+            A floating-point scheme runs ``qkit.fake_quantize_fp``.
         """
+        if self.format is not None:
+            y = fp_ops.fake_quantize_fp(
+                self.to_op_layout(x), self._op_groups(x), self.format, self.scaling, self.stochastic
+            )
+            return self.from_op_layout(y).contiguous()
         y = ops.fake_quantize(self.to_op_layout(x), self._op_groups(x), self.bits, self.symmetric, self.stochastic)
         # Contiguous like the op's own output: a moved-back (transposed) weight would
         # send matmuls down another summation order than the float model's.
@@ -194,8 +251,12 @@ class QuantSpec:
             ``(q, params)``: ``q`` int8 in the *op layout* (:meth:`to_op_layout`: the
             channel axis first for per-channel on ``ch_axis > 0``; 4 bits: last
             dimension halved), ``params`` float32 ``[G, 1]`` (step) or ``[G, 2]``
-            (step, midpoint). :meth:`dequantize` undoes both.
+            (step, midpoint). :meth:`dequantize` undoes both. A floating-point scheme
+            returns ``qkit.quantize_fp``'s ``(codes, scales)`` in the op layout (e2m1
+            needs an even last dimension there, FP6 one divisible by 4).
         """
+        if self.format is not None:
+            return fp_ops.quantize_fp(self.to_op_layout(x), self._op_groups(x), self.format, self.scaling)
         self._check_storable("quantize()")
         return ops.quantize(self.to_op_layout(x), self._op_groups(x), self.bits, self.symmetric)
 
@@ -208,12 +269,27 @@ class QuantSpec:
             dtype: float32 (default), float16 or bfloat16.
 
         Returns:
-            Tensor of the quantized tensor's original shape and ``dtype``.
+            Tensor of the quantized tensor's original shape and ``dtype``. A
+            floating-point scheme takes ``(codes, scales)`` of :meth:`quantize`.
         """
+        if self.format is not None:
+            return self.from_op_layout(fp_ops.dequantize_fp(q, params, None, self.format, self.scaling, dtype))
         self._check_storable("dequantize()")
         groups = params.shape[0] if params.dim() > 0 else 1
         y = ops.dequantize(q, params, groups, self.bits, self.symmetric, dtype)
         return self.from_op_layout(y)
+
+    def scales(self, x: Tensor) -> Tensor:
+        """The per-group decode scales of a floating-point scheme for ``x``, float32 ``[G]``
+        (absmax: its float32 scales; mx: the E8M0 powers of two; nvfp4: block scale times
+        tensor scale), from :meth:`quantize`."""
+        if self.format is None:
+            raise ValueError("QuantSpec: scales() is for floating-point schemes; integer ones have steps()")
+        _, stored = self.quantize(x.detach())
+        if self.scaling == "nvfp4":
+            tensor_scale, block = fp_ops.nvfp4_scales(stored)
+            return block.float() * tensor_scale
+        return stored.float()
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unpacked int8 codes and params of ``x``, for any ``bits`` up to 8, from the ``quantize`` op.
@@ -225,6 +301,8 @@ class QuantSpec:
             ``(q, params)``: ``q`` int8 in the op layout, one code per element;
             ``params`` float32 ``[G, 1]`` (step) or ``[G, 2]`` (step, offset).
         """
+        if self.format is not None:
+            raise ValueError("QuantSpec: steps(), qparams() and codes() are for integer schemes; use scales()")
         self._check_storable("codes()")
         return ops.quantize(self.to_op_layout(x.detach()), self._op_groups(x), self.bits, self.symmetric, packed=False)
 

@@ -205,6 +205,12 @@ class GroupConfig:
         if self.scheme is not None:
             if not isinstance(self.scheme, QuantSpec):
                 raise MoQConfigError(f"{key}.scheme", f"must be a qkit.QuantSpec, got {type(self.scheme).__name__}")
+            if self.scheme.format is not None:
+                raise MoQConfigError(
+                    f"{key}.scheme",
+                    f"is a floating-point scheme ({self.scheme.format}); MoQ descends through formats with "
+                    "`format_schedule`, and through bit widths with integer schemes",
+                )
             if self.groups is not None:
                 raise MoQConfigError(
                     f"{key}.groups", "contradicts `scheme`, which already sets the granularity; give one of them"
