@@ -375,3 +375,134 @@ def test_dynamic_batch(ao, activation: QuantSpec) -> None:
         converted = flow.convert_pt2e(prepared)
         for x, y in zip(xs, want, strict=True):
             _assert_equal(converted(x), y, f"converted, batch {len(x)}")
+
+
+# ---------------------------------------------------------------- floating-point schemes
+
+
+class FPNet(nn.Module):
+    """Linear layers whose inputs are whole MX (32) and NVFP4 (16) blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def reference(self, x: torch.Tensor, fq_w: dict[str, Fq], fq_a: Fq) -> torch.Tensor:
+        h = torch.relu(F.linear(fq_a(x), fq_w["fc1"](self.fc1.weight), self.fc1.bias))
+        return F.linear(fq_a(h), fq_w["fc2"](self.fc2.weight), self.fc2.bias)
+
+
+def _ref_fp(spec: QuantSpec) -> Fq:
+    """``spec``'s fake quantization by the independent model (tests/reference.py), with a
+    straight-through gradient; groups counted here (per tensor, per row, per run of n)."""
+    from reference import ref_fake_quantize_fp
+
+    def fq(t: torch.Tensor) -> torch.Tensor:
+        if spec.group_size is not None:
+            groups = t.numel() // spec.group_size
+        else:
+            groups = 1 if spec.ch_axis is None else t.shape[0]  # axis 0: rows are contiguous
+        q = ref_fake_quantize_fp(t, groups, spec.format, spec.scaling).to(t.device)
+        return t + (q - t).detach()
+
+    return fq
+
+
+FP_SCHEMES = {
+    "e4m3-per-channel": (QuantSpec(format="e4m3"), None),
+    "e5m2-per-tensor": (QuantSpec(format="e5m2", ch_axis=None), None),
+    "mxfp4+mxfp8": (QuantSpec(format="e2m1", scaling="mx"), QuantSpec(format="e4m3", scaling="mx")),
+    "nvfp4+e4m3-per-token": (QuantSpec(format="e2m1", scaling="nvfp4"), QuantSpec(format="e4m3")),
+    "e3m2-group16+e2m3-per-tensor": (
+        QuantSpec(format="e3m2", group_size=16),
+        QuantSpec(format="e2m3", ch_axis=None),
+    ),
+}
+
+
+@pytest.mark.parametrize("scheme", list(FP_SCHEMES))
+@pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
+def test_fp_flow_matches_the_reference(ao, scheme: str, qat: bool) -> None:
+    """prepared == float model with reference-quantized weights (and inputs), gradients
+    straight through; converted == prepared, through qkit's quantize_fp/dequantize_fp nodes."""
+    flow, pt2e = ao
+    weight, activation = FP_SCHEMES[scheme]
+    torch.manual_seed(0)
+    model, x = FPNet(), torch.randn(8, 64)
+    prepared = _flow(ao, model, x, pt2e.QkitQuantizer(weight, activation, is_qat=qat), qat)
+    fq_w = {name: _ref_fp(weight) for name in _layers(model)}
+    fq_a = _identity if activation is None else _ref_fp(activation)
+    if qat:
+        opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
+        for step in range(2):
+            opt.zero_grad()
+            prepared(x).square().mean().backward()
+            if step == 0:
+                twin = _params_of(prepared, model)
+                twin.reference(x, fq_w, fq_a).square().mean().backward()
+                for name, p in twin.named_parameters():
+                    _assert_equal(prepared.get_parameter(name).grad, p.grad, f"grad of {name}")
+            opt.step()
+    with torch.no_grad():
+        y_prepared = prepared(x)
+        _assert_equal(y_prepared, _params_of(prepared, model).reference(x, fq_w, fq_a), "prepared vs reference")
+        converted = flow.convert_pt2e(prepared)
+        _assert_equal(converted(x), y_prepared, "converted vs prepared")
+    targets = {str(n.target) for n in converted.graph.nodes if n.op == "call_function"}
+    assert "qkit.dequantize_fp.default" in targets
+    assert ("qkit.quantize_fp.default" in targets) == (activation is not None)
+    assert not any(t.startswith(("quantized_decomposed", "qkit.quantize.", "qkit.dequantize.")) for t in targets)
+    stored = [b for name, b in converted.named_buffers() if name.endswith("_qkit_codes")]
+    assert len(stored) == 2 and all(b.dtype == fp_code_dtype(weight.format) for b in stored)
+
+
+def fp_code_dtype(fmt: str) -> torch.dtype:
+    return {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "e2m1": torch.float4_e2m1fn_x2}.get(
+        fmt, torch.uint8
+    )
+
+
+def test_fp_observer_records_the_decode_scales(ao) -> None:
+    _, pt2e = ao
+    from reference import ref_fp_scales
+
+    spec = QuantSpec(format="e2m1", scaling="mx")
+    obs = pt2e.QkitObserver(spec)
+    w = torch.randn(4, 64)
+    obs(w)
+    scales, zeros = obs.calculate_qparams()
+    _assert_equal(scales, ref_fp_scales(w, 8, "e2m1", "mx")[1].reshape(-1), "mx decode scales")
+    assert not zeros.any()
+
+
+@pytest.mark.parametrize(
+    ("weight", "activation", "message"),
+    [
+        (QuantSpec(format="e2m1", scaling="mx"), None, r"node `linear` .*`group_size` \(32\) must divide"),
+        (QuantSpec(format="e2m1", ch_axis=1), None, r"node `linear` .*e2m1 codes pack 2 at a time .*\(7\)"),
+        (QuantSpec(format="e4m3"), QuantSpec(format="e3m2"), r"node `linear` .*e3m2 codes pack 4 at a time .*\(6\)"),
+    ],
+    ids=["mx-block", "fp4-odd-weight", "fp6-input"],
+)
+def test_fp_validate_names_the_node(ao, weight: QuantSpec, activation: QuantSpec | None, message: str) -> None:
+    _, pt2e = ao
+    model = nn.Sequential(nn.Linear(6, 7))  # weight [7, 6]: no 32-element rows, 7 output channels
+    with pytest.raises(ValueError, match=message):
+        _flow(ao, model, torch.randn(2, 6), pt2e.QkitQuantizer(weight, activation), False)
+
+
+def test_fp_bfloat16_model(ao) -> None:
+    """A bf16 model: qkit's FP dequantize rounds value × scale to bf16 once, as the reference does."""
+    flow, pt2e = ao
+    torch.manual_seed(1)
+    model, x = FPNet().to(torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)
+    weight, activation = QuantSpec(format="e4m3"), QuantSpec(format="e2m1", scaling="mx")
+    prepared = _flow(ao, model, x, pt2e.QkitQuantizer(weight, activation), qat=False)
+    with torch.no_grad():
+        y = prepared(x)
+        _assert_equal(y, model.reference(x, {n: _ref_fp(weight) for n in _layers(model)}, _ref_fp(activation)), "bf16")
+        _assert_equal(flow.convert_pt2e(prepared)(x), y, "converted vs prepared (bf16)")

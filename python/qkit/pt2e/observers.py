@@ -19,7 +19,11 @@ observers that build their own nodes):
   quantized once by ``torch.ops.qkit.quantize`` at conversion and the graph keeps
   their codes and params as buffers and a ``torch.ops.qkit.dequantize`` node;
 - activations are quantized per call, as qkit always does (the range comes from
-  the tensor itself): a ``torch.ops.qkit.quantize`` -> ``dequantize`` pair.
+  the tensor itself): a ``torch.ops.qkit.quantize`` -> ``dequantize`` pair;
+- floating-point schemes (``QuantSpec(format=...)``) use qkit's FP ops the same way:
+  weights are stored once as ``torch.ops.qkit.quantize_fp`` codes and scales (buffers)
+  read by a ``torch.ops.qkit.dequantize_fp`` node, activations go through a
+  ``quantize_fp`` -> ``dequantize_fp`` pair per call.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ ROLES = ("weight", "activation")
 
 
 def torch_qscheme(spec: QuantSpec) -> torch.qscheme | None:
-    """The ``torch.qscheme`` closest to ``spec`` (``None`` for group-wise, which has none)."""
-    if spec.granularity == "per_group":
+    """The ``torch.qscheme`` closest to ``spec`` (``None`` for group-wise and FP formats, which have none)."""
+    if spec.granularity == "per_group" or spec.format is not None:
         return None
     if spec.granularity == "per_channel":
         return torch.per_channel_symmetric if spec.symmetric else torch.per_channel_affine
@@ -51,7 +55,7 @@ def torch_qscheme(spec: QuantSpec) -> torch.qscheme | None:
 
 def uses_standard_ops(spec: QuantSpec) -> bool:
     """Whether a weight with ``spec`` converts to PyTorch's standard quantize/dequantize ops."""
-    return spec.symmetric and spec.granularity != "per_group"
+    return spec.format is None and spec.symmetric and spec.granularity != "per_group"
 
 
 class _QkitQuantMixin:
@@ -69,8 +73,8 @@ class _QkitQuantMixin:
         self.spec = spec
         self.role = role
         # The attributes torchao's observers expose, derived from the one description.
-        self.quant_min = spec.quant_min
-        self.quant_max = spec.quant_max
+        self.quant_min = None if spec.format is not None else spec.quant_min
+        self.quant_max = None if spec.format is not None else spec.quant_max
         self.qscheme = torch_qscheme(spec)
         self.ch_axis = spec.ch_axis if spec.granularity == "per_channel" else None
         self._nearest = dataclasses.replace(spec, rounding="nearest")
@@ -78,14 +82,19 @@ class _QkitQuantMixin:
 
     def _record(self, x: Tensor) -> None:
         with torch.no_grad():
-            self._last_qparams = self.spec.qparams(x)
+            if self.spec.format is not None:
+                scales = self.spec.scales(x)
+                self._last_qparams = (scales, torch.zeros_like(scales))
+            else:
+                self._last_qparams = self.spec.qparams(x)
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:
         """``(steps, offsets)`` of the last tensor seen, float32 ``[G]`` each.
 
         ``steps`` is torch's ``scale`` for symmetric schemes (zero point 0);
         ``offsets`` are qkit's group midpoints (zeros when symmetric), not integer
-        zero points.
+        zero points. For a floating-point scheme ``steps`` are the per-group decode
+        scales (:meth:`qkit.QuantSpec.scales`) and ``offsets`` zeros.
         """
         if self._last_qparams is None:
             raise RuntimeError(f"{type(self).__name__}: nothing observed yet - run the prepared model first")
@@ -247,6 +256,45 @@ def _convert_weight_qkit(spec: QuantSpec, model: GraphModule, src: Node, w: Tens
     return out
 
 
+def _convert_weight_fp(spec: QuantSpec, model: GraphModule, src: Node, w: Tensor) -> Node:
+    graph = model.graph
+    groups = spec.num_groups(w.shape)
+    with torch.no_grad():
+        codes, scales = spec.quantize(w)  # op layout
+    c_node = _add_constant(model, f"{src.name}_qkit_codes", codes)
+    s_node = _add_constant(model, f"{src.name}_qkit_scales", scales)
+    out = graph.call_function(
+        torch.ops.qkit.dequantize_fp.default, (c_node, s_node, groups, spec.format, spec.scaling, w.dtype)
+    )
+    if spec.moves_axis:
+        out = graph.call_function(torch.ops.aten.movedim.int, (out, 0, spec.ch_axis))
+        out = graph.call_function(torch.ops.aten.contiguous.default, (out,))
+    return out
+
+
+def fp_pack_unit(spec: QuantSpec) -> int:
+    """Codes per packed unit along the (op layout's) last dimension of a floating-point
+    scheme's storage: 2 for e2m1, 4 for the 6-bit formats, 1 for FP8."""
+    return {8: 1, 6: 4, 4: 2}[spec.bits]
+
+
+def storage_problem(spec: QuantSpec, shape: tuple[object, ...]) -> str | None:
+    """Why a tensor of ``shape`` cannot be stored as ``spec``'s codes (FP formats pack
+    e2m1 in pairs and FP6 in fours along the op layout's last dimension); ``None`` if it can."""
+    if spec.format is None or fp_pack_unit(spec) == 1:
+        return None
+    op_shape = list(shape)
+    if spec.moves_axis:
+        op_shape.insert(0, op_shape.pop(spec.ch_axis))
+    last = op_shape[-1] if op_shape else 1
+    unit = fp_pack_unit(spec)
+    if not isinstance(last, int):
+        return f"its last dimension ({last}) must be static for this scheme"
+    if last % unit:
+        return f"{spec.format} codes pack {unit} at a time along the last dimension ({last}), not divisible by {unit}"
+    return None
+
+
 def value_of(node: Node) -> Tensor | None:
     """The (fake) tensor recorded for ``node`` by export, if any; its sizes may be symbolic."""
     val = node.meta.get("val")
@@ -268,6 +316,13 @@ def activation_problem(spec: QuantSpec, shape: tuple[object, ...]) -> str | None
     if spec.moves_axis:
         op_shape.insert(0, op_shape.pop(spec.ch_axis))
     last = op_shape[-1] if op_shape else 1
+    if spec.format is not None:
+        if spec.group_size is not None:
+            if not isinstance(last, int):
+                return f"its last dimension ({last}) must be static for this scheme"
+            if last % spec.group_size:
+                return f"`group_size` ({spec.group_size}) must divide the last dimension ({last})"
+        return storage_problem(spec, shape)
     if spec.group_size is not None or spec.bits == 4:
         if not isinstance(last, int):
             return f"its last dimension ({last}) must be static for this scheme"
@@ -299,12 +354,19 @@ def _convert_activation(spec: QuantSpec, model: GraphModule, node: Node, src: No
         raise RuntimeError(f"qkit.pt2e: cannot convert `{node.name}` (input `{src.name}`): {problem}")
     groups = _groups_arg(spec, graph, src, tuple(val.shape))
     x = graph.call_function(torch.ops.aten.movedim.int, (src, spec.ch_axis, 0)) if spec.moves_axis else src
-    qp = graph.call_function(torch.ops.qkit.quantize.default, (x, groups, spec.bits, spec.symmetric))
+    if spec.format is not None:
+        fp = (spec.format, spec.scaling)
+        qp = graph.call_function(torch.ops.qkit.quantize_fp.default, (x, groups, *fp))
+    else:
+        qp = graph.call_function(torch.ops.qkit.quantize.default, (x, groups, spec.bits, spec.symmetric))
     q = graph.call_function(operator.getitem, (qp, 0))
     params = graph.call_function(operator.getitem, (qp, 1))
-    out = graph.call_function(
-        torch.ops.qkit.dequantize.default, (q, params, groups, spec.bits, spec.symmetric, val.dtype)
-    )
+    if spec.format is not None:
+        out = graph.call_function(torch.ops.qkit.dequantize_fp.default, (q, params, groups, *fp, val.dtype))
+    else:
+        out = graph.call_function(
+            torch.ops.qkit.dequantize.default, (q, params, groups, spec.bits, spec.symmetric, val.dtype)
+        )
     if spec.moves_axis:  # back to the original layout, contiguous as QuantSpec.fake_quantize returns it
         out = graph.call_function(torch.ops.aten.movedim.int, (out, 0, spec.ch_axis))
         out = graph.call_function(torch.ops.aten.contiguous.default, (out,))
@@ -337,7 +399,9 @@ def convert_node(spec: QuantSpec, role: Role, model: GraphModule, node: Node) ->
                 )
             w = _get_attr(model, str(src.target))
             spec.check_shape(w.shape)
-            if uses_standard_ops(spec):
+            if spec.format is not None:
+                out = _convert_weight_fp(spec, model, src, w)
+            elif uses_standard_ops(spec):
                 out = _convert_weight_standard(spec, model, src, w)
             else:
                 out = _convert_weight_qkit(spec, model, src, w)

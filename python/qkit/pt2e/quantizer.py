@@ -22,7 +22,16 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-from qkit.pt2e.observers import QkitFakeQuantize, QkitObserver, Role, activation_problem, torch_qscheme, value_of
+from qkit.fp_ops import CODE_DTYPES
+from qkit.pt2e.observers import (
+    QkitFakeQuantize,
+    QkitObserver,
+    Role,
+    activation_problem,
+    storage_problem,
+    torch_qscheme,
+    value_of,
+)
 from qkit.quant_spec import QuantSpec
 
 _aten = torch.ops.aten
@@ -78,12 +87,15 @@ class QkitQuantizer(Quantizer):
 
     Args:
         weight: the weights' scheme, 2-8 bits (one int8 code per weight once
-            converted). Per-channel on ``ch_axis`` (0 = output channels of both
-            ``linear`` ``[out, in]`` and ``conv`` ``[out, in/groups, *k]`` weights),
-            per-tensor, or group-wise along the last axis.
+            converted) or a floating-point format (``QuantSpec(format="e4m3", ...)``,
+            stored as ``qkit.quantize_fp`` codes and scales). Per-channel on ``ch_axis``
+            (0 = output channels of both ``linear`` ``[out, in]`` and ``conv``
+            ``[out, in/groups, *k]`` weights), per-tensor, or group-wise along the last
+            axis (mx/nvfp4: blocks of 32/16 along it).
         activation: the input activations' scheme, or ``None`` (weight-only). 4 or
-            8 bits; quantized per call from the tensor's own range, as qkit does
-            (``ch_axis=0`` on a ``[tokens, features]`` input is per token).
+            8 bits, or a floating-point format; quantized per call from the tensor's
+            own range, as qkit does (``ch_axis=0`` on a ``[tokens, features]`` input
+            is per token).
         is_qat: insert :class:`QkitFakeQuantize` (for ``prepare_qat_pt2e``) instead
             of :class:`QkitObserver`. Both compute the same forward values.
         ops: which node kinds to quantize: ``"linear"`` and/or ``"conv"`` (1-3 d).
@@ -139,11 +151,12 @@ class QkitQuantizer(Quantizer):
 
     def _qspec(self, spec: QuantSpec, role: Role) -> QuantizationSpec:
         ctr = (QkitFakeQuantize if self.is_qat else QkitObserver).with_args(spec=spec, role=role)
+        fp = spec.format is not None
         return QuantizationSpec(
-            dtype=torch.int8,
+            dtype=CODE_DTYPES[spec.format] if fp else torch.int8,
             observer_or_fake_quant_ctr=ctr,
-            quant_min=spec.quant_min,
-            quant_max=spec.quant_max,
+            quant_min=None if fp else spec.quant_min,
+            quant_max=None if fp else spec.quant_max,
             qscheme=torch_qscheme(spec),
             ch_axis=spec.ch_axis if spec.granularity == "per_channel" else None,
             # Not torch's dynamic flow (choose_qparams nodes): qkit's own nodes compute the range per call.
@@ -244,3 +257,6 @@ class QkitQuantizer(Quantizer):
             spec.check_shape(tuple(val.shape))
         except ValueError as exc:
             raise ValueError(f"{where}: its weight `{node.name}` does not fit the scheme: {exc}") from None
+        problem = storage_problem(spec, tuple(val.shape))
+        if problem is not None:
+            raise ValueError(f"{where}: its weight `{node.name}` does not fit the scheme: {problem}")
