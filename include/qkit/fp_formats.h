@@ -44,10 +44,8 @@ QKIT_HD constexpr FpSpec fp_spec(FpFormat f) {
 
 QKIT_HD constexpr int fp_bits(FpFormat f) { return 1 + fp_spec(f).ebits + fp_spec(f).mbits; }
 
-// 2^e as a float for -149 <= e <= 127 (exact; subnormal below -126).
-QKIT_HD float fp_pow2(int e) {
-  return e >= -126 ? bits_float(static_cast<uint32_t>(e + 127) << 23) : bits_float(1u << (e + 149));
-}
+// 2^e as a float for -126 <= e <= 127 (every exponent the formats' rounding needs).
+QKIT_HD float fp_pow2(int e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
 
 // log2 of the spacing of the format's values around magnitude a (a >= 0, not NaN):
 // 2^(e - mbits) with e = a's exponent, or the smallest normal exponent below it.
@@ -96,10 +94,14 @@ QKIT_HD uint32_t fp_code_of(float r, bool negative, bool nan, const FpSpec& s) {
   const int re = static_cast<int>(rb >> 23) - 127;
   const uint32_t normal =
       (static_cast<uint32_t>(re + s.bias) << s.mbits) | ((rb & 0x7FFFFFu) >> (23 - s.mbits));
-  const uint32_t subnormal = static_cast<uint32_t>(r * fp_pow2(s.mbits - emin));  // exact, < 2^mbits
+  // The subnormal count r / 2^(emin - mbits) (an integer below 2^mbits, exact) read from the
+  // mantissa of count + 2^23: no float->int conversion, which compilers will not speculate
+  // (it may trap), so the element loops stay branch-free and vectorise.
+  const uint32_t subnormal = float_bits(r * fp_pow2(s.mbits - emin) + 8388608.0f) - 0x4B000000u;
   const uint32_t sign = negative ? 1u << (s.ebits + s.mbits) : 0u;
   const uint32_t code = (re >= emin ? normal : subnormal) | sign;
-  return nan && s.has_nan ? (sign | 0x7Fu) : code;
+  // Selects and bitwise logic only (no short-circuit branch): the element loops vectorise.
+  return (nan & s.has_nan) ? (sign | 0x7Fu) : code;
 }
 
 QKIT_HD bool fp_is_nan(float v) { return (float_bits(v) & 0x7FFFFFFFu) > 0x7F800000u; }
@@ -123,13 +125,13 @@ QKIT_HD float fp_decode(uint32_t code, const FpSpec& s) {
   const bool negative = ((code >> (s.ebits + s.mbits)) & 1u) != 0;
   const float normal = bits_float((static_cast<uint32_t>(static_cast<int>(e) - s.bias + 127) << 23) |
                                   (m << (23 - s.mbits)));
-  const float subnormal = static_cast<float>(m) * fp_pow2(1 - s.bias - s.mbits);
+  const float subnormal = static_cast<float>(static_cast<int32_t>(m)) * fp_pow2(1 - s.bias - s.mbits);
   float a = e == 0 ? subnormal : normal;
-  if (s.has_nan && e == emask) {
-    const bool inf = s.ebits == 5 && m == 0;
-    const bool nan = s.ebits == 5 ? m != 0 : m == mmask;
-    a = inf ? bits_float(0x7F800000u) : nan ? bits_float(0x7FC00000u) : a;
-  }
+  const bool top = s.has_nan & (e == emask);
+  const bool inf = top & (s.ebits == 5) & (m == 0);
+  const bool nan = top & (s.ebits == 5 ? m != 0 : m == mmask);
+  a = inf ? bits_float(0x7F800000u) : a;
+  a = nan ? bits_float(0x7FC00000u) : a;
   return negative ? -a : a;
 }
 
@@ -178,7 +180,10 @@ QKIT_HD FpGroup fp_absmax_group(const FpStats& st, const FpSpec& s) {
 }
 
 // The value of an E8M0 scale byte: 2^(b-127), NaN for 0xFF (OCP MX v1.0 §5.4).
-QKIT_HD float e8m0_value(uint32_t b) { return b == 0xFFu ? bits_float(0x7FC00000u) : fp_pow2(static_cast<int>(b) - 127); }
+QKIT_HD float e8m0_value(uint32_t b) {
+  const float value = b == 0 ? bits_float(0x00400000u) : fp_pow2(static_cast<int>(b) - 127);  // 2^-127: subnormal
+  return b == 0xFFu ? bits_float(0x7FC00000u) : value;
+}
 
 // mx (OCP MX v1.0 §6.3, torchao's ScaleCalculationMode.FLOOR): with m = max |x| over the
 // block (Inf counts, NaN propagates), the scale is 2^(floor(log2 m) - max_pow2), its
@@ -190,7 +195,7 @@ QKIT_HD FpGroup fp_mx_group(const FpStats& st, const FpSpec& s) {
   int e = static_cast<int>((st.top >> 23) & 0xFFu) - 127 - s.max_pow2;
   e = e < -127 ? -127 : e > 127 ? 127 : e;
   const uint32_t byte = fp_stats_nan(st) ? 0xFFu : static_cast<uint32_t>(e + 127);
-  const float enc = fp_stats_nan(st) ? 0.0f : fp_pow2(-e);
+  const float enc = fp_stats_nan(st) ? 0.0f : fp_pow2(-e);  // e <= 128 - max_pow2 <= 126
   return FpGroup{enc, e8m0_value(byte), byte};
 }
 

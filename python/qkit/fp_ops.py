@@ -39,7 +39,7 @@ from qkit._checks import (
     fp_format_bits,
     fp_scales_shape,
 )
-from qkit._library import define, register_autograd_rules
+from qkit._library import define, lib, register_autograd_rules
 
 __all__ = [
     "BLOCK",
@@ -158,7 +158,10 @@ def _ste_backward(ctx: object, grad: Tensor) -> tuple[Tensor, None, None, None, 
 
 
 # fake_quantize_fp: d out / d input := 1 (straight through), like qkit.fake_quantize.
-torch.library.register_autograd("qkit::fake_quantize_fp", _ste_backward, setup_context=_ste_setup)
+try:
+    torch.library.register_autograd("qkit::fake_quantize_fp", _ste_backward, setup_context=_ste_setup, lib=lib)
+except AttributeError:  # torch's helper reads torch._C.DispatchKeySet: without it, no estimator (as ops.py)
+    lib.impl("fake_quantize_fp", torch.library.fallthrough_kernel, "Autograd")
 register_autograd_rules("fake_quantize_fp.out", mutates="out", no_grad_for=("input",), hint=OUT_HAS_NO_GRADIENT)
 register_autograd_rules("fake_quantize_fp_", mutates="input", hint=FAKE_QUANTIZE_FP_INPLACE_HINT)
 register_autograd_rules("quantize_fp")
