@@ -44,6 +44,31 @@ const char* dtype_name(ScalarType t) {
   }
 }
 
+int32_t dtype_code(const Tensor& t) {
+  int32_t code = 0;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &code));
+  return code;
+}
+
+int32_t dtype_code(ScalarType t) { return torch::stable::detail::to<int32_t>(torch::stable::detail::from(t)); }
+// The shim's dtype codes are c10's ScalarType values (aoti_torch_dtype_float32() is 6,
+// ScalarType::Float); torch's own getters of these two exist only from torch 2.11/2.12
+// headers on, so the enum, which torch 2.10's headers already have, names them.
+int32_t float8_e8m0fnu_code() { return static_cast<int32_t>(ScalarType::Float8_e8m0fnu); }
+int32_t float4_e2m1fn_x2_code() { return static_cast<int32_t>(ScalarType::Float4_e2m1fn_x2); }
+
+const char* dtype_code_name(int32_t code) {
+  if (code == float8_e8m0fnu_code()) return "float8_e8m0fnu";
+  if (code == float4_e2m1fn_x2_code()) return "float4_e2m1fn_x2";
+  for (ScalarType t : {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16, ScalarType::Double, ScalarType::Char,
+                       ScalarType::Byte, ScalarType::Int, ScalarType::Long, ScalarType::Bool, ScalarType::Short,
+                       ScalarType::Float8_e5m2, ScalarType::Float8_e4m3fn, ScalarType::Float8_e5m2fnuz,
+                       ScalarType::Float8_e4m3fnuz}) {
+    if (dtype_code(t) == code) return dtype_name(t);
+  }
+  return "an unsupported dtype";
+}
+
 DType float_dtype(const Tensor& t, const char* op, const char* arg) {
   switch (t.scalar_type()) {
     case ScalarType::Float: return DType::Float32;
@@ -101,8 +126,14 @@ void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, con
 
 void check_out(const Tensor& out, const char* name, ScalarType dtype, const Shape& sizes,
                const Tensor& like, const char* like_name, const char* op) {
-  QKIT_CHECK(out.scalar_type() == dtype, op, "`", name, "` must be ", dtype_name(dtype), ", got ",
-             dtype_name(out.scalar_type()));
+  check_out(out, name, dtype_code(dtype), sizes, like, like_name, op);
+}
+
+void check_out(const Tensor& out, const char* name, int32_t dtype, const Shape& sizes, const Tensor& like,
+               const char* like_name, const char* op) {
+  const int32_t got_dtype = dtype_code(out);
+  QKIT_CHECK(got_dtype == dtype, op, "`", name, "` must be ", dtype_code_name(dtype), ", got ",
+             dtype_code_name(got_dtype));
   check_same_device(like, like_name, out, name, op);
   const auto got = out.sizes();
   QKIT_CHECK(std::equal(got.begin(), got.end(), sizes.begin(), sizes.end()), op, "`", name, "` must have shape ",
@@ -170,6 +201,10 @@ void advise_huge_pages(const Tensor& t) {
 }  // namespace
 
 Tensor empty_on(const Tensor& like, const Shape& sizes, ScalarType dtype) {
+  return empty_on(like, sizes, dtype_code(dtype));
+}
+
+Tensor empty_on(const Tensor& like, const Shape& sizes, int32_t code) {
   const auto ndim = static_cast<int64_t>(sizes.size());
   Shape strides = sizes;
   int64_t stride = 1;
@@ -183,7 +218,6 @@ Tensor empty_on(const Tensor& like, const Shape& sizes, ScalarType dtype) {
   // (ci/check_torch_headers.sh compiles this file against torch 2.10's headers).
   int32_t device_type = 0;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
-  const auto code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   AtenTensorHandle handle = nullptr;
   TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes.data(), strides.data(), code, device_type,
                                                   like.get_device_index(), &handle));

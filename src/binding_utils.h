@@ -56,6 +56,17 @@ std::string shape_text(const Sizes& sizes) {
   return text.str();
 }
 
+// A tensor's dtype as the C shim's code. The bindings target torch 2.10's stable ABI,
+// whose ScalarType conversions do not know float8_e8m0fnu and float4_e2m1fn_x2 (torch
+// 2.11 added them): Tensor::scalar_type() throws for such a tensor. The codes work on
+// every torch that has the dtypes.
+int32_t dtype_code(const Tensor& t);
+int32_t dtype_code(ScalarType t);
+int32_t float8_e8m0fnu_code();
+int32_t float4_e2m1fn_x2_code();
+// dtype_name of a shim code (the two dtypes above included).
+const char* dtype_code_name(int32_t code);
+
 // The kernels' element type for a float tensor; errors for anything else.
 DType float_dtype(const Tensor& t, const char* op, const char* arg);
 
@@ -187,6 +198,9 @@ void on_device(const Tensor& like, const char* op, const Cpu& cpu, const Cuda& c
 // a wrong buffer is a bug in the caller), and no expanded dimensions.
 void check_out(const Tensor& out, const char* name, ScalarType dtype, const Shape& sizes,
                const Tensor& like, const char* like_name, const char* op);
+// The same for a dtype given by its shim code.
+void check_out(const Tensor& out, const char* name, int32_t dtype_code, const Shape& sizes, const Tensor& like,
+               const char* like_name, const char* op);
 // An output must not share bytes with a tensor the op reads or with another output.
 // Compares address ranges, so interleaved views count as overlapping.
 void check_no_overlap(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op);
@@ -197,6 +211,7 @@ bool same_view(const Tensor& a, const Tensor& b);
 // the empty_strided C shim: torch::stable::new_empty looks the op up by name in
 // the dispatcher on every call, which costs about a microsecond.
 Tensor empty_on(const Tensor& like, const Shape& sizes, ScalarType dtype);
+Tensor empty_on(const Tensor& like, const Shape& sizes, int32_t dtype_code);
 
 // `t` itself when it is already contiguous (no dispatcher call), else a contiguous copy.
 Tensor dense(const Tensor& t);
@@ -209,7 +224,7 @@ void write_into(Tensor& out, const Write& write) {
     write(out);
     return;
   }
-  Tensor staging = empty_on(out, sizes_of(out), out.scalar_type());
+  Tensor staging = empty_on(out, sizes_of(out), dtype_code(out));
   write(staging);
   torch::stable::copy_(out, staging);
 }

@@ -135,6 +135,59 @@ def _dequantize(kind: str):
     return build
 
 
+# ---------------------------------------------------------------- floating-point format ops (e3m2: uint8 codes)
+
+
+def _fake_fp(kind: str):
+    def build(a: dict[str, int], device: str, empty: bool) -> tuple[Call, list[Tensor]]:
+        x = _randn(0 if empty else 64, device)
+        g = a["groups"]
+        scaling = "mx" if kind == "op-mx" else "absmax"
+        if kind in ("op", "op-mx"):
+            return (lambda: ops.fake_quantize_fp(x, g, "e4m3", scaling, False)), []
+        if kind == "op-stochastic":
+            return (lambda: ops.fake_quantize_fp(x, g, "e2m1", "absmax", True)), []
+        if kind == "op-inplace":
+            return (lambda: ops.fake_quantize_fp_(x, g, "e3m2", "absmax", False)), [x]
+        out = torch.zeros_like(x)
+        if kind == "op-out":
+            return (lambda: ops.fake_quantize_fp.out(x, g, "e5m2", "absmax", False, out=out)), [out]
+        return (lambda: qkit.fake_quantize_fp(x, g, "e2m3", out=out)), [out]
+
+    return build
+
+
+def _quantize_fp(kind: str):
+    def build(a: dict[str, int], device: str, empty: bool) -> tuple[Call, list[Tensor]]:
+        n = 0 if empty else 64
+        x = _randn(n, device)
+        g = a["groups"]
+        q = torch.zeros(n // 4 * 3, dtype=torch.uint8, device=device)
+        s = torch.zeros(small(g, 4), device=device)
+        if kind == "op":
+            return (lambda: ops.quantize_fp(x, g, "e3m2", "absmax")), []
+        if kind == "op-out":
+            return (lambda: ops.quantize_fp.out(x, g, "e3m2", "absmax", codes=q, scales=s)), [q, s]
+        return (lambda: qkit.quantize_fp(x, g, "e3m2", out=(q, s))), [q, s]
+
+    return build
+
+
+def _dequantize_fp(kind: str):
+    def build(a: dict[str, int], device: str, empty: bool) -> tuple[Call, list[Tensor]]:
+        g = a["groups"]
+        q = torch.randint(0, 256, (48,), dtype=torch.uint8).to(device)
+        s = torch.rand(small(g, 4)).to(device)
+        out = torch.zeros(64, device=device)
+        if kind == "op":
+            return (lambda: ops.dequantize_fp(q, s, g, "e2m3", "absmax", None)), []
+        if kind == "op-out":
+            return (lambda: ops.dequantize_fp.out(q, s, g, "e2m3", "absmax", out=out)), [out]
+        return (lambda: qkit.dequantize_fp(q, s, g, "e2m3", out=out)), [out]
+
+    return build
+
+
 # ---------------------------------------------------------------- ZeRO++ ops
 
 SWIZZLE_INTS = {"groups": 8, "bits": 8, "pipeline": 2, "nodes": 2, "devices_per_node": 2}
@@ -241,6 +294,11 @@ for _kind in ("op", "op-stochastic", "op-inplace", "op-out", "wrapper", "wrapper
 for _kind in ("op", "op-out", "wrapper", "wrapper-out"):
     OPS[f"quantize/{_kind}"] = Op({"groups": 4, "bits": 8}, _quantize(_kind), {})
     OPS[f"dequantize/{_kind}"] = Op({"groups": 4, "bits": 8}, _dequantize(_kind), {})
+for _kind in ("op", "op-mx", "op-stochastic", "op-inplace", "op-out", "wrapper-out"):
+    OPS[f"fake_quantize_fp/{_kind}"] = Op({"groups": 2 if _kind == "op-mx" else 4}, _fake_fp(_kind), {})
+for _kind in ("op", "op-out", "wrapper-out"):
+    OPS[f"quantize_fp/{_kind}"] = Op({"groups": 4}, _quantize_fp(_kind), {})
+    OPS[f"dequantize_fp/{_kind}"] = Op({"groups": 4}, _dequantize_fp(_kind), {})
 for _kind in ("op", "op-out", "op-loco", "wrapper", "wrapper-out", "wrapper-loco", "ds", "ds-loco"):
     aliases = {"pipeline_size": "pipeline"} if _kind.startswith("ds") else {}
     OPS[f"swizzle_quantize/{_kind}"] = Op(dict(SWIZZLE_INTS), _swizzle(_kind), aliases)

@@ -309,3 +309,174 @@ def ref_dequantize_unsigned(
     s = scale.detach().cpu().reshape(-1, 1).to(torch.float32)
     m = minv.detach().cpu().reshape(-1, 1).to(torch.float32)
     return (codes / s + m).to(torch.float16)
+
+
+# ---------------------------------------------------------------- floating-point formats (docs/ops.md §10)
+#
+# A second model of the formats, built differently from the kernels: every format is its
+# table of representable values (from the sign/exponent/mantissa definition, in float64),
+# and rounding is a search in that table (nearest, ties to the even code). Scales follow
+# the spec's formulas, one fp32 torch op per step.
+
+FP_FORMATS = {"e4m3": (4, 3), "e5m2": (5, 2), "e3m2": (3, 2), "e2m3": (2, 3), "e2m1": (2, 1)}
+FP_BLOCK = {"mx": 32, "nvfp4": 16}
+
+
+def fp_bits(fmt: str) -> int:
+    ebits, mbits = FP_FORMATS[fmt]
+    return 1 + ebits + mbits
+
+
+def ref_fp_value_of_code(code: int, fmt: str) -> float:
+    """The value of one code, from the definition (NaN/Inf codes of e4m3/e5m2 included)."""
+    ebits, mbits = FP_FORMATS[fmt]
+    bias = 2 ** (ebits - 1) - 1
+    sign = -1.0 if code >> (ebits + mbits) & 1 else 1.0
+    e, m = (code >> mbits) & (2**ebits - 1), code & (2**mbits - 1)
+    if fmt == "e4m3" and e == 15 and m == 7:
+        return float("nan")
+    if fmt == "e5m2" and e == 31:
+        return sign * float("inf") if m == 0 else float("nan")
+    if e == 0:
+        return sign * m * 2.0 ** (1 - bias - mbits)
+    return sign * (1 + m / 2**mbits) * 2.0 ** (e - bias)
+
+
+def ref_fp_table(fmt: str) -> Tensor:
+    """float64 values of the non-negative finite codes 0, 1, ... (increasing)."""
+    values = [ref_fp_value_of_code(c, fmt) for c in range(2 ** (fp_bits(fmt) - 1))]
+    return torch.tensor([v for v in values if v == v and abs(v) != float("inf")], dtype=torch.float64)
+
+
+def ref_fp_max(fmt: str) -> float:
+    return float(ref_fp_table(fmt)[-1])
+
+
+def _fp_sign_bit(v: Tensor) -> Tensor:
+    return (v.to(torch.float32).view(torch.int32) < 0).to(torch.int64)
+
+
+def ref_fp_round(v: Tensor, fmt: str, u: Tensor | None = None) -> Tensor:
+    """Codes (int64, sign included) of fp32 values ``v``: |v| saturated to max, then the
+    nearest table value (tie: the even code), or with uniforms ``u`` stochastic rounding
+    ``floor(|v| / spacing + u)`` in fp32. NaN -> 0x7F (with sign) for e4m3/e5m2, else the max code."""
+    table = ref_fp_table(fmt)
+    v32 = v.to(torch.float32).reshape(-1)
+    a = v32.abs().to(torch.float64)
+    nan = torch.isnan(a)
+    a = torch.where(nan | (a > table[-1]), table[-1], a)
+    hi = torch.searchsorted(table, a).clamp(max=len(table) - 1)
+    lo = torch.where(table[hi] == a, hi, (hi - 1).clamp(min=0))
+    if u is None:
+        d_lo, d_hi = a - table[lo], table[hi] - a
+        pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0) & (hi != lo))
+    else:
+        spacing = (table[hi] - table[lo]).to(torch.float32)
+        t = torch.where(hi == lo, torch.zeros_like(v32), a.to(torch.float32) / torch.where(hi == lo, 1.0, spacing))
+        k_lo = torch.where(hi == lo, 0.0, table[lo] / torch.where(hi == lo, 1.0, spacing.to(torch.float64)))
+        pick_hi = (torch.floor(t + u.reshape(-1).to(torch.float32)) > k_lo.to(torch.float32)) & (hi != lo)
+    code = torch.where(pick_hi, hi, lo)
+    ebits, mbits = FP_FORMATS[fmt]
+    sign = _fp_sign_bit(v32) << (ebits + mbits)
+    code = code | sign
+    if fmt in ("e4m3", "e5m2"):
+        code = torch.where(nan, sign | 0x7F, code)
+    return code
+
+
+def ref_fp_decode(codes: Tensor, fmt: str) -> Tensor:
+    """fp32 values of int codes."""
+    lut = torch.tensor([ref_fp_value_of_code(c, fmt) for c in range(2 ** fp_bits(fmt))], dtype=torch.float32)
+    return lut[codes.to(torch.int64)]
+
+
+def _fp_groups(x: Tensor, groups: int) -> Tensor:
+    return x.detach().cpu().reshape(-1).to(torch.float32).reshape(groups, -1)
+
+
+def ref_fp_tensor_scale(x: Tensor) -> Tensor:
+    """nvfp4's fp32 tensor scale: max(finite amax / 2688, 2^-126)."""
+    a = x.detach().cpu().reshape(-1).to(torch.float32).abs()
+    amax = torch.where(torch.isfinite(a), a, 0.0).max() if a.numel() else torch.tensor(0.0)
+    return torch.clamp(amax / torch.tensor(448.0 * 6.0), min=2.0**-126)
+
+
+def ref_fp_scales(x: Tensor, groups: int, fmt: str, scaling: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(scaled values [G, E] fp32, dec [G, 1] fp32, stored scales (qkit's dtype), tensor scale)."""
+    xg = _fp_groups(x, groups)
+    a = xg.abs()
+    has_nan = torch.isnan(xg).any(dim=1, keepdim=True) if xg.shape[1] else torch.zeros(groups, 1, dtype=torch.bool)
+    nan = torch.tensor(float("nan"))
+    ts = torch.tensor(0.0)
+    if scaling == "absmax":
+        finite = torch.where(torch.isfinite(a), a, 0.0)
+        m = finite.amax(dim=1, keepdim=True) if xg.shape[1] else torch.zeros(groups, 1)
+        step = m / torch.tensor(ref_fp_max(fmt), dtype=torch.float32)
+        step = torch.where(step == 0, torch.tensor(2.0**-149), step)
+        step = torch.where(m == 0, torch.tensor(1.0), step)
+        step = torch.where(has_nan, nan, step)
+        return xg / step, step, step.reshape(-1).clone(), ts
+    m = a.amax(dim=1, keepdim=True) if xg.shape[1] else torch.zeros(groups, 1)  # NaN propagates
+    if scaling == "mx":
+        max_pow2 = int(torch.floor(torch.log2(torch.tensor(ref_fp_max(fmt)))))
+        _, fe = torch.frexp(m.to(torch.float64))
+        floor_log2 = torch.where(m == 0, -127, fe - 1)  # frexp: m = f * 2^fe, f in [0.5, 1)
+        floor_log2 = torch.where(torch.isinf(m), 128, floor_log2)
+        e = torch.clamp(floor_log2 - max_pow2, -127, 127)
+        byte = torch.where(has_nan, 255, e + 127).to(torch.uint8)
+        scale64 = torch.pow(torch.tensor(2.0, dtype=torch.float64), e.to(torch.float64))
+        scaled = (xg.to(torch.float64) / scale64).to(torch.float32)
+        scaled = torch.where(has_nan, xg * 0.0, scaled)
+        dec = torch.where(has_nan, nan, scale64.to(torch.float32))
+        return scaled, dec, byte.reshape(-1).view(torch.float8_e8m0fnu), ts
+    ts = ref_fp_tensor_scale(x)
+    block = (m / torch.tensor(6.0)) / ts
+    block = torch.where(torch.isnan(block), block, torch.clamp(block, 2.0**-6, 448.0))
+    block_code = ref_fp_round(block, "e4m3").reshape(groups, 1)
+    block32 = ref_fp_decode(block_code, "e4m3")
+    enc = (torch.tensor(1.0) / ts) / block32
+    stored = torch.cat([ts.reshape(1).view(torch.uint8), block_code.reshape(-1).to(torch.uint8)])
+    return xg * enc, ts * block32, stored.view(torch.float8_e4m3fn), ts
+
+
+def ref_pack_fp(codes: Tensor, fmt: str, shape: torch.Size) -> Tensor:
+    """Storage of int codes of a tensor of ``shape``: FP8 one byte each, FP4 pairs (element
+    2j in the high nibble), FP6 quads in three bytes (element 4j in the top six bits)."""
+    c = codes.reshape(-1).to(torch.int64)
+    bits = fp_bits(fmt)
+    out_shape = list(shape)
+    if bits == 8:
+        return c.to(torch.uint8).reshape(out_shape).view(torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2)
+    if bits == 4:
+        out_shape[-1] //= 2
+        return ((c[0::2] << 4) | c[1::2]).to(torch.uint8).reshape(out_shape).view(torch.float4_e2m1fn_x2)
+    out_shape[-1] = out_shape[-1] // 4 * 3
+    w = (c[0::4] << 18) | (c[1::4] << 12) | (c[2::4] << 6) | c[3::4]
+    return torch.stack([w >> 16, (w >> 8) & 0xFF, w & 0xFF], dim=1).to(torch.uint8).reshape(out_shape)
+
+
+def ref_unpack_fp(storage: Tensor, fmt: str) -> Tensor:
+    """int64 codes (flattened) of qkit's FP storage."""
+    b = storage.detach().cpu().contiguous().view(torch.uint8).reshape(-1).to(torch.int64)
+    bits = fp_bits(fmt)
+    if bits == 8:
+        return b
+    if bits == 4:
+        return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)
+    w = (b[0::3] << 16) | (b[1::3] << 8) | b[2::3]
+    return torch.stack([(w >> 18) & 0x3F, (w >> 12) & 0x3F, (w >> 6) & 0x3F, w & 0x3F], dim=1).reshape(-1)
+
+
+def ref_quantize_fp(x: Tensor, groups: int, fmt: str, scaling: str = "absmax") -> tuple[Tensor, Tensor]:
+    """(codes storage, scales) as qkit.quantize_fp stores them."""
+    scaled, _, stored, _ = ref_fp_scales(x, groups, fmt, scaling)
+    return ref_pack_fp(ref_fp_round(scaled, fmt), fmt, x.shape), stored
+
+
+def ref_fake_quantize_fp(
+    x: Tensor, groups: int, fmt: str, scaling: str = "absmax", uniforms: Tensor | None = None
+) -> Tensor:
+    """decode(round(scaled)) * dec in fp32, rounded once to x's dtype; stochastic with ``uniforms``."""
+    scaled, dec, _, _ = ref_fp_scales(x, groups, fmt, scaling)
+    codes = ref_fp_round(scaled, fmt, uniforms).reshape(scaled.shape)
+    return (ref_fp_decode(codes, fmt) * dec).to(x.dtype).reshape(x.shape)

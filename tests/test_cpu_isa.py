@@ -70,6 +70,34 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 torch.manual_seed(7)
                 got = qkit.fake_quantize(x, groups, 5, sym, stochastic=True)
                 assert_same(got, ref_stochastic_fake_quantize(x, groups, 5, sym, seed), "stochastic")
+# The floating-point formats (docs/ops.md §10): tiles, tails, groups across packed bytes,
+# a NaN and an Inf block, a group larger than a chunk.
+from reference import ref_fake_quantize_fp, ref_quantize_fp, ref_philox_uniforms
+for dtype in (torch.float32, torch.bfloat16):
+    x = (torch.randn(96 * 44, generator=gen) * 3).to(dtype)
+    x[7], x[100] = float("nan"), float("inf")
+    x = x.reshape(-1, 4)
+    for fmt in ("e4m3", "e5m2", "e3m2", "e2m3", "e2m1"):
+        for scaling, groups in (("absmax", 11), ("absmax", 1), ("mx", x.numel() // 32), ("nvfp4", x.numel() // 16)):
+            if scaling == "nvfp4" and fmt != "e2m1":
+                continue
+            q, s = qkit.quantize_fp(x, groups, fmt, scaling)
+            rq, rs = ref_quantize_fp(x, groups, fmt, scaling)
+            assert torch.equal(s.view(torch.uint8), rs.view(torch.uint8)), (fmt, scaling, "scales")
+            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (fmt, scaling, "codes")
+            want = ref_fake_quantize_fp(x, groups, fmt, scaling)
+            assert_same(qkit.dequantize_fp(q, s, groups, fmt, scaling, dtype), want, "dequantize_fp")
+            assert_same(qkit.fake_quantize_fp(x, groups, fmt, scaling), want, "fake_quantize_fp")
+        torch.manual_seed(7)
+        seed = torch.empty(1, dtype=torch.int64).random_().item()
+        torch.manual_seed(7)
+        got = qkit.fake_quantize_fp(x, 11, fmt, "absmax", True)
+        assert_same(got, ref_fake_quantize_fp(x, 11, fmt, "absmax", ref_philox_uniforms(seed, x.numel())), "sr")
+big = torch.randn(3 * 20000, generator=gen)
+for fmt in ("e4m3", "e2m1"):
+    q, s = qkit.quantize_fp(big, 3, fmt)
+    rq, rs = ref_quantize_fp(big, 3, fmt)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs), fmt
 print("ok")
 """
 

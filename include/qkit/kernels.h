@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "qkit/common.h"
+#include "qkit/fp_formats.h"
 #include "qkit/zeropp.h"
 
 namespace qkit {
@@ -20,6 +21,19 @@ struct QuantJob {
   bool symmetric;
   const int64_t* seed;  // stochastic rounding: one int64 on the job's device; nullptr = nearest
   bool packed;          // codes two per byte (packed_storage); otherwise one per int8
+};
+
+// One floating-point quantization job (docs/ops.md §10) over a flattened tensor of
+// `numel` elements in `groups` contiguous groups. Codes are packed per fp_formats.h;
+// scales are float32 (absmax), E8M0 bytes (mx) or, for nvfp4, the 4 bytes of the fp32
+// tensor scale followed by one E4M3 byte per group.
+struct FpJob {
+  DType dtype;  // element type of the float side
+  int64_t numel;
+  int64_t groups;
+  FpFormat format;
+  FpScaling scaling;
+  const int64_t* seed;  // stochastic rounding (fake_quantize_fp only); nullptr = nearest
 };
 
 namespace cpu {
@@ -43,6 +57,11 @@ void fake_quantize(const QuantJob& job, const void* in, void* out);
 void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params);
 // out (job.dtype) from codes and params; job.numel counts output elements.
 void dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out);
+
+// Floating-point formats (docs/ops.md §10): out = dequantize_fp(quantize_fp(in)).
+void fake_quantize_fp(const FpJob& job, const void* in, void* out);
+void quantize_fp(const FpJob& job, const void* in, uint8_t* codes, uint8_t* scales);
+void dequantize_fp(const FpJob& job, const uint8_t* codes, const uint8_t* scales, void* out);
 
 // ZeRO++ building blocks (docs/ops.md §3). Codes/params are for job.groups groups of
 // job.numel / job.groups elements, `job.bits` wide.
@@ -77,6 +96,13 @@ Status fake_quantize(const QuantJob& job, const void* in, void* out, void* works
 Status quantize(const QuantJob& job, const void* in, int8_t* codes, float* params, void* workspace,
                 void* stream);
 Status dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out, void* stream);
+
+// Floating-point formats, as in qkit::cpu, on `stream`; the quantizing ones need
+// fp_workspace_bytes(job) of device scratch.
+size_t fp_workspace_bytes(const FpJob& job);
+Status fake_quantize_fp(const FpJob& job, const void* in, void* out, void* workspace, void* stream);
+Status quantize_fp(const FpJob& job, const void* in, uint8_t* codes, uint8_t* scales, void* workspace, void* stream);
+Status dequantize_fp(const FpJob& job, const uint8_t* codes, const uint8_t* scales, void* out, void* stream);
 
 // The ZeRO++ building blocks, as in qkit::cpu, on `stream`.
 Status swizzle_groups(const QuantJob& job, const SwizzleLayout& layout, const int8_t* codes_in, const float* params_in,

@@ -1,4 +1,4 @@
-// Picks the CPU quantizer kernels for this machine's instruction set, once:
+// Picks the CPU quantizer kernels (integer and floating-point formats) for this machine's instruction set, once:
 // AVX-512, else AVX2+F16C, else the baseline build. QKIT_CPU_ISA=generic|avx2|avx512
 // forces one (tests run each); asking for one the CPU lacks falls back to the best
 // it has.
@@ -14,6 +14,9 @@ namespace qkit::cpu {
   void fake_quantize(const QuantJob& job, const void* in, void* out);                       \
   void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params);         \
   void dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out); \
+  void fake_quantize_fp(const FpJob& job, const void* in, void* out);                       \
+  void quantize_fp(const FpJob& job, const void* in, uint8_t* codes, uint8_t* scales);      \
+  void dequantize_fp(const FpJob& job, const uint8_t* codes, const uint8_t* scales, void* out); \
   }
 QKIT_DECLARE_ISA(generic)
 #if defined(__x86_64__)
@@ -77,6 +80,16 @@ void quantize(const QuantJob& job, const void* in, int8_t* codes, float* params)
 
 void dequantize(const QuantJob& job, const int8_t* codes, const float* params, void* out) {
   QKIT_DISPATCH(dequantize(job, codes, params, out))
+}
+
+void fake_quantize_fp(const FpJob& job, const void* in, void* out) { QKIT_DISPATCH(fake_quantize_fp(job, in, out)) }
+
+void quantize_fp(const FpJob& job, const void* in, uint8_t* codes, uint8_t* scales) {
+  QKIT_DISPATCH(quantize_fp(job, in, codes, scales))
+}
+
+void dequantize_fp(const FpJob& job, const uint8_t* codes, const uint8_t* scales, void* out) {
+  QKIT_DISPATCH(dequantize_fp(job, codes, scales, out))
 }
 
 }  // namespace qkit::cpu

@@ -5,4 +5,5 @@
 #define QKIT_CPU_HAS_F16C 1
 #define QKIT_CPU_VEC_BYTES 32
 #include "quantize_cpu_impl.h"
+#include "fp_cpu_impl.h"
 #endif

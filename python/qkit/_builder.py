@@ -35,6 +35,7 @@ CPU_SOURCES = [
     "src/cpu_parallel.cpp",
     "src/quantize_ops.cpp",
     "src/zeropp_ops.cpp",
+    "src/fp_ops.cpp",
     "kernels/cpu/quantize_cpu.cpp",
     "kernels/cpu/quantize_cpu_generic.cpp",
     "kernels/cpu/quantize_cpu_avx2.cpp",
@@ -44,6 +45,7 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "kernels/cuda/quantize_cuda.cu",
     "kernels/cuda/zeropp_cuda.cu",
+    "kernels/cuda/fp_cuda.cu",
 ]
 INCLUDE_DIRS = ["include"]
 
@@ -171,7 +173,10 @@ def extension_flags(
     flags.define_macros = [("TORCH_TARGET_VERSION", torch_target_macro())]
     # FP contraction off everywhere: CPU and GPU must round every step alike.
     # Hidden visibility: _C exports PyInit__C and nothing else.
-    flags.cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+    # -fno-trapping-math: qkit never reads FP exception flags, so the compiler may compute
+    # both arms of a select (values are unchanged); without it GCC keeps the FP formats'
+    # per-element selects (include/qkit/fp_formats.h) as branches and vectorises no loop.
+    flags.cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden"]
     if glibc_stubs:
         flags.define_macros.append(("QKIT_GLIBC_STUBS", "1"))
         flags.link_args += glibc_stub_link_args(glibc_stubs)

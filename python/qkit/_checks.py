@@ -410,3 +410,164 @@ def ds_is_symmetric(qtype: object, op: str, kinds: type[IntEnum]) -> bool:
         raise ValueError(
             f"qkit.deepspeed.{op}: `qtype` must be QuantizationType.Symmetric (0) or .Asymmetric (1), got {qtype!r}"
         ) from None
+
+
+# ---------------------------------------------------------------- floating-point format ops (mirror src/fp_ops.cpp)
+# docs/ops.md §10. The same checks, in the same order and words, as the bindings.
+
+#: Element formats: name -> (exponent bits, mantissa bits).
+FORMATS: dict[str, tuple[int, int]] = {"e4m3": (4, 3), "e5m2": (5, 2), "e3m2": (3, 2), "e2m3": (2, 3), "e2m1": (2, 1)}
+#: Scalings, and the block size that mx and nvfp4 fix.
+SCALINGS = ("absmax", "mx", "nvfp4")
+BLOCK = {"mx": 32, "nvfp4": 16}
+#: The dtype of each format's codes and of each scaling's scales.
+CODE_DTYPES: dict[str, torch.dtype] = {
+    "e4m3": torch.float8_e4m3fn,
+    "e5m2": torch.float8_e5m2,
+    "e3m2": torch.uint8,
+    "e2m3": torch.uint8,
+    "e2m1": torch.float4_e2m1fn_x2,
+}
+SCALE_DTYPES: dict[str, torch.dtype] = {
+    "absmax": torch.float32,
+    "mx": torch.float8_e8m0fnu,
+    "nvfp4": torch.float8_e4m3fn,
+}
+#: Bytes ahead of the block scales in nvfp4's scales (the fp32 tensor scale).
+NVFP4_TENSOR_SCALE_BYTES = 4
+
+
+def fp_format_bits(format: str) -> int:
+    """Bits of one code of ``format``."""
+    ebits, mbits = FORMATS[format]
+    return 1 + ebits + mbits
+
+
+def fp_unit(format: str) -> int:
+    """Elements per packing unit (whole bytes): 1 (FP8), 2 (FP4) or 4 (FP6)."""
+    return {8: 1, 4: 2, 6: 4}[fp_format_bits(format)]
+
+
+def fp_code_bytes(n: int, format: str) -> int:
+    bits = fp_format_bits(format)
+    return n if bits == 8 else n // 2 if bits == 4 else n // 4 * 3
+
+
+def check_fp_format_and_scaling(format: str, scaling: str, op: str) -> None:
+    if format not in FORMATS:
+        raise QkitValueError(f"qkit.{op}: `format` must be e4m3, e5m2, e3m2, e2m3 or e2m1, got '{format}'")
+    if scaling not in SCALINGS:
+        raise QkitValueError(f"qkit.{op}: `scaling` must be absmax, mx or nvfp4, got '{scaling}'")
+    if scaling == "nvfp4" and format != "e2m1":
+        raise QkitValueError(f"qkit.{op}: `scaling` nvfp4 needs `format` e2m1, got '{format}'")
+
+
+def check_fp_groups(numel: int, groups: int, scaling: str, op: str, numel_of: str) -> None:
+    if scaling == "absmax":
+        check_groups(numel, groups, op, numel_of)
+        checked_product((groups, 4), "the bytes of the float32 scales, `groups` * 4", op)
+        return
+    block = BLOCK[scaling]
+    if numel % block != 0:
+        raise QkitValueError(
+            f"qkit.{op}: {scaling} scaling needs blocks of {block} elements: the number of elements of "
+            f"`{numel_of}` ({numel}) must be a multiple of {block}"
+        )
+    if groups != numel // block:
+        raise QkitValueError(
+            f"qkit.{op}: `groups` must be the number of {block}-element blocks of `{numel_of}` ({numel // block}) "
+            f"for {scaling} scaling, got {groups}"
+        )
+
+
+def check_fp_packable(t: Tensor, format: str, op: str, arg: str) -> None:
+    unit = fp_unit(format)
+    if unit == 1 or t.numel() == 0:
+        return
+    if t.dim() == 0 or t.shape[-1] % unit != 0:
+        bits = fp_format_bits(format)
+        raise QkitValueError(
+            f"qkit.{op}: {bits}-bit storage packs {unit} codes per {unit * bits // 8} byte(s) along the last "
+            f"dimension: `{arg}` needs a last dimension divisible by {unit}"
+        )
+
+
+def check_fake_quantize_fp_args(input: Tensor, groups: int, format: str, scaling: str, op: str) -> None:
+    check_float_input(input, op)
+    check_fp_format_and_scaling(format, scaling, op)
+    check_fp_groups(input.numel(), groups, scaling, op, "input")
+
+
+def check_quantize_fp_args(input: Tensor, groups: int, format: str, scaling: str) -> None:
+    op = "quantize_fp"
+    check_float_input(input, op)
+    check_fp_format_and_scaling(format, scaling, op)
+    check_fp_groups(input.numel(), groups, scaling, op, "input")
+    check_fp_packable(input, format, op, "input")
+
+
+def fp_codes_shape(shape: torch.Size, format: str) -> list[int]:
+    out = list(shape)
+    if out:
+        out[-1] = fp_code_bytes(out[-1], format)
+    return out
+
+
+def fp_scales_shape(groups: int, scaling: str) -> list[int]:
+    return [groups + NVFP4_TENSOR_SCALE_BYTES if scaling == "nvfp4" else groups]
+
+
+def check_dequantize_fp_args(codes: Tensor, scales: Tensor, groups: int, format: str, scaling: str) -> list[int]:
+    """dequantize_fp's checks; returns the output's shape."""
+    op = "dequantize_fp"
+    check_fp_format_and_scaling(format, scaling, op)
+    want = CODE_DTYPES[format]
+    if codes.dtype != want:
+        raise QkitTypeError(
+            f"qkit.{op}: `codes` must be {dtype_name(want)} for format {format}, got {dtype_name(codes.dtype)}"
+        )
+    want = SCALE_DTYPES[scaling]
+    if scales.dtype != want:
+        raise QkitTypeError(
+            f"qkit.{op}: `scales` must be {dtype_name(want)} for {scaling} scaling, got {dtype_name(scales.dtype)}"
+        )
+    if scales.device != codes.device:
+        raise QkitValueError(f"qkit.{op}: `scales` must be on the same device as `codes`")
+    bits = fp_format_bits(format)
+    if bits != 8 and codes.dim() == 0:
+        raise QkitValueError(f"qkit.{op}: packed `codes` must have at least one dimension")
+    if bits == 6 and codes.numel() > 0 and codes.shape[-1] % 3 != 0:
+        raise QkitValueError(
+            f"qkit.{op}: 6-bit `codes` hold four codes in three bytes: their last dimension must be divisible by 3"
+        )
+    numel = codes.numel() if bits == 8 else 2 * codes.numel() if bits == 4 else codes.numel() // 3 * 4
+    check_fp_groups(numel, groups, scaling, op, "the dequantized output")
+    want_shape = fp_scales_shape(groups, scaling)
+    if list(scales.shape) != want_shape:
+        raise QkitValueError(
+            f"qkit.{op}: `scales` must have shape {want_shape} for {scaling} scaling, got {list(scales.shape)}"
+        )
+    shape = list(codes.shape)
+    if bits != 8:
+        shape[-1] = 2 * shape[-1] if bits == 4 else shape[-1] // 3 * 4
+    return shape
+
+
+FAKE_QUANTIZE_FP_INPLACE_HINT = "use qkit.fake_quantize_fp (straight-through) or run under torch.no_grad()"
+DEQUANTIZE_FP_HINT = "detach `scales`, or train with qkit.fake_quantize_fp (straight-through)"
+
+
+def check_dequantize_fp_out_dtype(dtype: torch.dtype | None, out: Tensor) -> None:
+    """The wrapper's ``dtype`` and ``out=`` of :func:`qkit.dequantize_fp` agree (``None``: take ``out``'s)."""
+    if dtype is not None and dtype != out.dtype:
+        raise QkitTypeError(
+            f"qkit.dequantize_fp: `dtype` ({dtype_name(dtype)}) and `out` ({dtype_name(out.dtype)}) disagree"
+        )
+
+
+def check_dequantize_fp_dtype(dtype: torch.dtype | None, op: str) -> torch.dtype:
+    """dequantize_fp's output dtype: float32 when ``None`` (FP8 ranges overflow float16)."""
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise QkitTypeError(f"qkit.{op}: `dtype` must be float32, float16 or bfloat16, got {dtype_name(dtype)}")
+    return dtype
