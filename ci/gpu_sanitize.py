@@ -190,6 +190,48 @@ def _dequantize_unsigned(device: str, dtype: torch.dtype) -> list[Tensor]:
     return out
 
 
+FP_CASES = [(f, "absmax") for f in ("e4m3", "e5m2", "e3m2", "e2m3", "e2m1")]
+FP_CASES += [(f, "mx") for f in ("e4m3", "e3m2", "e2m1")] + [("e2m1", "nvfp4")]
+
+
+def fp_calls() -> list[Call]:
+    """The floating-point format ops (docs/ops.md §10), codes and scales compared as bytes."""
+    calls = []
+    for dtype in FLOATS:
+        for fmt, scaling in FP_CASES:
+            tag = f"{str(dtype).removeprefix('torch.')} {fmt} {scaling}"
+            calls.append(Call(f"fp round trip {tag}", lambda d, dt=dtype, f=fmt, s=scaling: _fp_chain(d, dt, f, s)))
+            calls.append(
+                Call(
+                    f"fake_quantize_fp stochastic {tag}",
+                    lambda d, dt=dtype, f=fmt, s=scaling: [
+                        ops.fake_quantize_fp(data(96 * 40, dt, d), 40, f, "absmax", True)
+                    ],
+                    random=True,
+                )
+            )
+    return calls
+
+
+def _fp_chain(device: str, dtype: torch.dtype, fmt: str, scaling: str) -> list[Tensor]:
+    # 96 x 40 with a NaN: 3840 elements, 120 mx / 240 nvfp4 blocks, or 12 absmax groups of 320
+    x = data(96 * 40, dtype, device, nan_at=1000).reshape(96, 40)
+    groups = {"absmax": 12, "mx": x.numel() // 32, "nvfp4": x.numel() // 16}[scaling]
+    codes, scales = ops.quantize_fp(x, groups, fmt, scaling)
+    codes2, scales2 = torch.empty_like(codes), torch.empty_like(scales)
+    ops.quantize_fp.out(x, groups, fmt, scaling, codes=codes2, scales=scales2)
+    deq = ops.dequantize_fp(codes, scales, groups, fmt, scaling, dtype)
+    deq2 = torch.empty_like(x)
+    ops.dequantize_fp.out(codes, scales, groups, fmt, scaling, out=deq2)
+    fake = ops.fake_quantize_fp(x, groups, fmt, scaling, False)
+    fake2 = torch.empty_like(x)
+    ops.fake_quantize_fp.out(x, groups, fmt, scaling, False, out=fake2)
+    fake3 = x.t().contiguous().t()
+    ops.fake_quantize_fp_(fake3, groups, fmt, scaling, False)
+    as_bytes = [t.view(torch.uint8) for t in (codes, scales, codes2, scales2)]
+    return [*as_bytes, deq, deq2, fake, fake2, fake3]
+
+
 def same(got: Tensor, want: Tensor) -> bool:
     """Bit for bit, NaNs in the same places (their payloads may differ)."""
     got, want = got.detach().cpu(), want.detach().cpu()
@@ -211,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_sanitize.py: no CUDA device", file=sys.stderr)
         return 1
-    calls = core_calls(args.quick) + zeropp_calls()
+    calls = core_calls(args.quick) + zeropp_calls() + fp_calls()
     started = time.perf_counter()
     failures = []
     for call in calls:

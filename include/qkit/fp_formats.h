@@ -7,6 +7,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "qkit/common.h"
 
@@ -14,6 +15,20 @@ namespace qkit {
 
 // The values are ours (the bindings translate the strings), shared by every device.
 enum class FpFormat : int { E4M3 = 0, E5M2 = 1, E3M2 = 2, E2M3 = 3, E2M1 = 4 };
+
+// Host side of every launcher: calls fn with std::integral_constant<FpFormat, format>, so
+// each format's kernels are compiled with the format as a constant.
+template <typename Fn>
+inline void dispatch_format(FpFormat format, const Fn& fn) {
+  switch (format) {
+    case FpFormat::E4M3: fn(std::integral_constant<FpFormat, FpFormat::E4M3>{}); break;
+    case FpFormat::E5M2: fn(std::integral_constant<FpFormat, FpFormat::E5M2>{}); break;
+    case FpFormat::E3M2: fn(std::integral_constant<FpFormat, FpFormat::E3M2>{}); break;
+    case FpFormat::E2M3: fn(std::integral_constant<FpFormat, FpFormat::E2M3>{}); break;
+    case FpFormat::E2M1: fn(std::integral_constant<FpFormat, FpFormat::E2M1>{}); break;
+  }
+}
+
 enum class FpScaling : int { Absmax = 0, Mx = 1, Nvfp4 = 2 };
 
 // The element sizes that mx and nvfp4 scaling fix (a scale per 32 / 16 elements).

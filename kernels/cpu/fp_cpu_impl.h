@@ -183,18 +183,6 @@ void run_fp_dequantizer(const FpJob& job, const uint8_t* codes, const uint8_t* s
   });
 }
 
-// Calls f with std::integral_constant<FpFormat, job.format>.
-template <typename Fn>
-void dispatch_format(FpFormat format, const Fn& fn) {
-  switch (format) {
-    case FpFormat::E4M3: fn(std::integral_constant<FpFormat, FpFormat::E4M3>{}); break;
-    case FpFormat::E5M2: fn(std::integral_constant<FpFormat, FpFormat::E5M2>{}); break;
-    case FpFormat::E3M2: fn(std::integral_constant<FpFormat, FpFormat::E3M2>{}); break;
-    case FpFormat::E2M3: fn(std::integral_constant<FpFormat, FpFormat::E2M3>{}); break;
-    case FpFormat::E2M1: fn(std::integral_constant<FpFormat, FpFormat::E2M1>{}); break;
-  }
-}
-
 }  // namespace
 
 void fake_quantize_fp(const FpJob& job, const void* in, void* out) {

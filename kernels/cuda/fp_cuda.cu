@@ -197,17 +197,6 @@ __global__ void fp_dequantize_kernel(FpJob job, const uint8_t* __restrict__ code
   }
 }
 
-template <typename Fn>
-void dispatch_format(FpFormat format, const Fn& fn) {
-  switch (format) {
-    case FpFormat::E4M3: fn(std::integral_constant<FpFormat, FpFormat::E4M3>{}); break;
-    case FpFormat::E5M2: fn(std::integral_constant<FpFormat, FpFormat::E5M2>{}); break;
-    case FpFormat::E3M2: fn(std::integral_constant<FpFormat, FpFormat::E3M2>{}); break;
-    case FpFormat::E2M3: fn(std::integral_constant<FpFormat, FpFormat::E2M3>{}); break;
-    case FpFormat::E2M1: fn(std::integral_constant<FpFormat, FpFormat::E2M1>{}); break;
-  }
-}
-
 // Launches 1-3: every group's scaling into scratch (and the scales into `scales`).
 template <typename T, FpFormat F>
 void launch_groups(const FpJob& job, const T* in, const FpScratch& scratch, uint8_t* scales, cudaStream_t stream) {

@@ -82,16 +82,21 @@ def load_digits(seed: int, device: torch.device) -> Data:
     return Data(as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test))
 
 
-def make_model(seed: int, device: torch.device) -> nn.Sequential:
-    """MLP 64-16-16-16-10 (ReLU): narrow enough that every weight matters at a few bits."""
+def digits_mlp(hidden: tuple[int, ...], seed: int) -> nn.Sequential:
+    """A ReLU MLP from the 64 pixels of a digit through ``hidden`` to its 10 classes, seeded."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     width = 64
-    for hidden in HIDDEN:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
     layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers).to(device)
+    return nn.Sequential(*layers)
+
+
+def make_model(seed: int, device: torch.device) -> nn.Sequential:
+    """MLP 64-16-16-16-10 (ReLU): narrow enough that every weight matters at a few bits."""
+    return digits_mlp(HIDDEN, seed).to(device)
 
 
 def model_name() -> str:

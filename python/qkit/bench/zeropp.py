@@ -24,7 +24,6 @@ so they are timed the same way).
 from __future__ import annotations
 
 import argparse
-import datetime
 import multiprocessing
 import socket
 from collections.abc import Callable, Sequence
@@ -169,20 +168,15 @@ def _free_port() -> int:
 
 
 def _gloo_rank(rank: int, world: int, local: int, port: int, shape: tuple[int, int], repeat: int, q) -> None:
-    import os
 
     import torch.distributed as dist
 
     from qkit.distributed import all_to_all_quant_reduce, count_wire_bytes, hierarchical_groups
+    from qkit.distributed.comm import init_local_gloo
     from qkit.distributed.fallback import mean_reduce_scatter
 
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
+    init_local_gloo(rank, world, port)
     groups = hierarchical_groups(local)
     x = torch.randn(shape)
     res = {}
@@ -275,7 +269,6 @@ def _plain_comms(timer: _Timer) -> tuple[object, object]:
 def _fsdp_rank(
     rank: int, world: int, local: int, port: int, width: int, layers: int, steps: int, warmup: int, q: object
 ) -> None:
-    import os
     import statistics
     import time
     import warnings
@@ -285,15 +278,11 @@ def _fsdp_rank(
 
     import qkit.distributed as qd
     from qkit.distributed import fsdp as qfsdp
+    from qkit.distributed.comm import init_local_gloo
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
+    init_local_gloo(rank, world, port)
     timer = _Timer()
     for name in ("all_to_all_single", "all_gather_single", "reduce_scatter_single"):
         if hasattr(dist, name):

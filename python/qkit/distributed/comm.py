@@ -15,6 +15,8 @@ algorithm sends them (what NCCL's ring/direct algorithms and gloo's send):
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +24,32 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["WireCounter", "all_gather", "all_to_all", "count_wire_bytes", "reduce_scatter_sum", "sent_bytes"]
+__all__ = [
+    "WireCounter",
+    "all_gather",
+    "all_to_all",
+    "count_wire_bytes",
+    "init_local_gloo",
+    "reduce_scatter_sum",
+    "sent_bytes",
+]
+
+
+def init_local_gloo(rank: int, world_size: int, port: int, timeout_s: float = 120.0) -> None:
+    """Join a gloo process group of ``world_size`` processes on 127.0.0.1 (qkit's demos and benchmarks).
+
+    Binds gloo to the loopback device where there is one, so the group works whatever the
+    host name resolves to; a collective that waits longer than ``timeout_s`` raises.
+    """
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 # torch >= 2.13 renamed the tensor forms; older releases only have the old names. Looked up at

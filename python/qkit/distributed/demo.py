@@ -17,7 +17,6 @@ is killed: nothing can hang.
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing
 import os
 import socket
@@ -79,14 +78,9 @@ class ZeroppResult:
 
 def make_model(seed: int) -> nn.Sequential:
     """MLP 64-256-256-10 (ReLU), 85k parameters."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = 64
-    for hidden in HIDDEN:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
+    from qkit.demo import digits_mlp
+
+    return digits_mlp(HIDDEN, seed)
 
 
 def _train(label: str, rank: int, steps: int, seed: int, data: Any, progress: bool) -> RunRecord:
@@ -143,19 +137,12 @@ def _worker(rank: int, port: int, steps: int, seed: int, outdir: str, progress: 
     import torch.distributed as dist
 
     from qkit.demo import load_digits
+    from qkit.distributed.comm import init_local_gloo
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13's renamed collectives
     torch.set_num_threads(1)
-    if Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     os.environ.pop("LOCAL_WORLD_SIZE", None)  # the topology is the demo's, not the launcher's
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
+    init_local_gloo(rank, WORLD, port, COLLECTIVE_TIMEOUT_S)
     try:
         data = load_digits(seed, torch.device("cpu"))
         runs = {label: _train(label, rank, steps, seed, data, progress and rank == 0) for label in RUNS}
