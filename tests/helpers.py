@@ -7,9 +7,11 @@ import multiprocessing
 import os
 import socket
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -148,3 +150,50 @@ def join_gloo_world(world: int, port: int, rank: int, outdir: str, timeout_s: fl
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+# ---------------------------------------------------------------- worlds of named checks
+
+#: A distributed check: ``(rank, world) -> result`` (anything ``torch.save`` can write).
+RankCheck = Callable[[int, int], Any]
+
+
+def run_rank_checks(checks: dict[str, RankCheck], world: int, port: int, outdir: str, rank: int, timeout_s: float):
+    """A spawned rank's whole life: join the world, run every check (a failure is kept as its
+    traceback, so the other checks still run and every rank makes the same collectives),
+    save the results to ``rank{r}.pt``, leave the world."""
+    join_gloo_world(world, port, rank, outdir, timeout_s)
+    results: dict[str, Any] = {}
+    try:
+        for name, fn in checks.items():
+            try:
+                results[name] = fn(rank, world)
+            except Exception:
+                results[name] = {"traceback": traceback.format_exc()}
+        torch.save(results, Path(outdir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn_check_world(world: int, worker: Callable[..., None], outdir: Path, timeout_s: float) -> dict:
+    """Run ``worker(world, port, outdir, rank)`` on ``world`` ranks; ``{"world", "ranks"}`` with each rank's results."""
+    ranks = spawn_ranks(
+        world,
+        worker,
+        lambda r, port: (world, port, str(outdir), r),
+        outdir,
+        timeout_s=timeout_s,
+        preload=["torch", "qkit", "qkit.distributed"],
+        what=f"world {world}",
+    )
+    return {"world": world, "ranks": ranks}
+
+
+def check_results(world: dict, name: str) -> list[dict]:
+    """Every rank's result of check ``name``: fails with a rank's traceback, skips a check not run here."""
+    if name not in world["ranks"][0]:
+        pytest.skip(f"check {name!r} is not run at world {world['world']} (kept short on 2 cores)")
+    out = [r[name] for r in world["ranks"]]
+    for r, res in enumerate(out):
+        assert "traceback" not in res, f"rank {r}, check {name!r}:\n{res['traceback']}"
+    return out

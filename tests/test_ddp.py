@@ -16,14 +16,12 @@ under SPAWN_TIMEOUT_S, after which every rank is killed). The parent compares:
 from __future__ import annotations
 
 import io
-import traceback
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from helpers import join_gloo_world, spawn_ranks
+from helpers import check_results, run_rank_checks, spawn_check_world
 from reference import ref_dequantize, ref_loco_swizzle_quantize, ref_quantize
 from test_fsdp import BoundaryCounter, _layout, rank_input
 
@@ -234,17 +232,8 @@ CHECKS = {"direct": _check_direct, "training": _check_training, "state": _check_
 
 
 def worker(world: int, port: int, outdir: str, rank: int) -> None:
-    join_gloo_world(world, port, rank, outdir, TIMEOUT_S)
-    results: dict[str, Any] = {}
-    try:
-        for name, fn in CHECKS.items():
-            try:
-                results[name] = fn(rank, world)
-            except Exception:
-                results[name] = {"traceback": traceback.format_exc()}
-        torch.save(results, Path(outdir) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+    """One spawned rank: every check, results to ``rank{r}.pt``."""
+    run_rank_checks(CHECKS, world, port, outdir, rank, TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- parent side
@@ -252,25 +241,7 @@ def worker(world: int, port: int, outdir: str, rank: int) -> None:
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    w = request.param
-    outdir = tmp_path_factory.mktemp(f"ddp{w}")
-    ranks = spawn_ranks(
-        w,
-        worker,
-        lambda r, port: (w, port, str(outdir), r),
-        outdir,
-        timeout_s=SPAWN_TIMEOUT_S,
-        preload=["torch", "qkit", "qkit.distributed"],
-        what=f"world {w}",
-    )
-    return {"world": w, "ranks": ranks}
-
-
-def _check(world: dict, name: str) -> list[dict]:
-    out = [r[name] for r in world["ranks"]]
-    for r, res in enumerate(out):
-        assert "traceback" not in res, f"rank {r}, check {name!r}:\n{res['traceback']}"
-    return out
+    return spawn_check_world(request.param, worker, tmp_path_factory.mktemp(f"ddp{request.param}"), SPAWN_TIMEOUT_S)
 
 
 def ref_allreduce(
@@ -312,7 +283,7 @@ def ref_allreduce(
 
 def test_quantized_allreduce_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
-    ranks = _check(world, "direct")
+    ranks = check_results(world, "direct")
     for salt, (name, n, dtype, bits, gs) in enumerate(CASES):
         bufs = [rank_input(n, dtype, j, 300 + salt) for j in range(w)]
         for r in range(w):
@@ -341,7 +312,7 @@ def test_quantized_allreduce_is_bit_exact_with_the_reference(world: dict) -> Non
 
 def test_loco_allreduce_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
-    ranks = _check(world, "direct")
+    ranks = check_results(world, "direct")
     for salt, (name, n, dtype, bits, gs) in enumerate(CASES[:3]):
         gs = gs or 256
         groups, elems = _layout(-(-n // w), bits, gs)
@@ -363,7 +334,7 @@ def test_loco_allreduce_is_bit_exact_with_the_reference(world: dict) -> None:
 
 def test_ddp_training_matches_the_default_hook(world: dict) -> None:
     w = world["world"]
-    ranks = _check(world, "training")
+    ranks = check_results(world, "training")
     for label in ("hook", "hook_loco"):
         for r, res in enumerate(ranks):
             for step, (ld, lq) in enumerate(zip(res["default"], res[label], strict=True)):
@@ -391,7 +362,7 @@ def test_ddp_training_matches_the_default_hook(world: dict) -> None:
 
 
 def test_state_checkpoint_resume_and_refusals(world: dict) -> None:
-    ranks = _check(world, "state")
+    ranks = check_results(world, "state")
     for r, res in enumerate(ranks):
         assert res["resumed"] == res["straight"], f"rank {r}"
         assert all(torch.equal(res["resumed_params"][k], v) for k, v in res["straight_params"].items())

@@ -15,14 +15,12 @@ rank runs the checks below and saves what it got; the parent then compares:
 
 from __future__ import annotations
 
-import traceback
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from helpers import join_gloo_world, spawn_ranks
+from helpers import check_results, run_rank_checks, spawn_check_world
 from qkit.distributed.fsdp import predicted_bytes
 from reference import ref_dequantize, ref_quantize
 
@@ -506,17 +504,7 @@ CHECKS = {
 
 def worker(world: int, port: int, outdir: str, rank: int) -> None:
     """One spawned rank: every check, results to ``rank{r}.pt``."""
-    join_gloo_world(world, port, rank, outdir, TIMEOUT_S)
-    results: dict[str, Any] = {}
-    try:
-        for name, fn in CHECKS.items():
-            try:
-                results[name] = fn(rank, world)
-            except Exception:
-                results[name] = {"traceback": traceback.format_exc()}
-        torch.save(results, Path(outdir) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+    run_rank_checks(CHECKS, world, port, outdir, rank, TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- parent side
@@ -524,27 +512,7 @@ def worker(world: int, port: int, outdir: str, rank: int) -> None:
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    w = request.param
-    outdir = tmp_path_factory.mktemp(f"fsdp{w}")
-    ranks = spawn_ranks(
-        w,
-        worker,
-        lambda r, port: (w, port, str(outdir), r),
-        outdir,
-        timeout_s=SPAWN_TIMEOUT_S,
-        preload=["torch", "qkit", "qkit.distributed"],
-        what=f"world {w}",
-    )
-    return {"world": w, "ranks": ranks}
-
-
-def _check(world: dict, name: str) -> list[dict]:
-    if name not in world["ranks"][0]:
-        pytest.skip(f"check {name!r} is not run at world {world['world']} (kept short on 2 cores)")
-    out = [r[name] for r in world["ranks"]]
-    for r, res in enumerate(out):
-        assert "traceback" not in res, f"rank {r}, check {name!r}:\n{res['traceback']}"
-    return out
+    return spawn_check_world(request.param, worker, tmp_path_factory.mktemp(f"fsdp{request.param}"), SPAWN_TIMEOUT_S)
 
 
 def _layout(numel: int, bits: int, group_size: int) -> tuple[int, int]:
@@ -588,7 +556,7 @@ def ref_reduce_scatter(world: int, s: int, dtype: torch.dtype, bits: int, gs: in
 
 def test_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
-    ranks = _check(world, "reduce_scatter")
+    ranks = check_results(world, "reduce_scatter")
     for salt, (name, s, dtype, bits, gs) in enumerate(RS_CASES):
         if s == 0:
             for op in ("sum", "avg", "premul"):
@@ -621,7 +589,7 @@ def test_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> None:
 
 def test_all_gather_is_bit_exact_with_the_reference(world: dict) -> None:
     w = world["world"]
-    ranks = _check(world, "all_gather")
+    ranks = check_results(world, "all_gather")
     for salt, (name, m, dtype, bits, gs) in enumerate(AG_CASES):
         if m == 0:
             for r in range(w):
@@ -651,7 +619,7 @@ def test_all_gather_is_bit_exact_with_the_reference(world: dict) -> None:
 def test_training_matches_the_default_comms(world: dict, label: str) -> None:
     if label not in _labels(world["world"]):
         pytest.skip(f"{label} is not run at world {world['world']} (kept short on 2 cores)")
-    ranks = _check(world, "training")
+    ranks = check_results(world, "training")
     for r, res in enumerate(ranks):
         d, z = res[label]["default"], res[label]["zeropp"]
         assert len(z["losses"]) == STEPS
@@ -666,7 +634,7 @@ def test_training_matches_the_default_comms(world: dict, label: str) -> None:
 def test_wire_bytes_match_the_torch_distributed_boundary(world: dict, label: str) -> None:
     if label not in _labels(world["world"]):
         pytest.skip(f"{label} is not run at world {world['world']} (kept short on 2 cores)")
-    for res in _check(world, "training"):
+    for res in check_results(world, "training"):
         d, z = res[label]["default"], res[label]["zeropp"]
         wire = z["wire"]
         # what the handle counts is what went into torch.distributed ...
@@ -689,7 +657,7 @@ def test_wire_bytes_match_the_torch_distributed_boundary(world: dict, label: str
 
 def test_fsdp2_passes_the_op_of_its_default_path(world: dict) -> None:
     w = world["world"]
-    for res in _check(world, "training"):
+    for res in check_results(world, "training"):
         fp32_baseline = res["fp32"]["zeropp"]["wire"]["baseline_reduce_scatter"]
         for label in _labels(w):
             z = res[label]["zeropp"]
@@ -709,7 +677,7 @@ def test_fsdp2_passes_the_op_of_its_default_path(world: dict) -> None:
 
 
 def test_handle_state_dict_and_refusals(world: dict) -> None:
-    ranks = _check(world, "handle")
+    ranks = check_results(world, "handle")
     for res in ranks:
         same, wire = res["roundtrip"]
         assert same and wire == {
@@ -745,7 +713,7 @@ def test_loco_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> Non
     from reference import ref_loco_swizzle_quantize
 
     w = world["world"]
-    ranks = _check(world, "loco")
+    ranks = check_results(world, "loco")
     for salt, (name, s, dtype, _, _) in enumerate(LOCO_CASES):
         groups, elems = _layout(s, 4, 256)
         errors = [torch.zeros(w * groups * elems, dtype=dtype) for _ in range(w)]
@@ -774,7 +742,7 @@ def test_loco_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> Non
 
 
 def test_loco_resumes_bit_for_bit(world: dict) -> None:
-    for r, by_hops in enumerate(_check(world, "resume")):
+    for r, by_hops in enumerate(check_results(world, "resume")):
         assert list(by_hops) == ([None, 2] if world["world"] >= 4 else [None])
         for lws, res in by_hops.items():
             assert res["resumed"] == res["straight"], f"rank {r}, local_world_size {lws}"
@@ -862,7 +830,7 @@ def test_two_hop_reduce_scatter_is_bit_exact_with_the_reference(world: dict) -> 
     w = world["world"]
     if not _local_sizes(w):
         pytest.skip("one node at world 2: no second hop")
-    ranks = _check(world, "two_hop")
+    ranks = check_results(world, "two_hop")
     for lws in _local_sizes(w):
         nodes = w // lws
         for salt, (name, s, dtype, bits, gs) in enumerate(HOP_CASES):
