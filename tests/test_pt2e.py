@@ -28,10 +28,10 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, d_in: int = 24, hidden: int = 48, d_out: int = 10) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(24, 48)
-        self.fc2 = nn.Linear(48, 10)
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
@@ -380,20 +380,11 @@ def test_dynamic_batch(ao, activation: QuantSpec) -> None:
 # ---------------------------------------------------------------- floating-point schemes
 
 
-class FPNet(nn.Module):
+class FPNet(MLP):
     """Linear layers whose inputs are whole MX (32) and NVFP4 (16) blocks."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, 32)
-        self.fc2 = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-    def reference(self, x: torch.Tensor, fq_w: dict[str, Fq], fq_a: Fq) -> torch.Tensor:
-        h = torch.relu(F.linear(fq_a(x), fq_w["fc1"](self.fc1.weight), self.fc1.bias))
-        return F.linear(fq_a(h), fq_w["fc2"](self.fc2.weight), self.fc2.bias)
+        super().__init__(64, 32, 16)
 
 
 def _ref_fp(spec: QuantSpec) -> Fq:
