@@ -197,3 +197,22 @@ def check_results(world: dict, name: str) -> list[dict]:
     for r, res in enumerate(out):
         assert "traceback" not in res, f"rank {r}, check {name!r}:\n{res['traceback']}"
     return out
+
+
+def mse_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: range,
+    batch: Callable[[int], tuple[Tensor, Tensor]],
+) -> list[float]:
+    """Train ``model`` one optimizer step per ``step`` on ``batch(step)`` = ``(x, y)`` with a
+    mean-squared-error loss; the losses, as floats."""
+    losses = []
+    for step in steps:
+        x, y = batch(step)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import check_results, run_rank_checks, spawn_check_world
+from helpers import check_results, mse_steps, run_rank_checks, spawn_check_world
 from reference import ref_dequantize, ref_loco_swizzle_quantize, ref_quantize
 from test_fsdp import BoundaryCounter, _layout, rank_input
 
@@ -93,16 +93,11 @@ def _ddp(hook: str, state: Any = None) -> torch.nn.parallel.DistributedDataParal
 
 
 def _steps(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(31 * step + 1000 * rank)
-        x, y = torch.randn(8, 13, generator=gen), torch.randn(8, 3, generator=gen)
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+        return torch.randn(8, 13, generator=gen), torch.randn(8, 3, generator=gen)
+
+    return mse_steps(model, opt, steps, batch)
 
 
 class AllReduceCounter:

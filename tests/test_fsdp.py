@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import check_results, run_rank_checks, spawn_check_world
+from helpers import check_results, mse_steps, run_rank_checks, spawn_check_world
 from qkit.distributed.fsdp import predicted_bytes
 from reference import ref_dequantize, ref_quantize
 
@@ -389,16 +389,11 @@ def _resume_model(
 
 
 def _resume_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(7 * step + 1000 * rank)
-        x, y = torch.randn(16, 17, generator=gen), torch.randn(16, 5, generator=gen)
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+        return torch.randn(16, 17, generator=gen), torch.randn(16, 5, generator=gen)
+
+    return mse_steps(model, opt, steps, batch)
 
 
 def _local(model: torch.nn.Module) -> dict[str, torch.Tensor]:
