@@ -30,5 +30,14 @@ start=$(date +%s)
 "$PY" tests/emulated/build.py --hip-cpu "$hip_cpu" -j "${MAX_JOBS:-2}"
 echo "emulate_cuda: backend built in $(( $(date +%s) - start )) s"
 export QKIT_EMULATED_CUDA=1
-"$PY" -m pytest -q -p no:cacheprovider -m emulated tests "$@"
+# Failed cases are run once more, loudly: twice in ~10 full runs one case of the chunked
+# (> 8192-element group) quantizer mismatched under HIP-CPU and passed on every rerun
+# (docs/cuda_kernels.md, "A rare emulated mismatch"). A case that fails twice fails the job.
+cache=$(mktemp -d)
+trap 'rm -rf "$cache"' EXIT
+if ! "$PY" -m pytest -q -o cache_dir="$cache" -m emulated tests "$@"; then
+  echo "emulate_cuda: WARNING: emulated failures above; running the failed cases again" >&2
+  "$PY" -m pytest -q -o cache_dir="$cache" -m emulated --last-failed --last-failed-no-failures none tests "$@"
+  echo "emulate_cuda: WARNING: the failed cases passed on their second run (a flaky emulated case; see above)" >&2
+fi
 echo "emulate_cuda: done in $(( $(date +%s) - start )) s"
