@@ -102,13 +102,19 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", sorted(ISAS))
-def test_forced_isa_matches_reference(isa: str) -> None:
+def run_with_isa(isa: str, script: str, timeout_s: float) -> str:
+    """Run ``script`` in a fresh interpreter whose qkit takes the ``isa`` kernels (skips if this
+    CPU lacks it); its stdout, after asserting it exited 0."""
     if not ISAS[isa] <= FLAGS and isa != "generic":
         pytest.skip(f"this CPU lacks {sorted(ISAS[isa] - FLAGS)}")
     env = {**os.environ, "QKIT_CPU_ISA": isa, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("ok")
+    return result.stdout
+
+
+@pytest.mark.parametrize("isa", sorted(ISAS))
+def test_forced_isa_matches_reference(isa: str) -> None:
+    assert run_with_isa(isa, SCRIPT, 300).strip().endswith("ok")

@@ -12,16 +12,9 @@ Both are compared with tests/reference.py, which converts with torch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from test_cpu_isa import FLAGS, ISAS
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_cpu_isa import ISAS, run_with_isa
 
 SCRIPT = r"""
 import torch, qkit
@@ -82,11 +75,4 @@ print("ok", values.numel())
 
 @pytest.mark.parametrize("isa", sorted(ISAS))
 def test_every_fp16_pattern_converts_like_torch(isa: str) -> None:
-    if not ISAS[isa] <= FLAGS and isa != "generic":
-        pytest.skip(f"this CPU lacks {sorted(ISAS[isa] - FLAGS)}")
-    env = {**os.environ, "QKIT_CPU_ISA": isa, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().startswith("ok")
+    assert run_with_isa(isa, SCRIPT, 600).strip().startswith("ok")

@@ -132,6 +132,23 @@ SCHEMES = {
 }
 
 
+def _train_checking_grads(
+    prepared: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, fq_w: dict[str, Fq], fq_a: Fq, steps: int
+) -> None:
+    """A few SGD steps of the prepared (QAT) model; the first step's gradients must equal the
+    reference model's (straight-through gradients reach the float weights)."""
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for step in range(steps):
+        opt.zero_grad()
+        prepared(x).square().mean().backward()
+        if step == 0:
+            twin = _params_of(prepared, model)
+            twin.reference(x, fq_w, fq_a).square().mean().backward()
+            for name, p in twin.named_parameters():
+                _assert_equal(prepared.get_parameter(name).grad, p.grad, f"grad of {name}")
+        opt.step()
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
@@ -154,16 +171,7 @@ def test_flow_matches_qkit(ao, model_name: str, scheme: str, qat: bool) -> None:
     if qat:  # a few steps of training; straight-through gradients reach the float weights
         first = _layers(model)[0] + ".weight"
         before = prepared.get_parameter(first).detach().clone()
-        opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
-        for step in range(3):
-            opt.zero_grad()
-            prepared(x).square().mean().backward()
-            if step == 0:
-                twin = _params_of(prepared, model)
-                twin.reference(x, fq_w, fq_a).square().mean().backward()
-                for name, p in twin.named_parameters():
-                    _assert_equal(prepared.get_parameter(name).grad, p.grad, f"grad of {name}")
-            opt.step()
+        _train_checking_grads(prepared, model, x, fq_w, fq_a, steps=3)
         assert not torch.equal(prepared.get_parameter(first), before)
 
     with torch.no_grad():
@@ -428,16 +436,7 @@ def test_fp_flow_matches_the_reference(ao, scheme: str, qat: bool) -> None:
     fq_w = {name: _ref_fp(weight) for name in _layers(model)}
     fq_a = _identity if activation is None else _ref_fp(activation)
     if qat:
-        opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
-        for step in range(2):
-            opt.zero_grad()
-            prepared(x).square().mean().backward()
-            if step == 0:
-                twin = _params_of(prepared, model)
-                twin.reference(x, fq_w, fq_a).square().mean().backward()
-                for name, p in twin.named_parameters():
-                    _assert_equal(prepared.get_parameter(name).grad, p.grad, f"grad of {name}")
-            opt.step()
+        _train_checking_grads(prepared, model, x, fq_w, fq_a, steps=2)
     with torch.no_grad():
         y_prepared = prepared(x)
         _assert_equal(y_prepared, _params_of(prepared, model).reference(x, fq_w, fq_a), "prepared vs reference")
