@@ -5,7 +5,8 @@ timeout, the whole world under SPAWN_TIMEOUT_S). Every rank runs the checks belo
 compares them with an independent pure-PyTorch reference of the FP8 wire, whose codes are
 torch's own ``(x / scale).to(torch.float8_e4m3fn / float8_e5m2)`` casts (no qkit op):
 
-- qgZ ``all_to_all_quant_reduce`` (every N x L topology of the world: one and two real hops) and LoCo qgZ over several calls, bit for bit, and the bytes counted vs ``wire_bytes``;
+- qgZ ``all_to_all_quant_reduce`` (every N x L topology of the world: one and two real hops)
+  and LoCo qgZ over several calls, bit for bit, and the bytes counted vs ``wire_bytes``;
 - FSDP2's ``QuantizedReduceScatter`` one and two hops, with and without LoCo, bit for bit, and
   its byte counter; a few training steps of ``zeropp(grad_format="e4m3")`` against the default
   comms; a LoCo run resumed from ``state_dict`` continuing bit for bit;
@@ -30,12 +31,24 @@ TIMEOUT_S = 60
 SPAWN_TIMEOUT_S = 240
 FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 # qgZ cases: (name, shape, dtype)
-QGZ_CASES = [("2d_f32", (16, 24), torch.float32), ("2d_bf16", (8, 32), torch.bfloat16), ("3d_f16", (4, 8, 6), torch.float16)]
+QGZ_CASES = [
+    ("2d_f32", (16, 24), torch.float32),
+    ("2d_bf16", (8, 32), torch.bfloat16),
+    ("3d_f16", (4, 8, 6), torch.float16),
+]
 LOCO_BETA, LOCO_CALLS = 0.5, 3
 # FSDP2 reduce-scatter cases: (name, chunk elements s, dtype, group_size)
-RS_CASES = [("f32_odd", 9, torch.float32, None), ("bf16_odd", 13, torch.bfloat16, 5), ("f32_groups", 300, torch.float32, None)]
+RS_CASES = [
+    ("f32_odd", 9, torch.float32, None),
+    ("bf16_odd", 13, torch.bfloat16, 5),
+    ("f32_groups", 300, torch.float32, None),
+]
 # DDP bucket cases: (name, bucket elements n, dtype, group_size)
-DDP_CASES = [("f32_odd", 37, torch.float32, None), ("bf16", 101, torch.bfloat16, 16), ("f16_tiny", 3, torch.float16, None)]
+DDP_CASES = [
+    ("f32_odd", 37, torch.float32, None),
+    ("bf16", 101, torch.bfloat16, 16),
+    ("f16_tiny", 3, torch.float16, None),
+]
 STEPS = 3
 # |loss(zeropp e4m3) - loss(default)| <= this * loss(default) at every step; measured at most 2.6e-5
 # (worlds 2, 4, 8), against 1.8e-4 for int4 (whose bound in test_fsdp is 5e-3)
@@ -176,8 +189,8 @@ def _check_resume(rank: int, world: int) -> dict:
                 v.to_local().copy_(ckpt["model"][k])
         # an int4 handle's state is refused by the e4m3 handle, nothing changed
         _, int4_handle, _ = _fsdp_model(rank, loco=loco, local_world_size=lws)
-        before = handle.state_dict()
-        refused = _expect(ValueError, lambda: handle.load_state_dict(int4_handle.state_dict()))
+        before, int4_state = handle.state_dict(), int4_handle.state_dict()
+        refused = _expect(ValueError, lambda h=handle, s=int4_state: h.load_state_dict(s))
         unchanged = _same(before, handle.state_dict())
         handle.load_state_dict(ckpt["zeropp"])
         resumed = first + _fsdp_steps(model, opt, rank, range(2, 4))
@@ -405,7 +418,8 @@ def test_qgz_is_bit_exact_with_the_reference(world: dict) -> None:
                 for _, shape, dtype in QGZ_CASES
             )
             int4_bytes = sum(
-                qd.wire_bytes("qgz", shape, world_size=w, local_world_size=lws, dtype=dtype) for _, shape, dtype in QGZ_CASES
+                qd.wire_bytes("qgz", shape, world_size=w, local_world_size=lws, dtype=dtype)
+                for _, shape, dtype in QGZ_CASES
             )
             for r in range(w):
                 assert ranks[r][lws, fmt]["unchanged"]
