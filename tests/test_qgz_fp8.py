@@ -192,6 +192,11 @@ def _check_resume(rank: int, world: int) -> dict:
         before, int4_state = handle.state_dict(), int4_handle.state_dict()
         refused = _expect(ValueError, lambda h=handle, s=int4_state: h.load_state_dict(s))
         unchanged = _same(before, handle.state_dict())
+        # a state saved before grad_format existed (version 2, no `grad_format` in its config)
+        old = {**int4_state, "version": 2, "config": dict(int4_state["config"])}
+        del old["config"]["grad_format"]
+        old_into_int4 = _expect(ValueError, lambda h=int4_handle, s=old: h.load_state_dict(s))
+        old_into_fp8 = _expect(ValueError, lambda h=handle, s=old: h.load_state_dict(s))
         handle.load_state_dict(ckpt["zeropp"])
         resumed = first + _fsdp_steps(model, opt, rank, range(2, 4))
         out[lws] = {
@@ -200,6 +205,8 @@ def _check_resume(rank: int, world: int) -> dict:
             "config": ckpt["zeropp"]["config"],
             "refused": refused,
             "unchanged": unchanged,
+            "old_into_int4": old_into_int4,
+            "old_into_fp8": old_into_fp8,
             "has_error": any(d["error"] is not None for d in ckpt["zeropp"]["loco"].values()),
         }
     return out
@@ -227,11 +234,15 @@ def _check_ddp(rank: int, world: int) -> dict:
     buf = rank_input(37, torch.float32, rank, 999)
     again = [qd.quantized_allreduce(s, buf.clone()) for s in (state, fresh)]
     int4 = qd.QuantizedAllReduceState(loco=qd.LocoConfig(beta=LOCO_BETA, reset_T=1024))
+    old = {**int4.state_dict(), "version": 1}  # saved before grad_format existed
+    old["config"] = {k: v for k, v in old["config"].items() if k != "grad_format"}
     out["loco"] = {
         "outs": outs,
         "config": saved["config"],
         "resumed_same": torch.equal(again[0], again[1]),
         "refused": _expect(ValueError, lambda: int4.load_state_dict(saved)),
+        "old_into_int4": _expect(ValueError, lambda: int4.load_state_dict(old)),
+        "old_into_fp8": _expect(ValueError, lambda: fresh.load_state_dict(old)),
     }
     # DDP training with the hook, and with torch's default all-reduce from the same start
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -569,6 +580,8 @@ def test_fsdp_loco_resume_is_bit_exact(world: dict) -> None:
             assert d["resumed"] == d["straight"], (r, lws)
             assert "config" in d["refused"] and "grad_format" in d["refused"], d["refused"]
             assert d["unchanged"], (r, lws)
+            assert d["old_into_int4"] == "no error", d["old_into_int4"]
+            assert "'grad_format': None" in d["old_into_fp8"], d["old_into_fp8"]
 
 
 def ref_allreduce(world: int, n: int, dtype: torch.dtype, gs: int, salt: int, fmt: str) -> torch.Tensor:
@@ -606,6 +619,8 @@ def test_ddp_hook_is_bit_exact_and_trains(world: dict) -> None:
         assert loco["config"]["grad_format"] == "e4m3" and loco["config"]["bits"] == 8
         assert loco["resumed_same"]
         assert "grad_format" in loco["refused"]
+        assert loco["old_into_int4"] == "no error", loco["old_into_int4"]
+        assert "'grad_format': None" in loco["old_into_fp8"], loco["old_into_fp8"]
         assert all(torch.equal(a, b) for a, b in zip(loco["outs"], ranks[0]["loco"]["outs"], strict=True))
         train, default = ranks[r]["train_e4m3"], ranks[r]["train_default"]
         assert train["calls"] >= STEPS  # the hook ran
