@@ -300,9 +300,23 @@ def register_straight_through(name: str) -> None:
     autograd, ``forward_ad`` and every torch.func transform. Calls where nothing
     differentiates redispatch straight below Autograd."""
     op_name = name
-    redispatch = getattr(torch.ops.qkit, name).default.redispatch
-    if BELOW_AUTOGRAD is None:  # no way below Autograd from Python (see register_autograd_rules): no estimator
-        lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    op = getattr(torch.ops.qkit, name).default
+    redispatch = op.redispatch
+    if BELOW_AUTOGRAD is None:
+        # No way below Autograd from Python (see register_autograd_rules): torch's own
+        # helper gives the backward estimator (no forward mode, no torch.func transforms).
+        no_gradients = (None,) * (len(op._schema.arguments) - 1)
+
+        def no_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+            pass
+
+        def pass_gradient(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+            return (grad, *no_gradients)
+
+        try:
+            torch.library.register_autograd(f"qkit::{name}", pass_gradient, setup_context=no_context, lib=lib)
+        except AttributeError:  # the helper reads torch._C.DispatchKeySet too: no estimator at all
+            lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
         return
     below_autograd = BELOW_AUTOGRAD
     grad_enabled = torch.is_grad_enabled
