@@ -108,8 +108,6 @@ __all__ = [
     "straight_to_kernel",
 ]
 
-_grad_enabled = torch.is_grad_enabled
-
 
 # ---------------------------------------------------------------- fake_quantize
 
