@@ -44,6 +44,22 @@ def assert_same(got: Tensor, want: Tensor, what: str = "") -> None:
         )
 
 
+def count_straight_calls(monkeypatch: pytest.MonkeyPatch, module: object, names: tuple[str, ...]) -> list[str]:
+    """Records each straight call a wrapper of ``module`` takes: ``module._<name>_kernel``
+    (from ``straight_to_kernel``) appends ``name`` to the returned list when called."""
+    taken: list[str] = []
+    for name in names:
+        attr = f"_{name}_kernel"
+        straight = getattr(module, attr)
+
+        def counted(*args: Any, _straight: Callable[..., Any] = straight, _name: str = name, **kwargs: Any) -> Any:
+            taken.append(_name)
+            return _straight(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, counted)
+    return taken
+
+
 def make_input(shape, dtype: torch.dtype, seed: int = 0, kind: str = "randn") -> Tensor:
     """Deterministic CPU test data.
 

@@ -36,12 +36,14 @@ def test_eager_baselines_compute_what_qkit_computes(dtype, bits):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize(("fmt", "scaling"), [("e4m3", "absmax"), ("e5m2", "mx"), ("e3m2", "absmax"), ("e2m1", "mx")])
+@pytest.mark.parametrize(
+    ("fmt", "scaling"), [("e4m3", "absmax"), ("e5m2", "mx"), ("e3m2", "absmax"), ("e2m1", "mx"), ("e2m1", "nvfp4")]
+)
 def test_fp_eager_baselines_compute_what_qkit_computes(dtype, fmt, scaling):
     x = (torch.randn(64 * 96, generator=torch.Generator().manual_seed(2)) * 5).to(dtype)
     x[64:128] = 0  # an all-zero group
     x[7] = 1e-30  # below every format's smallest subnormal once scaled
-    groups = 96 if scaling == "absmax" else x.numel() // 32
+    groups = 96 if scaling == "absmax" else x.numel() // bench.FIXED_BLOCKS[scaling][0]
     want = qkit.fake_quantize_fp(x, groups, fmt, scaling)
     assert_same(base.eager_fake_quantize_fp(x, groups, fmt, scaling), want, "fake_quantize_fp")
     if fmt in ("e3m2", "e2m3"):
@@ -51,10 +53,33 @@ def test_fp_eager_baselines_compute_what_qkit_computes(dtype, fmt, scaling):
     assert_same(eager_codes.view(torch.uint8), codes.view(torch.uint8), "codes")
     assert_same(eager_scales.view(torch.uint8), scales.view(torch.uint8), "scales")
     assert_same(
-        base.eager_dequantize_fp(eager_codes, scales, groups, fmt, dtype),
+        base.eager_dequantize_fp(eager_codes, eager_scales, groups, fmt, dtype, scaling),
         qkit.dequantize_fp(codes, scales, groups, fmt, scaling, dtype).reshape(-1),
         "dequantize_fp",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scaling", ["mx", "nvfp4"])
+def test_torchao_baselines_compute_what_qkit_computes(dtype, scaling):
+    """The bench's torchao cases (its own tensor scale for NVFP4) give qkit's values."""
+    libs = bench.Baselines.load("cpu", mx=scaling == "mx", nvfp4=scaling == "nvfp4")
+    if (libs.torchao_mx if scaling == "mx" else libs.torchao_nvfp4) is None:
+        pytest.skip("torchao not installed")
+    x = (torch.randn(64 * 96, generator=torch.Generator().manual_seed(3)) * 5).to(dtype)
+    x[64:128] = 0  # an all-zero block
+    groups = x.numel() // bench.FIXED_BLOCKS[scaling][0]
+    want = qkit.fake_quantize_fp(x, groups, "e2m1", scaling)
+    fake, _ = bench.torchao_fp("fake", x, "e2m1", scaling, libs)
+    assert_same(fake().reshape(-1), want, "torchao fake quantization")
+    dequantize, _ = bench.torchao_fp("dequantize", x, "e2m1", scaling, libs)
+    assert_same(dequantize().reshape(-1), want, "torchao dequantization")
+    assert bench.torchao_fp("quantize", x, "e2m1", scaling, libs)[0] is not None
+    if scaling == "nvfp4":
+        assert bench.torchao_fp("fake", x.half(), "e2m1", scaling, libs) == (
+            None,
+            "torchao's NVFP4 takes float32 or bfloat16",
+        )
 
 
 def test_a_tiny_run_reports_every_case(tmp_path, capsys):
@@ -76,6 +101,10 @@ def test_a_tiny_run_reports_every_case(tmp_path, capsys):
         if row["op"].endswith("mxfp4"):
             assert row["group"] == "mx32" and row["group_size"] == 32
             if base.load_torchao_mx()[0] is not None:
+                assert "torchao" in timed, row
+        if row["op"].endswith("nvfp4"):
+            assert row["group"] == "nv16" and row["group_size"] == 16
+            if base.load_torchao_nvfp4()[0] is not None:
                 assert "torchao" in timed, row
         assert all(v > 0 for v in row["gbps"].values())
         assert row["copy_gbps"] > 0 and row["clone_gbps"] > 0  # the out= and the fresh-output ceilings

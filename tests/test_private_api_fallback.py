@@ -100,12 +100,43 @@ def compute(autograd: bool) -> dict[str, object]:
     got["loco-error"] = error
     q, p = got["swizzle"]
     got["reduction"] = zeropp_ops.quantized_reduction(q, p, 16, 4, 4, True, 2)
+    bumps += _fp_forms(x, h, got)
     if autograd:
         got["versions"] = torch.tensor(bumps)
+    # The straight-through gradients: without the below-Autograd keys, torch's own
+    # register_autograd gives them.
+    for name, fq in (("", qkit.fake_quantize), ("-fp", lambda t, g, _: qkit.fake_quantize_fp(t, g, "e2m1", "mx"))):
         leaf = x.clone().requires_grad_()
-        (qkit.fake_quantize(leaf, 8, 4) * torch.arange(64.0)).sum().backward()
-        got["straight-through-grad"] = leaf.grad
+        (fq(leaf, 16, 4) * torch.arange(64.0)).sum().backward()
+        got[f"straight-through-grad{name}"] = leaf.grad
     return got
+
+
+def _fp_forms(x: torch.Tensor, h: torch.Tensor, got: dict[str, object]) -> list[int]:
+    """The floating-point format wrappers' forms, into ``got`` (codes and scales as bytes:
+    torch.equal lacks the 8/4-bit floats); returns the version bumps of their writes."""
+    got["fp-fake"] = qkit.fake_quantize_fp(x, 16, "e4m3")
+    torch.manual_seed(2)
+    got["fp-fake-stochastic-nvfp4"] = qkit.fake_quantize_fp(h, None, "e2m1", "nvfp4", True)
+    out = torch.empty_like(x)
+    version = out._version
+    got["fp-fake-out"] = qkit.fake_quantize_fp(x, None, "e3m2", "mx", out=out)
+    bumps = [out._version - version]
+    in_place = x.clone()
+    version = in_place._version
+    got["fp-fake-in-place"] = qkit.fake_quantize_fp_(in_place, 8, "e2m3")
+    bumps.append(in_place._version - version)
+    codes, scales = qkit.quantize_fp(h, None, "e2m1", "mx")
+    got["fp-quantize"] = (codes.view(torch.uint8), scales.view(torch.uint8))
+    got["fp-dequantize"] = qkit.dequantize_fp(codes, scales, None, "e2m1", "mx")
+    buffers = (torch.empty_like(codes), torch.empty_like(scales))
+    version = buffers[1]._version
+    qkit.quantize_fp(h, None, "e2m1", "mx", out=buffers)
+    bumps.append(buffers[1]._version - version)
+    got["fp-quantize-out"] = tuple(t.view(torch.uint8) for t in buffers)
+    deq = torch.empty(8, 64, dtype=torch.bfloat16)
+    got["fp-dequantize-out"] = qkit.dequantize_fp(codes, scales, None, "e2m1", "mx", out=deq)
+    return bumps
 
 
 CHILD = textwrap.dedent(

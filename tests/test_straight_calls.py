@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import qkit
 import qkit.ops
-from helpers import assert_same, make_input
+from helpers import assert_same, count_straight_calls, make_input
 
 ops = torch.ops.qkit
 
@@ -36,18 +36,8 @@ class PassThroughFunctionMode(TorchFunctionMode):
 @pytest.fixture
 def straight_calls(monkeypatch) -> list[str]:
     """Counts the wrappers' straight calls, by op."""
-    taken: list[str] = []
-    names = ("_fake_quantize", "_fake_quantize_out", "_fake_quantize_in_place", "_quantize", "_quantize_out")
-    for name in (*names, "_dequantize", "_dequantize_out"):
-        name += "_kernel"
-        straight = getattr(qkit.ops, name)
-
-        def counted(*args, _straight=straight, _name=name, **kwargs):
-            taken.append(_name.strip("_").removesuffix("_kernel"))
-            return _straight(*args, **kwargs)
-
-        monkeypatch.setattr(qkit.ops, name, counted)
-    return taken
+    names = ("fake_quantize", "fake_quantize_out", "fake_quantize_in_place", "quantize", "quantize_out")
+    return count_straight_calls(monkeypatch, qkit.ops, (*names, "dequantize", "dequantize_out"))
 
 
 def call_all(x: torch.Tensor) -> list[torch.Tensor]:

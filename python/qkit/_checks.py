@@ -69,10 +69,11 @@ def tangent_error(op_name: str, arg_name: str, name: str) -> QkitValueError:
     )
 
 
-def functorch_unsupported_error() -> QkitValueError:
-    """A torch.func transform of ``fake_quantize`` on a torch without single-level Functions."""
+def functorch_unsupported_error(op: str) -> QkitValueError:
+    """A torch.func transform of a straight-through op (``fake_quantize``, ``fake_quantize_fp``)
+    on a torch without single-level Functions."""
     return QkitValueError(
-        f"qkit.fake_quantize: torch.func transforms of it need torch's single-level autograd.Function, "
+        f"qkit.{op}: torch.func transforms of it need torch's single-level autograd.Function, "
         f"which torch {torch.__version__} lacks; differentiate with torch.autograd instead"
     )
 
@@ -192,21 +193,21 @@ def check_fake_quantize_args(input: Tensor, groups: int, bits: int, op: str) -> 
     check_groups(input.numel(), groups, op)
 
 
-def check_vmap_randomness(stochastic: bool, randomness: str) -> None:
-    """``fake_quantize`` under ``torch.vmap``: stochastic rounding draws, which
+def check_vmap_randomness(stochastic: bool, randomness: str, op: str) -> None:
+    """A fake quantization under ``torch.vmap``: stochastic rounding draws, which
     ``randomness="error"`` forbids."""
     if stochastic and randomness == "error":
         raise QkitValueError(
-            "qkit.fake_quantize: stochastic rounding draws random numbers, refused under vmap(randomness='error'); "
+            f"qkit.{op}: stochastic rounding draws random numbers, refused under vmap(randomness='error'); "
             "pass randomness='different' or 'same' to torch.vmap"
         )
 
 
-def check_vmap_same_device(device: torch.device) -> None:
-    """``fake_quantize`` under ``vmap(randomness="same")`` replays one generator state:
+def check_vmap_same_device(device: torch.device, op: str) -> None:
+    """A fake quantization under ``vmap(randomness="same")`` replays one generator state:
     only CPU's and CUDA's."""
     if device.type not in ("cpu", "cuda"):
-        raise QkitValueError(f"qkit.fake_quantize: vmap(randomness='same') is supported on CPU and CUDA, not {device}")
+        raise QkitValueError(f"qkit.{op}: vmap(randomness='same') is supported on CPU and CUDA, not {device}")
 
 
 # ---------------------------------------------------------------- quantize / dequantize

@@ -1,8 +1,11 @@
 """The toolkit for defining qkit's ops, and the fast path on private torch APIs.
 
 Defining: :func:`define` (a schema, with the load diagnosis as its kernel when ``_C`` is
-missing) and :func:`register_autograd_rules` (how autograd treats an op with no derivative).
-The ops themselves, one section each, are in :mod:`qkit.ops` and :mod:`qkit.zeropp_ops`.
+missing), :func:`register_autograd_rules` (how autograd treats an op with no derivative),
+:func:`register_straight_through` (the straight-through estimator of a fake quantization,
+in every autograd mode and torch.func transform) and the vmap helpers
+:func:`batch_first`, :func:`sample_like` and :func:`each_sample`. The ops themselves, one
+section each, are in :mod:`qkit.ops`, :mod:`qkit.fp_ops` and :mod:`qkit.zeropp_ops`.
 
 The fast path: :func:`kernel_keys` and :func:`straight_to_kernel` let a typed wrapper call
 qkit's own kernel straight, past the dispatcher's Python layers, where nothing could act
@@ -20,7 +23,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from qkit import _loader
-from qkit._checks import requires_grad_error, tangent_error
+from qkit._checks import check_vmap_same_device, functorch_unsupported_error, requires_grad_error, tangent_error
 
 _loader.load()
 lib = torch.library.Library("qkit", "DEF")
@@ -285,3 +288,117 @@ if fw_grad_mode is None:
 
     def fw_grad_mode(enabled: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- the straight-through estimator
+
+
+def register_straight_through(name: str) -> None:
+    """The Autograd kernel of ``qkit::<name>``, a fake quantization (input first, output of
+    its shape): the straight-through estimator d out / d input := 1, for backward (the
+    gradient passes through) and forward mode (the tangent passes through), in plain
+    autograd, ``forward_ad`` and every torch.func transform. Calls where nothing
+    differentiates redispatch straight below Autograd."""
+    op_name = name
+    op = getattr(torch.ops.qkit, name).default
+    redispatch = op.redispatch
+    if BELOW_AUTOGRAD is None:
+        # No way below Autograd from Python (see register_autograd_rules): torch's own
+        # helper gives the backward estimator (no forward mode, no torch.func transforms).
+        no_gradients = (None,) * (len(op._schema.arguments) - 1)
+
+        def no_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+            pass
+
+        def pass_gradient(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+            return (grad, *no_gradients)
+
+        try:
+            torch.library.register_autograd(f"qkit::{name}", pass_gradient, setup_context=no_context, lib=lib)
+        except AttributeError:  # the helper reads torch._C.DispatchKeySet too: no estimator at all
+            lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        return
+    below_autograd = BELOW_AUTOGRAD
+    grad_enabled = torch.is_grad_enabled
+
+    class StraightThrough(SingleLevelFunction if FUNCTORCH_READY else torch.autograd.Function):
+        """One call of the op at one autograd level, differentiated straight through."""
+
+        @staticmethod
+        def forward(keyset: torch._C.DispatchKeySet, input: Tensor, *args: Any) -> Tensor:
+            # Past this level's Autograd key, with both grad modes back on: apply() turned them
+            # off, and an enclosing torch.func level below must still record the call.
+            with torch.enable_grad(), fw_grad_mode(True):
+                return redispatch(keyset & below_autograd, input, *args)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+            ctx.others = (None,) * (len(inputs) - 2)  # the estimator needs nothing from the forward
+
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+            return (None, grad, *ctx.others)
+
+        @staticmethod
+        def jvp(ctx: Any, keyset_tangent: None, tangent: Tensor, *_: object) -> Tensor:
+            return tangent
+
+    StraightThrough.__name__ = StraightThrough.__qualname__ = f"{name}_straight_through"
+
+    def autograd_kernel(keyset: torch._C.DispatchKeySet, input: Tensor, *args: Any) -> Tensor:
+        # The estimator only where something differentiates: a tensor that requires grad
+        # (under torch.func.grad/vjp, the transform's wrapper does) or carries a tangent
+        # (forward_ad, torch.func.jvp). Otherwise a plain redispatch.
+        if (input.requires_grad and grad_enabled()) or (forward_ad_active() and has_tangent(input)):
+            if not functorch_active():
+                return StraightThrough.apply(keyset, input, *args)
+            if not FUNCTORCH_READY:
+                raise functorch_unsupported_error(op_name)
+            with single_level_allowed():
+                return StraightThrough.apply(keyset, input, *args)
+        return redispatch(keyset & below_autograd, input, *args)
+
+    lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+# ---------------------------------------------------------------- vmap helpers
+
+# Generator state by device type, to replay one draw for every sample (randomness="same").
+_RNG_STATE: dict[str, tuple[Callable[[torch.device], Tensor], Callable[[Tensor, torch.device], None]]] = {
+    "cpu": (lambda device: torch.get_rng_state(), lambda state, device: torch.set_rng_state(state)),
+    "cuda": (torch.cuda.get_rng_state, torch.cuda.set_rng_state),
+}
+
+
+def batch_first(t: Tensor, bdim: int | None, batch: int) -> Tensor:
+    """A batching rule's argument with its batch dimension first: ``t`` moved (``bdim``) or,
+    unbatched (``None``), expanded to ``batch`` samples (a view, no copy)."""
+    if bdim is None:
+        return t.unsqueeze(0).expand(batch, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+def sample_like(x: Tensor) -> Tensor:
+    """A meta tensor of one sample's shape and dtype of batch-first ``x`` (exists for an empty
+    batch too): what the unbatched call's argument checks look at."""
+    return torch.empty(x.shape[1:], dtype=x.dtype, device="meta")
+
+
+def each_sample(call: Callable[..., Any], *batches: Tensor, same_draw: str | None = None) -> Any:
+    """``call`` on each sample of the batch-first ``batches`` (the ``i``-th slice of each), the
+    results stacked along a new first dimension (a tuple of results: each part stacked).
+    ``same_draw="<op>"``: every sample with one generator state, vmap's randomness="same".
+    At least one sample."""
+    if same_draw is not None:
+        device = batches[0].device
+        check_vmap_same_device(device, same_draw)
+        get_state, set_state = _RNG_STATE[device.type]
+        state = get_state(device)
+    results = []
+    for samples in zip(*batches, strict=True):
+        if same_draw is not None:
+            set_state(state, device)
+        results.append(call(*samples))
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+    return torch.stack(results)

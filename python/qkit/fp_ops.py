@@ -35,11 +35,23 @@ from qkit._checks import (
     check_no_self_overlap,
     check_out,
     check_quantize_fp_args,
+    check_vmap_randomness,
     fp_codes_shape,
     fp_format_bits,
     fp_scales_shape,
 )
-from qkit._library import define, lib, register_autograd_rules
+from qkit._library import (
+    batch_first,
+    bump,
+    define,
+    each_sample,
+    kernel_keys,
+    lib,
+    register_autograd_rules,
+    register_straight_through,
+    sample_like,
+    straight_to_kernel,
+)
 
 __all__ = [
     "BLOCK",
@@ -148,20 +160,9 @@ def _dequantize_fp_out_fake(
 
 # ---------------------------------------------------------------- autograd
 
-
-def _ste_setup(ctx: object, inputs: tuple, output: Tensor) -> None:
-    pass  # the straight-through estimator needs nothing from the forward
-
-
-def _ste_backward(ctx: object, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-    return grad, None, None, None, None
-
-
-# fake_quantize_fp: d out / d input := 1 (straight through), like qkit.fake_quantize.
-try:
-    torch.library.register_autograd("qkit::fake_quantize_fp", _ste_backward, setup_context=_ste_setup, lib=lib)
-except AttributeError:  # torch's helper reads torch._C.DispatchKeySet: without it, no estimator (as ops.py)
-    lib.impl("fake_quantize_fp", torch.library.fallthrough_kernel, "Autograd")
+# fake_quantize_fp: d out / d input := 1 (straight through) in every autograd mode, like
+# qkit.fake_quantize; the writing forms and the codec have no derivative.
+register_straight_through("fake_quantize_fp")
 register_autograd_rules("fake_quantize_fp.out", mutates="out", no_grad_for=("input",), hint=OUT_HAS_NO_GRADIENT)
 register_autograd_rules("fake_quantize_fp_", mutates="input", hint=FAKE_QUANTIZE_FP_INPLACE_HINT)
 register_autograd_rules("quantize_fp")
@@ -170,7 +171,143 @@ register_autograd_rules("dequantize_fp", no_grad_for=("scales",), hint=DEQUANTIZ
 register_autograd_rules("dequantize_fp.out", mutates="out", no_grad_for=("scales",), hint=DEQUANTIZE_FP_HINT)
 
 
+# ---------------------------------------------------------------- vmap
+# Groups are contiguous runs of the flattened tensor, so ``B`` batch-first samples of ``G``
+# groups are one call with ``B * G`` groups, and absmax/mx scales are per group: ``[B * G]``
+# is ``[B, G]``. Codes pack along the last dimension, which a sample shares with the batch,
+# so a sample's bytes are its slice of the batch's. nvfp4 also has one tensor scale per
+# call (the 4-byte header of its scales): under vmap it runs once per sample.
+
+
+def _fake_quantize_fp_vmap(
+    info, in_dims: tuple, input: Tensor, groups: int, format: str, scaling: str = "absmax", stochastic: bool = False
+) -> tuple[Tensor, int]:
+    """Batching rule of ``fake_quantize_fp``. ``info.randomness`` decides stochastic rounding:
+    "error" refuses, "different" draws once for the whole batch (nvfp4: once per sample),
+    "same" replays one draw for every sample."""
+    op = "fake_quantize_fp"
+    batch = info.batch_size
+    x = batch_first(input, in_dims[0], batch)
+    check_fake_quantize_fp_args(sample_like(x), groups, format, scaling, op)  # the unbatched call's words
+    check_vmap_randomness(stochastic, info.randomness, op)
+    if batch == 0:
+        return x.new_empty(x.shape), 0
+
+    def one(sample: Tensor) -> Tensor:
+        return torch.ops.qkit.fake_quantize_fp.default(sample, groups, format, scaling, stochastic)
+
+    if stochastic and info.randomness == "same":
+        return each_sample(one, x, same_draw=op), 0
+    if scaling == "nvfp4":
+        return each_sample(one, x), 0
+    return torch.ops.qkit.fake_quantize_fp.default(x, batch * groups, format, scaling, stochastic), 0
+
+
+def _quantize_fp_vmap(
+    info, in_dims: tuple, input: Tensor, groups: int, format: str, scaling: str = "absmax"
+) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+    """Batching rule of ``quantize_fp``: codes ``[B, *codes]``, scales ``[B, *scales]``."""
+    batch = info.batch_size
+    x = batch_first(input, in_dims[0], batch)
+    codes, scales = _quantize_fp_fake(sample_like(x), groups, format, scaling)  # checks, per-sample shapes
+    if batch == 0:
+        empty_codes = x.new_empty((0, *codes.shape), dtype=codes.dtype)
+        return (empty_codes, x.new_empty((0, *scales.shape), dtype=scales.dtype)), (0, 0)
+    if scaling == "nvfp4":
+
+        def one(sample: Tensor) -> tuple[Tensor, Tensor]:
+            return torch.ops.qkit.quantize_fp.default(sample, groups, format, scaling)
+
+        return each_sample(one, x), (0, 0)
+    codes, scales = torch.ops.qkit.quantize_fp.default(x, batch * groups, format, scaling)
+    return (codes, scales.view(batch, groups)), (0, 0)
+
+
+def _dequantize_fp_vmap(
+    info,
+    in_dims: tuple,
+    codes: Tensor,
+    scales: Tensor,
+    groups: int,
+    format: str,
+    scaling: str = "absmax",
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, int]:
+    """Batching rule of ``dequantize_fp``; an unbatched ``codes`` or ``scales`` is shared by
+    every sample."""
+    batch = info.batch_size
+    c = batch_first(codes, in_dims[0], batch)
+    s = batch_first(scales, in_dims[1], batch)
+    shape = check_dequantize_fp_args(sample_like(c), sample_like(s), groups, format, scaling)
+    out_dtype = check_dequantize_fp_dtype(dtype, "dequantize_fp")
+    if batch == 0:
+        return c.new_empty((0, *shape), dtype=out_dtype), 0
+    if scaling == "nvfp4":
+
+        def one(sample_codes: Tensor, sample_scales: Tensor) -> Tensor:
+            return torch.ops.qkit.dequantize_fp.default(sample_codes, sample_scales, groups, format, scaling, dtype)
+
+        return each_sample(one, c, s), 0
+    flat_scales = s.reshape(batch * groups)
+    return torch.ops.qkit.dequantize_fp.default(c, flat_scales, batch * groups, format, scaling, dtype), 0
+
+
+if hasattr(torch.library, "register_vmap"):  # reached at the FuncTorchBatched key, below autograd
+    torch.library.register_vmap("qkit::fake_quantize_fp", _fake_quantize_fp_vmap, lib=lib)
+    torch.library.register_vmap("qkit::quantize_fp", _quantize_fp_vmap, lib=lib)
+    torch.library.register_vmap("qkit::dequantize_fp", _dequantize_fp_vmap, lib=lib)
+
+
+# Writing forms under vmap: the unbatched call's checks (the fake impls) on the per-sample
+# views, the functional op's batching rule, then a batched copy (torch's own fallback
+# refuses ops that write). One extra copy, and only under vmap.
+def _fake_quantize_fp_inplace_batched(
+    input: Tensor, groups: int, format: str, scaling: str = "absmax", stochastic: bool = False
+) -> None:
+    _fake_quantize_fp_inplace_fake(input, groups, format, scaling, stochastic)
+    input.copy_(torch.ops.qkit.fake_quantize_fp.default(input, groups, format, scaling, stochastic))
+
+
+def _fake_quantize_fp_out_batched(
+    input: Tensor, groups: int, format: str, scaling: str = "absmax", stochastic: bool = False, *, out: Tensor
+) -> None:
+    _fake_quantize_fp_out_fake(input, groups, format, scaling, stochastic, out=out)
+    out.copy_(torch.ops.qkit.fake_quantize_fp.default(input, groups, format, scaling, stochastic))
+
+
+def _quantize_fp_out_batched(
+    input: Tensor, groups: int, format: str, scaling: str = "absmax", *, codes: Tensor, scales: Tensor
+) -> None:
+    _quantize_fp_out_fake(input, groups, format, scaling, codes=codes, scales=scales)
+    new_codes, new_scales = torch.ops.qkit.quantize_fp.default(input, groups, format, scaling)
+    codes.copy_(new_codes)
+    scales.copy_(new_scales)
+
+
+def _dequantize_fp_out_batched(
+    codes: Tensor, scales: Tensor, groups: int, format: str, scaling: str = "absmax", *, out: Tensor
+) -> None:
+    _dequantize_fp_out_fake(codes, scales, groups, format, scaling, out=out)
+    out.copy_(torch.ops.qkit.dequantize_fp.default(codes, scales, groups, format, scaling, out.dtype))
+
+
+lib.impl("fake_quantize_fp_", _fake_quantize_fp_inplace_batched, "FuncTorchBatched")
+lib.impl("fake_quantize_fp.out", _fake_quantize_fp_out_batched, "FuncTorchBatched")
+lib.impl("quantize_fp.out", _quantize_fp_out_batched, "FuncTorchBatched")
+lib.impl("dequantize_fp.out", _dequantize_fp_out_batched, "FuncTorchBatched")
+
+
 # ---------------------------------------------------------------- wrappers
+# Each takes the straight call to qkit's kernel where nothing else could act on it
+# (qkit._library.kernel_keys), the normal dispatcher call otherwise; same results.
+
+_fake_quantize_fp_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize_fp.default)
+_fake_quantize_fp_out_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize_fp.out)
+_fake_quantize_fp_in_place_kernel = straight_to_kernel(torch.ops.qkit.fake_quantize_fp_.default)
+_quantize_fp_kernel = straight_to_kernel(torch.ops.qkit.quantize_fp.default)
+_quantize_fp_out_kernel = straight_to_kernel(torch.ops.qkit.quantize_fp.out)
+_dequantize_fp_kernel = straight_to_kernel(torch.ops.qkit.dequantize_fp.default)
+_dequantize_fp_out_kernel = straight_to_kernel(torch.ops.qkit.dequantize_fp.out)
 
 
 def default_groups(numel: int, scaling: str) -> int:
@@ -209,7 +346,15 @@ def fake_quantize_fp(
     if groups is None:
         groups = default_groups(input.numel(), scaling)
     if out is None:
+        keys = kernel_keys(input)
+        if keys is not None:
+            return _fake_quantize_fp_kernel(keys, input, groups, format, scaling, stochastic)
         return torch.ops.qkit.fake_quantize_fp.default(input, groups, format, scaling, stochastic)
+    keys = kernel_keys(input, out)
+    if keys is not None:
+        _fake_quantize_fp_out_kernel(keys, input, groups, format, scaling, stochastic, out=out)
+        bump(out)
+        return out
     torch.ops.qkit.fake_quantize_fp.out(input, groups, format, scaling, stochastic, out=out)
     return out
 
@@ -220,6 +365,11 @@ def fake_quantize_fp_(
     """In-place :func:`fake_quantize_fp`; returns ``input`` (no gradient)."""
     if groups is None:
         groups = default_groups(input.numel(), scaling)
+    keys = kernel_keys(input)
+    if keys is not None:
+        _fake_quantize_fp_in_place_kernel(keys, input, groups, format, scaling, stochastic)
+        bump(input)
+        return input
     torch.ops.qkit.fake_quantize_fp_.default(input, groups, format, scaling, stochastic)
     return input
 
@@ -249,8 +399,16 @@ def quantize_fp(
     if groups is None:
         groups = default_groups(input.numel(), scaling)
     if out is None:
+        keys = kernel_keys(input)
+        if keys is not None:
+            return _quantize_fp_kernel(keys, input, groups, format, scaling)
         return torch.ops.qkit.quantize_fp.default(input, groups, format, scaling)
     codes, scales = out
+    keys = kernel_keys(input, codes, scales)
+    if keys is not None:
+        _quantize_fp_out_kernel(keys, input, groups, format, scaling, codes=codes, scales=scales)
+        bump(out)
+        return codes, scales
     torch.ops.qkit.quantize_fp.out(input, groups, format, scaling, codes=codes, scales=scales)
     return codes, scales
 
@@ -271,8 +429,16 @@ def dequantize_fp(
     if groups is None:
         groups = scales.shape[0] - (NVFP4_TENSOR_SCALE_BYTES if scaling == "nvfp4" else 0) if scales.dim() else 1
     if out is None:
+        keys = kernel_keys(codes, scales)
+        if keys is not None:
+            return _dequantize_fp_kernel(keys, codes, scales, groups, format, scaling, dtype)
         return torch.ops.qkit.dequantize_fp.default(codes, scales, groups, format, scaling, dtype)
     check_dequantize_fp_out_dtype(dtype, out)
+    keys = kernel_keys(codes, scales, out)
+    if keys is not None:
+        _dequantize_fp_out_kernel(keys, codes, scales, groups, format, scaling, out=out)
+        bump(out)
+        return out
     torch.ops.qkit.dequantize_fp.out(codes, scales, groups, format, scaling, out=out)
     return out
 

@@ -11,8 +11,6 @@ all arithmetic is fp32; params are float32 ``[G, 1]`` (symmetric: the step) or
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -44,30 +42,26 @@ from qkit._checks import (
     check_quantize_args,
     check_storage_bits,
     check_vmap_randomness,
-    check_vmap_same_device,
     checked_product,
     dtype_name,
-    functorch_unsupported_error,
     packed_storage,
 )
 from qkit._library import (
-    BELOW_AUTOGRAD,
     DEFINED_OPS,
-    FUNCTORCH_READY,
     MISSING_PRIVATE_APIS,
     STRAIGHT_CALLS,
     KernelKeys,
-    SingleLevelFunction,
+    batch_first,
     bump,
     define,
+    each_sample,
     forward_ad_active,
-    functorch_active,
-    fw_grad_mode,
     has_tangent,
     kernel_keys,
     lib,
     register_autograd_rules,
-    single_level_allowed,
+    register_straight_through,
+    sample_like,
     straight_to_kernel,
 )
 
@@ -113,8 +107,6 @@ __all__ = [
     "register_autograd_rules",
     "straight_to_kernel",
 ]
-
-_grad_enabled = torch.is_grad_enabled
 
 
 # ---------------------------------------------------------------- fake_quantize
@@ -162,99 +154,30 @@ register_autograd_rules("fake_quantize.out", mutates="out", no_grad_for=("input"
 register_autograd_rules("fake_quantize_", mutates="input", hint=FAKE_QUANTIZE_INPLACE_HINT)
 
 
-_RNG_STATE = {
-    "cpu": (lambda device: torch.get_rng_state(), lambda state, device: torch.set_rng_state(state)),
-    "cuda": (torch.cuda.get_rng_state, torch.cuda.set_rng_state),
-}
-
-
 def _fake_quantize_vmap(
     info, in_dims: tuple, input: Tensor, groups: int, bits: int, symmetric: bool = True, stochastic: bool = False
-) -> tuple[Tensor, int | None]:
+) -> tuple[Tensor, int]:
     """Batching rule of ``fake_quantize``: ``B`` samples of ``groups`` groups each are one
     call with ``B * groups`` groups, since groups are contiguous runs of the flattened
     batch-first tensor. ``info.randomness`` decides stochastic rounding: "error" refuses,
     "different" draws once for the whole batch, "same" replays one draw for every sample."""
     op = "fake_quantize"
-    bdim = in_dims[0]
     batch = info.batch_size
-    if bdim is None:  # torch's vmap helper calls unbatched inputs plainly; kept for direct callers
-        return torch.ops.qkit.fake_quantize.default(input, groups, bits, symmetric, stochastic), None
-    x = input.movedim(bdim, 0)
-    per_sample = x[0].numel() if batch else math.prod(x.shape[1:])
-    check_float_input(x, op)
-    check_fake_bits(bits, op)
-    check_groups(per_sample, groups, op)  # the words the unbatched call would use
-    check_vmap_randomness(stochastic, info.randomness)
+    x = batch_first(input, in_dims[0], batch)
+    check_fake_quantize_args(sample_like(x), groups, bits, op)  # the words the unbatched call would use
+    check_vmap_randomness(stochastic, info.randomness, op)
     if batch == 0:
         return x.new_empty(x.shape), 0
     if stochastic and info.randomness == "same":
-        check_vmap_same_device(x.device)
-        get_state, set_state = _RNG_STATE[x.device.type]
-        state = get_state(x.device)
-        samples = []
-        for sample in x:
-            set_state(state, x.device)
-            samples.append(torch.ops.qkit.fake_quantize.default(sample, groups, bits, symmetric, True))
-        return torch.stack(samples), 0
+
+        def one(sample: Tensor) -> Tensor:
+            return torch.ops.qkit.fake_quantize.default(sample, groups, bits, symmetric, True)
+
+        return each_sample(one, x, same_draw=op), 0
     return torch.ops.qkit.fake_quantize.default(x, batch * groups, bits, symmetric, stochastic), 0
 
 
-_fake_quantize_redispatch = torch.ops.qkit.fake_quantize.default.redispatch
-
-
-class _FakeQuantizeSTE(SingleLevelFunction if FUNCTORCH_READY else torch.autograd.Function):
-    """``fake_quantize`` with the straight-through estimator, d fake_quantize(x)/dx := 1,
-    for backward (``backward``) and forward mode (``jvp``), at one autograd level."""
-
-    @staticmethod
-    def forward(
-        input: Tensor, groups: int, bits: int, symmetric: bool, stochastic: bool, keyset: torch._C.DispatchKeySet
-    ) -> Tensor:
-        # Past this level's Autograd key, with both grad modes back on: apply() turned them
-        # off, and an enclosing torch.func level below must still record the call.
-        with torch.enable_grad(), fw_grad_mode(True):
-            return _fake_quantize_redispatch(keyset & BELOW_AUTOGRAD, input, groups, bits, symmetric, stochastic)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-        pass  # the estimator needs nothing from the forward
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
-        return grad, None, None, None, None, None
-
-    @staticmethod
-    def jvp(ctx, tangent: Tensor, *_: object) -> Tensor:
-        return tangent
-
-
-def _fake_quantize_autograd(
-    keyset: torch._C.DispatchKeySet,
-    input: Tensor,
-    groups: int,
-    bits: int,
-    symmetric: bool = True,
-    stochastic: bool = False,
-) -> Tensor:
-    # The estimator only where something differentiates: a tensor that requires grad
-    # (under torch.func.grad/vjp, the transform's wrapper does) or carries a tangent
-    # (forward_ad, torch.func.jvp). Otherwise a plain redispatch, as before.
-    args = (input, groups, bits, symmetric, stochastic)
-    if (input.requires_grad and _grad_enabled()) or (forward_ad_active() and has_tangent(input)):
-        if not functorch_active():
-            return _FakeQuantizeSTE.apply(*args, keyset)
-        if not FUNCTORCH_READY:
-            raise functorch_unsupported_error()
-        with single_level_allowed():
-            return _FakeQuantizeSTE.apply(*args, keyset)
-    return _fake_quantize_redispatch(keyset & BELOW_AUTOGRAD, *args)
-
-
-if BELOW_AUTOGRAD is not None:
-    lib.impl("fake_quantize", _fake_quantize_autograd, "Autograd", with_keyset=True)
-else:  # no way below Autograd from Python (see register_autograd_rules): no estimator either
-    lib.impl("fake_quantize", torch.library.fallthrough_kernel, "Autograd")
+register_straight_through("fake_quantize")
 if hasattr(torch.library, "register_vmap"):  # reached at the FuncTorchBatched key, below autograd
     torch.library.register_vmap("qkit::fake_quantize", _fake_quantize_vmap, lib=lib)
 

@@ -157,11 +157,36 @@ def _fp_scale(g: Tensor, fmt: str, scaling: str) -> Tensor:
     return torch.ldexp(torch.ones_like(m), exp)
 
 
-def eager_fake_quantize_fp(x: Tensor, groups: int, fmt: str, scaling: str = "absmax") -> Tensor:
-    """Group-wise fake quantization to a floating-point format (absmax or MX scaling), eager."""
+#: Elements per NVFP4 block; its tensor scale maps the tensor's absmax to E4M3's max (448)
+#: times e2m1's (6); block scales are E4M3 normals, [2^-6, 448].
+NVFP4_BLOCK = 16
+_NVFP4_RANGE = 448.0 * 6.0
+
+
+def _nvfp4_scales(g: Tensor) -> tuple[Tensor, Tensor]:
+    """NVFP4's two levels for fp32 blocks ``g`` ``[G, 16]``: the fp32 tensor scale ``t`` (0-dim)
+    and the E4M3 block scales ``[G, 1]`` (of ``(block absmax / 6) / t``), each one fp32 step."""
+    a = g.abs()
+    t = torch.clamp(a.amax() / _NVFP4_RANGE, min=2.0**-126)
+    block = (a.amax(dim=1, keepdim=True) / 6.0) / t
+    return t, block.clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn)
+
+
+def _fp_rounded(x: Tensor, groups: int, fmt: str, scaling: str) -> tuple[Tensor, Tensor]:
+    """``x``'s values in ``fmt``, ``[G, E]`` fp32, and their decode scale ``[G, 1]`` fp32."""
     g = x.float().reshape(groups, -1)
+    if scaling == "nvfp4":
+        t, block = _nvfp4_scales(g)
+        b = block.float()
+        return eager_round_fp(g * ((1.0 / t) / b), fmt), t * b
     scale = _fp_scale(g, fmt, scaling)
-    return (eager_round_fp(g / scale, fmt) * scale).to(x.dtype).reshape(x.shape)
+    return eager_round_fp(g / scale, fmt), scale
+
+
+def eager_fake_quantize_fp(x: Tensor, groups: int, fmt: str, scaling: str = "absmax") -> Tensor:
+    """Group-wise fake quantization to a floating-point format (absmax, MX or NVFP4 scaling), eager."""
+    values, dec = _fp_rounded(x, groups, fmt, scaling)
+    return (values * dec).to(x.dtype).reshape(x.shape)
 
 
 def _fp_table(fmt: str) -> Tensor:
@@ -175,10 +200,31 @@ def _fp_table(fmt: str) -> Tensor:
     return torch.where(e == 0, sub, normal)
 
 
+def _pack_fp4(values: Tensor, fmt: str, shape: torch.Size) -> Tensor:
+    """Values of a 4-bit ``fmt`` as nibbles, two per byte (the even element high), uint8 of
+    ``shape`` with the last dimension halved."""
+    r = values.reshape(-1)
+    table = _fp_table(fmt).to(r.device)
+    code = torch.searchsorted(table, r.abs()) | (
+        torch.signbit(r).to(torch.int64) << (FP_FORMATS[fmt][0] + FP_FORMATS[fmt][1])
+    )
+    packed = ((code[0::2] << 4) | code[1::2]).to(torch.uint8)
+    out = list(shape)
+    out[-1] //= 2
+    return packed.reshape(out)
+
+
 def eager_quantize_fp(x: Tensor, groups: int, fmt: str, scaling: str = "absmax") -> tuple[Tensor, Tensor]:
     """Codes and scales as qkit stores them: FP8 as torch's float8 dtypes (fp32 scales for
     absmax, E8M0 for mx); e2m1 as nibbles, two per byte (the even element high), in uint8
-    (the bits of qkit's ``torch.float4_e2m1fn_x2``; inductor has no fp4 dtype)."""
+    (the bits of qkit's ``torch.float4_e2m1fn_x2``; inductor has no fp4 dtype); nvfp4 scales
+    as qkit's bytes, uint8 ``[4 + G]``: the fp32 tensor scale's four, then the E4M3 blocks'."""
+    if scaling == "nvfp4":
+        g = x.float().reshape(groups, -1)
+        t, block = _nvfp4_scales(g)
+        values = eager_round_fp(g * ((1.0 / t) / block.float()), fmt)
+        header = t.reshape(1).view(torch.uint8)
+        return _pack_fp4(values, fmt, x.shape), torch.cat([header, block.reshape(-1).view(torch.uint8)])
     g = x.float().reshape(groups, -1)
     scale = _fp_scale(g, fmt, scaling)
     v = g / scale
@@ -187,20 +233,19 @@ def eager_quantize_fp(x: Tensor, groups: int, fmt: str, scaling: str = "absmax")
         dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
         top = FP_FORMATS[fmt][2]  # torch's e5m2 cast overflows to Inf: saturate first
         return v.clamp(-top, top).to(dtype).reshape(x.shape), stored
-    r = eager_round_fp(v, fmt).reshape(-1)
-    table = _fp_table(fmt).to(r.device)
-    code = torch.searchsorted(table, r.abs()) | (
-        torch.signbit(r).to(torch.int64) << (FP_FORMATS[fmt][0] + FP_FORMATS[fmt][1])
-    )
-    packed = ((code[0::2] << 4) | code[1::2]).to(torch.uint8)
-    shape = list(x.shape)
-    shape[-1] //= 2
-    return packed.reshape(shape), stored
+    return _pack_fp4(eager_round_fp(v, fmt), fmt, x.shape), stored
 
 
-def eager_dequantize_fp(codes: Tensor, scales: Tensor, groups: int, fmt: str, dtype: torch.dtype) -> Tensor:
-    """Values of :func:`eager_quantize_fp`'s storage (e2m1 bytes as uint8), flattened, in ``dtype``."""
-    s = scales.float().reshape(groups, 1)
+def eager_dequantize_fp(
+    codes: Tensor, scales: Tensor, groups: int, fmt: str, dtype: torch.dtype, scaling: str = "absmax"
+) -> Tensor:
+    """Values of :func:`eager_quantize_fp`'s storage (e2m1 bytes and nvfp4 scales as uint8),
+    flattened, in ``dtype``."""
+    if scaling == "nvfp4":
+        t = scales[:4].view(torch.float32)
+        s = t * scales[4:].view(torch.float8_e4m3fn).float().reshape(groups, 1)
+    else:
+        s = scales.float().reshape(groups, 1)
     if fmt in ("e4m3", "e5m2"):
         return (codes.float().reshape(groups, -1) * s).to(dtype).reshape(-1)
     b = codes.reshape(-1).to(torch.int64)
@@ -209,6 +254,15 @@ def eager_dequantize_fp(codes: Tensor, scales: Tensor, groups: int, fmt: str, dt
     sign_bit = 1 << (FP_FORMATS[fmt][0] + FP_FORMATS[fmt][1])
     values = torch.where(code & sign_bit != 0, -table[code & (sign_bit - 1)], table[code & (sign_bit - 1)])
     return (values.reshape(groups, -1) * s).to(dtype).reshape(-1)
+
+
+def load_torchao_nvfp4() -> tuple[ModuleType | None, str | None]:
+    """torchao's NVFP4 reference module (``torchao.prototype.mx_formats.nvfp4_tensor``), when installed."""
+    try:
+        from torchao.prototype.mx_formats import nvfp4_tensor
+    except Exception as error:  # ImportError, or a torchao that does not match this torch
+        return None, f"torchao NVFP4 not importable ({type(error).__name__})"
+    return nvfp4_tensor, None
 
 
 def load_torchao_mx() -> tuple[ModuleType | None, str | None]:

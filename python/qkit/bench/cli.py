@@ -7,9 +7,10 @@ page faults), the op's math in eager PyTorch, that code under ``torch.compile``,
 ``fake_quantize_per_channel_affine``, DeepSpeed's and bitsandbytes' CUDA kernels (when
 installed), qkit with a fresh output, and qkit writing into a reused ``out=`` buffer. The
 floating-point ops (``*_e4m3``: FP8 with a float32 absmax scale per group; ``*_mxfp4``:
-e2m1 in 32-element MX blocks, E8M0 scales, whatever ``--groups`` says) are timed against
-the same eager / ``torch.compile`` pair and, for MX, torchao's ``to_mx``/``to_dtype``
-reference when torchao is installed.
+e2m1 in 32-element MX blocks, E8M0 scales; ``*_nvfp4``: e2m1 in 16-element blocks, E4M3
+scales and an fp32 tensor scale; MX and NVFP4 whatever ``--groups`` says) are timed against
+the same eager / ``torch.compile`` pair and torchao's reference when torchao is installed
+(MX: ``to_mx``/``to_dtype``; NVFP4: ``nvfp4_quantize``, ``NVFP4Tensor.dequantize``).
 Bandwidth counts the bytes an op must read and write once; figures are medians of
 ``--repeat`` calls after a warm-up (which also compiles). ``--json`` writes every
 figure, ``--plot`` draws GB/s against tensor size with the copy roofline, and
@@ -56,7 +57,12 @@ FP_OPS: dict[str, tuple[str, str, str]] = {
     "fake_quantize_mxfp4": ("fake", "e2m1", "mx"),
     "quantize_mxfp4": ("quantize", "e2m1", "mx"),
     "dequantize_mxfp4": ("dequantize", "e2m1", "mx"),
+    "fake_quantize_nvfp4": ("fake", "e2m1", "nvfp4"),
+    "quantize_nvfp4": ("quantize", "e2m1", "nvfp4"),
+    "dequantize_nvfp4": ("dequantize", "e2m1", "nvfp4"),
 }
+#: The scalings whose format fixes the group size (``--groups`` does not apply): block, report label.
+FIXED_BLOCKS = {"mx": (base.MX_BLOCK, "mx32"), "nvfp4": (base.NVFP4_BLOCK, "nv16")}
 OPS = OPS + tuple(FP_OPS)
 #: Implementations in table order; "qkit_out" is qkit writing into a reused buffer.
 IMPLS = ("eager", "compile", "aten_per_channel", "deepspeed", "bitsandbytes", "torchao", "qkit", "qkit_out")
@@ -131,68 +137,101 @@ class Baselines:
     bnb_reason: str | None
     torchao_mx: object | None = None
     torchao_reason: str | None = "not loaded"
+    torchao_nvfp4: object | None = None
+    torchao_nvfp4_reason: str | None = "not loaded"
 
     @classmethod
-    def load(cls, device: str, allow_jit: bool = True, mx: bool = False) -> Baselines:
-        """``mx``: also load torchao's MX reference (any device), for the MX cases."""
+    def load(cls, device: str, allow_jit: bool = True, mx: bool = False, nvfp4: bool = False) -> Baselines:
+        """``mx``, ``nvfp4``: also load torchao's MX or NVFP4 reference (any device), for those cases."""
         ao, ao_reason = base.load_torchao_mx() if mx else (None, "no MX case")
+        nv, nv_reason = base.load_torchao_nvfp4() if nvfp4 else (None, "no NVFP4 case")
         if not device.startswith("cuda"):
-            return cls(None, "CUDA only", None, "CUDA only", ao, ao_reason)
+            return cls(None, "CUDA only", None, "CUDA only", ao, ao_reason, nv, nv_reason)
         ds, ds_reason = base.load_deepspeed(allow_jit)
         bnb, bnb_reason = base.load_bitsandbytes()
-        return cls(ds, ds_reason, bnb, bnb_reason, ao, ao_reason)
+        return cls(ds, ds_reason, bnb, bnb_reason, ao, ao_reason, nv, nv_reason)
 
 
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def build_fp_case(op: str, x: Tensor, groups: int, libs: Baselines) -> Case:
-    """A floating-point case (:data:`FP_OPS`) on flat ``x``; mx ignores ``groups`` (32-element blocks)."""
-    kind, fmt, scaling = FP_OPS[op]
+def torchao_fp(kind: str, x: Tensor, fmt: str, scaling: str, libs: Baselines) -> tuple[Callable | None, str]:
+    """torchao's reference for an FP case (MX: ``to_mx``/``to_dtype``; NVFP4: ``nvfp4_quantize``
+    with its per-tensor scale, ``NVFP4Tensor.dequantize``), or why there is none."""
+    dtype = x.dtype
     if scaling == "mx":
-        groups = x.numel() // base.MX_BLOCK
+        mx, elem, block = (
+            libs.torchao_mx,
+            torch.float8_e4m3fn if fmt == "e4m3" else torch.float4_e2m1fn_x2,
+            base.MX_BLOCK,
+        )
+        if mx is None:
+            return None, libs.torchao_reason
+        if kind == "fake":
+            return lambda: mx.to_dtype(*reversed(mx.to_mx(x, elem, block)), elem, block, dtype), ""
+        if kind == "quantize":
+            return lambda: mx.to_mx(x, elem, block), ""
+        scale, data = mx.to_mx(x, elem, block)
+        return lambda: mx.to_dtype(data, scale, elem, block, dtype), ""
+    if scaling != "nvfp4":
+        return None, "MX and NVFP4 only"
+    nv = libs.torchao_nvfp4
+    if nv is None:
+        return None, libs.torchao_nvfp4_reason
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None, "torchao's NVFP4 takes float32 or bfloat16"
+    rows = x.reshape(1, -1)  # its quantizer wants 2-d input
+
+    def tensor_scale() -> Tensor:
+        return nv.per_tensor_amax_to_scale(rows.abs().amax())
+
+    block = base.NVFP4_BLOCK
+    if kind == "fake":
+        return lambda: nv.NVFP4Tensor.to_nvfp4(rows, block, tensor_scale()).dequantize(dtype), ""
+    if kind == "quantize":
+        return lambda: nv.nvfp4_quantize(rows, block, tensor_scale()), ""
+    quantized = nv.NVFP4Tensor.to_nvfp4(rows, block, tensor_scale())
+    return lambda: quantized.dequantize(dtype), ""
+
+
+def build_fp_case(op: str, x: Tensor, groups: int, libs: Baselines) -> Case:
+    """A floating-point case (:data:`FP_OPS`) on flat ``x``; mx and nvfp4 ignore ``groups``
+    (their formats fix the blocks: :data:`FIXED_BLOCKS`)."""
+    kind, fmt, scaling = FP_OPS[op]
+    if scaling in FIXED_BLOCKS:
+        groups = x.numel() // FIXED_BLOCKS[scaling][0]
     numel, esize, dtype = x.numel(), x.element_size(), x.dtype
-    scale_bytes = groups * (4 if scaling == "absmax" else 1)
+    scale_bytes = groups * (4 if scaling == "absmax" else 1) + (4 if scaling == "nvfp4" else 0)
     stored = numel * esize + numel * fp_format_bits(fmt) // 8 + scale_bytes
-    mx, ao_elem = libs.torchao_mx, torch.float8_e4m3fn if fmt == "e4m3" else torch.float4_e2m1fn_x2
-    ao_reason = libs.torchao_reason if scaling == "mx" else "MX only"
-    if scaling != "mx":
-        mx = None
+    torchao, ao_reason = torchao_fp(kind, x, fmt, scaling, libs)
     if kind == "fake":
         case = Case(op, 2 * numel * esize)
         out = torch.empty_like(x)
         case.add("eager", lambda: base.eager_fake_quantize_fp(x, groups, fmt, scaling))
         compiled = _compiled(base.eager_fake_quantize_fp)
         case.add("compile", lambda: compiled(x, groups, fmt, scaling))
-        case.add(
-            "torchao",
-            mx and (lambda: mx.to_dtype(*reversed(mx.to_mx(x, ao_elem, base.MX_BLOCK)), ao_elem, base.MX_BLOCK, dtype)),
-            ao_reason,
-        )
+        case.add("torchao", torchao, ao_reason)
         case.add("qkit", lambda: qkit.fake_quantize_fp(x, groups, fmt, scaling))
         case.add("qkit_out", lambda: qkit.fake_quantize_fp(x, groups, fmt, scaling, out=out))
         return case
     codes, scales = qkit.quantize_fp(x, groups, fmt, scaling)
     eager_codes = codes.view(torch.uint8) if fmt == "e2m1" else codes  # inductor has no fp4 dtype
+    eager_scales = scales.view(torch.uint8) if scaling == "nvfp4" else scales  # fp32 header + E4M3 bytes
     case = Case(op, stored)
     if kind == "quantize":
         case.add("eager", lambda: base.eager_quantize_fp(x, groups, fmt, scaling))
         compiled = _compiled(base.eager_quantize_fp)
         case.add("compile", lambda: compiled(x, groups, fmt, scaling))
-        case.add("torchao", mx and (lambda: mx.to_mx(x, ao_elem, base.MX_BLOCK)), ao_reason)
+        case.add("torchao", torchao, ao_reason)
         case.add("qkit", lambda: qkit.quantize_fp(x, groups, fmt, scaling))
         case.add("qkit_out", lambda: qkit.quantize_fp(x, groups, fmt, scaling, out=(codes, scales)))
         return case
     out = torch.empty_like(x)
-    case.add("eager", lambda: base.eager_dequantize_fp(eager_codes, scales, groups, fmt, dtype))
+    case.add("eager", lambda: base.eager_dequantize_fp(eager_codes, eager_scales, groups, fmt, dtype, scaling))
     compiled = _compiled(base.eager_dequantize_fp)
-    case.add("compile", lambda: compiled(eager_codes, scales, groups, fmt, dtype))
-    if mx is not None:
-        ao_scale, ao_data = mx.to_mx(x, ao_elem, base.MX_BLOCK)
-        case.add("torchao", lambda: mx.to_dtype(ao_data, ao_scale, ao_elem, base.MX_BLOCK, dtype))
-    else:
-        case.add("torchao", None, ao_reason)
+    case.add("compile", lambda: compiled(eager_codes, eager_scales, groups, fmt, dtype, scaling))
+    case.add("torchao", torchao, ao_reason)
     case.add("qkit", lambda: qkit.dequantize_fp(codes, scales, groups, fmt, scaling, dtype))
     case.add("qkit_out", lambda: qkit.dequantize_fp(codes, scales, groups, fmt, scaling, out=out))
     return case
@@ -354,7 +393,8 @@ def run(
 ) -> list[dict]:
     """Time every case; one row per (threads, numel, dtype, group, op). ``allow_jit=False``:
     no baseline is compiled just in time (DeepSpeed's op only when prebuilt)."""
-    libs = Baselines.load(device, allow_jit, mx=any(op in FP_OPS and FP_OPS[op][2] == "mx" for op in ops))
+    scalings = {FP_OPS[op][2] for op in ops if op in FP_OPS}
+    libs = Baselines.load(device, allow_jit, mx="mx" in scalings, nvfp4="nvfp4" in scalings)
     total = len(threads) * len(sizes) * len(dtypes) * len(group_specs) * len(ops)
     step = _progress(total) if show_progress else (lambda description: None)
     rows = []
@@ -395,8 +435,8 @@ def _time_case(
     warmup: float,
 ) -> dict:
     numel = x.numel()
-    if op in FP_OPS and FP_OPS[op][2] == "mx":
-        group_size, spec = base.MX_BLOCK, "mx32"  # the format fixes its blocks
+    if op in FP_OPS and FP_OPS[op][2] in FIXED_BLOCKS:
+        group_size, spec = FIXED_BLOCKS[FP_OPS[op][2]]  # the format fixes its blocks
     groups = numel // group_size
     copy_s, clone_s = ceilings  # seconds of x's copy into an existing buffer and of x.clone()
     row = {
