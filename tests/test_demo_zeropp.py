@@ -81,3 +81,20 @@ def test_cli_flag_dispatches_to_the_zeropp_demo(monkeypatch: pytest.MonkeyPatch,
         return
     assert qkit_main(["demo", "--zeropp", "--steps", "7", "--seed", "3", "--out", str(tmp_path), "--quiet"]) == 0
     assert len(calls) == 1 and calls[0][:4] == (7, 3, tmp_path, True)
+
+
+def test_cli_grad_format_adds_an_fp8_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import qkit.distributed.demo as zdemo
+    from qkit.__main__ import main as qkit_main
+
+    assert zdemo.demo_runs() == zdemo.RUNS
+    assert zdemo.demo_runs("e4m3") == (*zdemo.RUNS, "qgZ e4m3 + qwZ")
+    if demo.missing_deps():
+        return
+    calls: list[dict] = []
+    monkeypatch.setattr(zdemo, "run_zeropp_demo", lambda *args, **kwargs: calls.append(kwargs))
+    argv = ["demo", "--zeropp", "--steps", "7", "--out", str(tmp_path), "--quiet", "--grad-format", "e5m2"]
+    assert qkit_main(argv) == 0
+    assert calls == [{"grad_format": "e5m2"}]
+    with pytest.raises(SystemExit):  # argparse refuses other formats
+        qkit_main(["demo", "--zeropp", "--grad-format", "e2m1"])

@@ -50,3 +50,20 @@ def test_ranks_per_node_is_local_world_size_everywhere() -> None:
     for name in ("devices_per_node", "devices", "local"):
         for fn in (qd.hierarchical_groups, qd.zeropp, qd.QuantizedReduceScatter, qd.wire_bytes):
             assert name not in inspect.signature(fn).parameters, (fn, name)
+
+
+def test_grad_format_is_one_keyword_everywhere() -> None:
+    import inspect
+
+    fns = (
+        qd.all_to_all_quant_reduce,
+        qd.all_to_all_loco_quant_reduce,
+        qd.LocoReducer.__call__,
+        qd.wire_bytes,
+        qd.zeropp,
+        qd.QuantizedReduceScatter,
+        qd.QuantizedAllReduceState,
+    )
+    for fn in fns:
+        param = inspect.signature(fn).parameters.get("grad_format")
+        assert param is not None and param.default is None and param.kind is param.KEYWORD_ONLY, fn

@@ -336,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("qkit-demo"), help="directory for the plot")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or table (for scripts)")
+    parser.add_argument(
+        "--grad-format", default=None, choices=("e4m3", "e5m2"), help="--zeropp: add a run with FP8 gradients"
+    )
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = ZEROPP_STEPS if args.zeropp else 24000
@@ -386,7 +389,8 @@ def _zeropp(args: argparse.Namespace, start: float) -> int:
     from qkit.distributed.demo import run_zeropp_demo
 
     with tempfile.TemporaryDirectory(prefix="qkit-zeropp-") as work:
-        run_zeropp_demo(args.steps, args.seed, None if args.no_plot else args.out, args.quiet, Path(work))
+        out = None if args.no_plot else args.out
+        run_zeropp_demo(args.steps, args.seed, out, args.quiet, Path(work), grad_format=args.grad_format)
     if not args.quiet:
         print(f"done in {time.perf_counter() - start:.0f} s")
     return 0

@@ -15,10 +15,12 @@ fp32 averaging reduce-scatter (loopback: mostly compute on a small machine).
 
 ``--fsdp NxL`` times FSDP2 training steps of an MLP (``--fsdp-width``, ``--fsdp-layers``) on
 ``N*L`` local gloo processes with the default comms and with :func:`qkit.distributed.zeropp`
-(4-bit gradients over two hops, 8-bit weights; and with LoCo): per step, the whole step, the
+(4-bit gradients over two hops, 8-bit weights; and with LoCo; ``--grad-format e4m3``/``e5m2``
+adds a run with FP8 gradients): per step, the whole step, the
 time inside the comms, the part of it spent in torch.distributed's collectives, and the rest —
 qkit's quantize/dequantize work (the default comms are a pass-through to the same collectives,
-so they are timed the same way).
+so they are timed the same way); and the gradient bytes rank 0 sent per step (the handle's
+count; for the default comms, what the handles count as FSDP2's baseline) and the last step's loss.
 """
 
 from __future__ import annotations
@@ -218,6 +220,11 @@ def run_gloo(nodes: int, local: int, shape: tuple[int, int], repeat: int) -> dic
 FSDP_RUNS = ("default", "qgZ + qwZ", "qgZ + qwZ + LoCo")
 
 
+def fsdp_runs(grad_format: str | None = None) -> tuple[str, ...]:
+    """The labels of ``--fsdp``'s runs: :data:`FSDP_RUNS`, plus one with FP8 gradients."""
+    return FSDP_RUNS if grad_format is None else (*FSDP_RUNS, f"qgZ {grad_format} + qwZ")
+
+
 class _Timer:
     """Seconds spent inside wrapped callables (``comm``: the FSDP2 comms; ``collective``:
     torch.distributed's collectives)."""
@@ -267,7 +274,16 @@ def _plain_comms(timer: _Timer) -> tuple[object, object]:
 
 
 def _fsdp_rank(
-    rank: int, world: int, local: int, port: int, width: int, layers: int, steps: int, warmup: int, q: object
+    rank: int,
+    world: int,
+    local: int,
+    port: int,
+    width: int,
+    layers: int,
+    steps: int,
+    warmup: int,
+    q: object,
+    grad_format: str | None = None,
 ) -> None:
     import statistics
     import time
@@ -290,47 +306,64 @@ def _fsdp_rank(
     for cls in (qfsdp.QuantizedReduceScatter, qfsdp.QuantizedAllGather):
         cls.__call__ = timer.wrap("comm", cls.__call__)  # type: ignore[method-assign]
     res = {}
-    for label in FSDP_RUNS:
+    baseline_bytes = 0.0
+    for label in fsdp_runs(grad_format):
         torch.manual_seed(0)
         model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
         for layer in model:
             fully_shard(layer)
         fully_shard(model)
+        handle = None
         if label == "default":
             rs, ag = _plain_comms(timer)
             for m in model.modules():
                 if hasattr(m, "set_custom_reduce_scatter"):
                     m.set_custom_reduce_scatter(rs)
                     m.set_custom_all_gather(ag)
-        else:
+        elif label in FSDP_RUNS:
             loco = qd.LocoConfig() if "LoCo" in label else None
-            qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco, local_world_size=local)
+            handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco, local_world_size=local)
+        else:
+            handle = qd.zeropp(model, grad_format=grad_format, weight_bits=8, local_world_size=local)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         x = torch.randn(32, width)
         rows = []
         for step in range(warmup + steps):  # the same count on every rank: no timed warm-up
             timer.seconds = dict.fromkeys(timer.seconds, 0.0)
             start = time.perf_counter()
-            model(x).square().mean().backward()
+            loss = model(x).square().mean()
+            loss.backward()
             opt.step()
             opt.zero_grad()
             total = time.perf_counter() - start
             if step >= warmup:
                 rows.append((total, timer.seconds["comm"], timer.seconds["collective"]))
-        res[label] = tuple(1e3 * statistics.median(r[i] for r in rows) for i in range(3))
+        ms = tuple(1e3 * statistics.median(r[i] for r in rows) for i in range(3))
+        grad_bytes = baseline_bytes
+        if handle is not None:
+            wire = handle.wire_bytes()
+            grad_bytes = wire["reduce_scatter"] / (warmup + steps)
+            baseline_bytes = wire["baseline_reduce_scatter"] / (warmup + steps)
+        res[label] = (*ms, grad_bytes, loss.item())
         dist.barrier()
+    res["default"] = (*res["default"][:3], baseline_bytes, res["default"][4])  # runs first, counted by the others
     if rank == 0:
         q.put(res)  # type: ignore[attr-defined]
     dist.destroy_process_group()
 
 
-def run_fsdp(nodes: int, local: int, width: int, layers: int, steps: int, warmup: int = 3) -> dict:
-    """Median per-step (step, comms, collectives) ms of rank 0 for each of :data:`FSDP_RUNS`."""
+def run_fsdp(
+    nodes: int, local: int, width: int, layers: int, steps: int, warmup: int = 3, grad_format: str | None = None
+) -> dict:
+    """Rank 0's median per-step (step, comms, collectives) ms, gradient bytes sent per step and
+    last loss, for each of :func:`fsdp_runs` ``(grad_format)``."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.SimpleQueue()
     port, world = _free_port(), nodes * local
     procs = [
-        ctx.Process(target=_fsdp_rank, args=(r, world, local, port, width, layers, steps, warmup, q), daemon=True)
+        ctx.Process(
+            target=_fsdp_rank, args=(r, world, local, port, width, layers, steps, warmup, q, grad_format), daemon=True
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -357,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsdp-width", type=int, default=1024, help="--fsdp: the MLP's width")
     parser.add_argument("--fsdp-layers", type=int, default=4, help="--fsdp: the MLP's Linear layers")
     parser.add_argument("--fsdp-steps", type=int, default=10, help="--fsdp: timed steps (after 3 untimed)")
+    parser.add_argument(
+        "--grad-format", default=None, choices=("e4m3", "e5m2"), help="--fsdp: add a run with FP8 gradients"
+    )
     args = parser.parse_args(argv)
     if args.fsdp:
         return _main_fsdp(args)
@@ -391,14 +427,20 @@ def _main_fsdp(args: argparse.Namespace) -> int:
         f"MLP {args.fsdp_layers} x Linear({args.fsdp_width}, {args.fsdp_width}), fp32, batch 32 per rank, "
         f"1 thread per rank; median of {args.fsdp_steps} steps, rank 0, ms"
     )
-    res = run_fsdp(n, loc, args.fsdp_width, args.fsdp_layers, args.fsdp_steps)
+    res = run_fsdp(n, loc, args.fsdp_width, args.fsdp_layers, args.fsdp_steps, grad_format=args.grad_format)
     if not res:
         print("the gloo ranks failed or timed out")
         return 1
     base = res["default"]
-    print(f"{'comms':<20}{'step':>9}{'in comms':>10}{'collectives':>13}{'quant/dequant':>15}{'step vs default':>17}")
-    for label, (step, comm, coll) in res.items():
-        print(f"{label:<20}{step:>9.1f}{comm:>10.1f}{coll:>13.1f}{comm - coll:>15.1f}{step / base[0]:>16.2f}x")
+    print(
+        f"{'comms':<20}{'step':>9}{'in comms':>10}{'collectives':>13}{'quant/dequant':>15}{'step vs default':>17}"
+        f"{'grad KiB/step':>15}{'vs default':>12}{'last loss':>12}"
+    )
+    for label, (step, comm, coll, grad_bytes, loss) in res.items():
+        print(
+            f"{label:<20}{step:>9.1f}{comm:>10.1f}{coll:>13.1f}{comm - coll:>15.1f}{step / base[0]:>16.2f}x"
+            f"{grad_bytes / 1024:>15.1f}{grad_bytes / base[3]:>11.3f}x{loss:>12.6g}"
+        )
     return 0
 
 

@@ -1,7 +1,8 @@
 """qkit.distributed: ZeRO++ communication on torch.distributed (NCCL on GPUs, gloo on CPU).
 
 - :func:`hierarchical_groups` — the intra-node ``local_{n}`` / cross-node ``global_{d}`` groups;
-- :func:`all_to_all_quant_reduce` — qgZ: averaging reduce-scatter of gradients at 4 bits;
+- :func:`all_to_all_quant_reduce` — qgZ: averaging reduce-scatter of gradients at 4 bits (or FP8
+  codes with ``grad_format="e4m3"``/``"e5m2"``, as everywhere gradients are quantized here);
 - :func:`all_to_all_loco_quant_reduce` / :class:`LocoReducer` — qgZ with per-parameter LoCo error feedback;
 - :func:`all_gather_quantized` — qwZ: all-gather of weight shards at 8 (or 4) bits;
 - :func:`wire_bytes` / :func:`count_wire_bytes` — bytes on the wire, predicted and counted;

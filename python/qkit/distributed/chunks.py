@@ -1,9 +1,9 @@
 """The chunked wire format shared by qkit's FSDP2 comms and DDP comm hook (``fsdp.py``, ``ddp.py``).
 
 A flat buffer of ``k * s`` elements is ``k`` *chunks* of ``s`` (one per destination rank). Each
-chunk is quantized on its own (symmetric, group-wise fp32 scales, :func:`chunk_layout` groups,
-zero-padded to whole groups), and the chunks bound for one peer travel as one int8 row:
-``[fp32 params of its chunks, as bytes][codes of its chunks]``.
+chunk is quantized on its own (symmetric integer codes, or FP8 codes with ``format``; group-wise
+fp32 scales, :func:`chunk_layout` groups, zero-padded to whole groups), and the chunks bound for
+one peer travel as one int8 row: ``[fp32 params of its chunks, as bytes][codes of its chunks]``.
 
 - :func:`reduce_scatter_chunks`: quantize -> ``all_to_all`` -> dequantize -> fp32 sum in rank
   order (one hop), or, with a :class:`Hops` hierarchy, quantize -> ``all_to_all`` inside the node
@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from qkit import ops
 from qkit.distributed import comm
-from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize, quantized_reduction
+from qkit.distributed.codec import Codec, sum_rows
 
 __all__ = ["ChunkLayout", "Hops", "Loco", "all_gather_chunks", "chunk_layout", "reduce_scatter_chunks"]
 
@@ -35,12 +34,18 @@ __all__ = ["ChunkLayout", "Hops", "Loco", "all_gather_chunks", "chunk_layout", "
 @dataclass(frozen=True)
 class ChunkLayout:
     """How one chunk of ``numel`` elements is quantized: ``groups`` groups of ``group_elems``
-    elements (even for 4 bits), the chunk zero-padded to ``padded = groups * group_elems``."""
+    elements (even for 4 bits), the chunk zero-padded to ``padded = groups * group_elems``;
+    integer codes of ``bits``, or FP8 codes of ``format`` (``bits`` 8)."""
 
     numel: int
     groups: int
     group_elems: int
     bits: int
+    format: str | None = None
+
+    @property
+    def codec(self) -> Codec:
+        return Codec(self.bits, self.format)
 
     @property
     def padded(self) -> int:
@@ -57,17 +62,18 @@ class ChunkLayout:
         return 4 * self.groups + self.code_bytes
 
 
-def chunk_layout(numel: int, bits: int, group_size: int) -> ChunkLayout:
+def chunk_layout(numel: int, bits: int, group_size: int, format: str | None = None) -> ChunkLayout:
     """The layout of a chunk of ``numel`` elements: the fewest groups of at most ``group_size``
     elements, sizes balanced (rounded up to even for 4 bits). Depends only on its arguments,
-    so every rank computes the same. ``numel == 0`` gives one empty group."""
+    so every rank computes the same. ``numel == 0`` gives one empty group. ``format``: FP8
+    codes (then ``bits`` is 8)."""
     if numel == 0:
-        return ChunkLayout(0, 1, 0, bits)
+        return ChunkLayout(0, 1, 0, bits, format)
     groups = -(-numel // group_size)
     elems = -(-numel // groups)
     if bits == 4:
         elems += elems % 2
-    return ChunkLayout(numel, groups, elems, bits)
+    return ChunkLayout(numel, groups, elems, bits, format)
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,8 @@ def _quantize(rows: Tensor, layout: ChunkLayout, error: Tensor | None, beta: flo
     flat = _pad_rows(rows, layout).reshape(-1)
     g = rows.shape[0] * layout.groups
     if error is None:
-        return ops.quantize(flat, g, layout.bits, True)
-    return loco_swizzle_quantize(flat, error, beta, g, layout.bits, True, 1, 1, 1)
+        return layout.codec.quantize(flat, g)
+    return layout.codec.loco_quantize(flat, error, beta, g)
 
 
 def _pack(codes: Tensor, params: Tensor, peers: int) -> Tensor:
@@ -129,16 +135,8 @@ def _unpack(buf: Tensor, layout: ChunkLayout, per_peer: int) -> tuple[Tensor, Te
 def _dequantize(codes: Tensor, params: Tensor, layout: ChunkLayout, dtype: torch.dtype) -> Tensor:
     """(codes, params) of ``c`` chunks -> ``[c, numel]`` in ``dtype``."""
     g = params.shape[0]
-    values = ops.dequantize(codes, params, g, layout.bits, True, dtype)
+    values = layout.codec.dequantize(codes, params, g, dtype)
     return values.view(g // layout.groups, layout.padded)[:, : layout.numel]
-
-
-def _sum_rows(values: Tensor) -> Tensor:
-    """fp32 ``[c, n]`` -> the sum of the rows in row order, ``[n]`` (a fresh tensor)."""
-    acc = values[0].clone()
-    for j in range(1, values.shape[0]):
-        acc += values[j]
-    return acc
 
 
 def _exchange(send: Tensor, group: Any) -> Tensor:
@@ -169,7 +167,7 @@ def reduce_scatter_chunks(
     if hops is None:
         codes, params = _quantize(rows, layout, None if loco is None else loco.intra, beta)
         recv = _exchange(_pack(codes, params, k), group)
-        return _sum_rows(_dequantize(*_unpack(recv, layout, 1), layout, torch.float32))
+        return sum_rows(_dequantize(*_unpack(recv, layout, 1), layout, torch.float32))
     n_nodes, local = hops.nodes, hops.local_world_size
     # rows in (device d', node m) order: peer d' of this node gets the chunks of ranks m * L + d'
     ordered = rows.view(n_nodes, local, -1).transpose(0, 1).reshape(k, -1)
@@ -179,12 +177,12 @@ def reduce_scatter_chunks(
     # fp32 sum over the L node peers (in device order) of their n_nodes chunks, re-quantized
     g_in, g_out = local * n_nodes * layout.groups, n_nodes * layout.groups
     if loco is None:
-        codes, params = quantized_reduction(codes, params, g_in, g_out, layout.bits, True, local)
+        codes, params = layout.codec.reduce(codes, params, g_in, g_out, local)
     else:
         assert loco.inter is not None
-        codes, params = loco_quantized_reduction(codes, params, loco.inter, beta, g_in, g_out, layout.bits, True, local)
+        codes, params = layout.codec.reduce(codes, params, g_in, g_out, local, loco.inter, beta)
     recv = _exchange(_pack(codes, params, n_nodes), hops.global_group)
-    return _sum_rows(_dequantize(*_unpack(recv, layout, 1), layout, torch.float32))
+    return sum_rows(_dequantize(*_unpack(recv, layout, 1), layout, torch.float32))
 
 
 def all_gather_chunks(

@@ -45,9 +45,9 @@ Validate = bool | Literal["once"]
 CACHE_SIZE = 4096
 """Call signatures remembered per process (beyond that the least recently used is checked again)."""
 
-# Slot 0: the function; slot 1: the local argument error (or "none"); then up to 6 fields.
+# Slot 0: the function; slot 1: the local argument error (or "none"); then up to 7 fields.
 # A fixed length, so fingerprints of any two calls can be gathered together.
-_SLOTS = 8
+_SLOTS = 9
 _MAX_FIELDS = _SLOTS - 2
 _VALUE_CHARS = 160  # per rank and field in the error message
 
@@ -101,7 +101,7 @@ def ensure_consistent(
 
     Args:
         fn: the public function's name (for the messages, and part of the fingerprint).
-        fields: name -> value (compared by ``repr``), at most 6, in a fixed order per ``fn``.
+        fields: name -> value (compared by ``repr``), at most 7, in a fixed order per ``fn``.
         group: the process group the call communicates on (``None``: the default group).
         device: where the call's data lives (``None``: chosen from the backend).
         validate: ``"once"``, ``True`` or ``False`` (no check; ``error`` is still raised).

@@ -10,10 +10,11 @@ Each gradient bucket (DDP's flat ``[n]`` buffer, the parameters' dtype) is avera
 quantized steps over the ``k`` ranks of the group:
 
 1. reduce-scatter: the buffer, zero-padded to ``k * s`` (``s = ceil(n / k)``), is cut into ``k``
-   chunks; each is quantized (symmetric, group-wise fp32 scales, ``bits``) and sent to its owner
+   chunks; each is quantized (symmetric, group-wise fp32 scales, ``bits``; or FP8 codes of
+   ``grad_format``) and sent to its owner
    with one ``all_to_all``; the owner dequantizes the ``k`` chunks, sums them in fp32 in rank
    order and divides by ``k`` (the mean, as DDP's default ``allreduce_hook`` gives);
-2. all-gather: every rank quantizes its averaged chunk (fp32) at ``bits``; one ``all_gather``
+2. all-gather: every rank quantizes its averaged chunk (fp32) the same way; one ``all_gather``
    carries codes and scales; every rank dequantizes all ``k`` chunks, its own too, into the
    bucket in its dtype, so every replica ends with the same gradient, bit for bit.
 
@@ -39,14 +40,15 @@ from torch import Tensor
 
 from qkit.distributed import comm
 from qkit.distributed.chunks import ChunkLayout, Loco, all_gather_chunks, chunk_layout, reduce_scatter_chunks
+from qkit.distributed.codec import DEFAULT_GRAD_BITS, describe_format
 from qkit.distributed.consistency import ensure_consistent
-from qkit.distributed.fsdp import DEFAULT_GRAD_GROUP_SIZE, LocoConfig, _check_bits_and_group, _check_loco
+from qkit.distributed.fsdp import LocoConfig, _check_loco, resolve_grad
 from qkit.distributed.groups import require_initialized
 
 __all__ = ["QuantizedAllReduceState", "quantized_allreduce", "quantized_allreduce_hook"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: config has `grad_format`
 
 
 @dataclass
@@ -67,7 +69,7 @@ class QuantizedAllReduceState:
     """State of :func:`quantized_allreduce_hook`: configuration, byte counters, LoCo error.
 
     Building it is collective on ``process_group``: one tiny all-gather checks that every rank
-    passed the same ``bits``, ``group_size`` and ``loco``, and every rank raises the same
+    passed the same ``bits``, ``grad_format``, ``group_size`` and ``loco``, and every rank raises the same
     ``ValueError`` if not (or the same argument error, if one rank's arguments are bad).
 
     Args:
@@ -75,39 +77,47 @@ class QuantizedAllReduceState:
         bits: 4 (default) or 8, for both quantizations.
         loco: :class:`~qkit.distributed.LocoConfig` for error feedback, or ``None``.
         group_size: largest number of elements per quantization group (default 256; even for 4 bits).
+        grad_format: ``None`` (integer codes of ``bits``), ``"e4m3"`` or ``"e5m2"``: FP8 codes with
+            an absmax fp32 scale per group for both quantizations (``bits`` must then be left at
+            its default; ``self.bits`` reads 8).
 
     Raises:
         RuntimeError: torch.distributed is not initialized.
-        ValueError: bad ``bits``/``group_size``, or ranks disagree.
+        ValueError: bad ``bits``/``group_size``/``grad_format``, both ``bits`` and ``grad_format``
+            given, or ranks disagree.
         TypeError: ``loco`` is not a ``LocoConfig``.
     """
 
     def __init__(
         self,
         process_group: Any = None,
-        bits: int = 4,
+        bits: int = DEFAULT_GRAD_BITS,
         loco: LocoConfig | None = None,
         *,
         group_size: int | None = None,
+        grad_format: str | None = None,
     ) -> None:
         fn = "QuantizedAllReduceState"
         require_initialized(fn)
         error: Exception | None = None
         gs: int | None = None
+        codec = None
         try:
             _check_loco(fn, loco)
-            gs = _check_bits_and_group(fn, bits, group_size, DEFAULT_GRAD_GROUP_SIZE)
+            codec, gs = resolve_grad(fn, bits, grad_format, group_size)
         except (TypeError, ValueError) as exc:
             error = exc
         fields = {
             "bits": bits,
+            "grad_format": describe_format(grad_format),
             "group_size": group_size,
             "loco": repr(loco) if loco is None or isinstance(loco, LocoConfig) else type(loco).__name__,
         }
         ensure_consistent(fn, fields, group=process_group, validate=True, error=error)
-        assert gs is not None
+        assert gs is not None and codec is not None
         self.process_group = process_group
-        self.bits = bits
+        self.bits = codec.bits
+        self.grad_format = codec.format
         self.group_size = gs
         self.loco = loco
         self.errors: dict[int, _BucketError] = {}
@@ -119,6 +129,7 @@ class QuantizedAllReduceState:
         """What :meth:`state_dict` records and :meth:`load_state_dict` requires to match."""
         return {
             "bits": self.bits,
+            "grad_format": self.grad_format,
             "group_size": self.group_size,
             "loco": None if self.loco is None else {"beta": float(self.loco.beta), "reset_T": self.loco.reset_T},
             "world": dist.get_world_size(self.process_group),
@@ -175,10 +186,13 @@ class QuantizedAllReduceState:
         fn = "qkit.distributed.QuantizedAllReduceState.load_state_dict"
         if not isinstance(state, dict) or set(state) != {"version", "config", "stats", "buckets"}:
             raise ValueError(f"{fn}: expected a dict with keys version, config, stats, buckets; got {state!r:.200}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"{fn}: state version {state['version']!r}, this qkit reads {_STATE_VERSION}")
-        if state["config"] != self.config():
-            raise ValueError(f"{fn}: state was saved with config {state['config']}, this state has {self.config()}")
+        if state["version"] not in (1, _STATE_VERSION):
+            raise ValueError(f"{fn}: state version {state['version']!r}, this qkit reads 1 and {_STATE_VERSION}")
+        config = state["config"]
+        if state["version"] == 1 and isinstance(config, dict) and "grad_format" not in config:
+            config = {**config, "grad_format": None}  # version 1 had integer codes only
+        if config != self.config():
+            raise ValueError(f"{fn}: state was saved with config {config}, this state has {self.config()}")
         stats = state["stats"]
         keys = {"calls", "reduce_scatter", "all_gather", "baseline_all_reduce"}
         if (
@@ -270,7 +284,7 @@ def quantized_allreduce(
     if n == 0 or k == 1:
         return buffer
     s = -(-n // k)
-    layout = chunk_layout(s, state.bits, state.group_size)
+    layout = chunk_layout(s, state.bits, state.group_size, state.grad_format)
     with torch.no_grad():
         rows = buffer.new_zeros(k * s)
         rows[:n] = buffer.reshape(-1)

@@ -7,7 +7,9 @@ initialization and the same batches:
 
 1. **default**: FSDP2's own comms (fp32 reduce-scatter and all-gather);
 2. **qgZ + qwZ**: :func:`qkit.distributed.zeropp` with 4-bit gradients and 8-bit weights;
-3. **qgZ + qwZ + LoCo**: the same with LoCo error feedback on the gradients.
+3. **qgZ + qwZ + LoCo**: the same with LoCo error feedback on the gradients;
+4. with ``grad_format`` (``qkit demo --zeropp --grad-format e4m3``) also **qgZ e4m3 + qwZ**: FP8
+   gradients instead of 4-bit ones.
 
 The parent prints a table (final training loss, test accuracy, bytes each rank sent per step,
 the ratio to the default) and writes a plot (loss curves; bytes per step). Every collective runs
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RUNS", "ZeroppResult", "run_zeropp_demo"]
+__all__ = ["RUNS", "ZeroppResult", "demo_runs", "run_zeropp_demo"]
 
 NODES, LOCAL_WORLD_SIZE = 2, 2
 WORLD = NODES * LOCAL_WORLD_SIZE
@@ -37,6 +39,13 @@ HIDDEN = (256, 256)
 BATCH = 64  # global batch: 16 samples per rank
 LR = 1e-3
 RUNS = ("default", "qgZ + qwZ", "qgZ + qwZ + LoCo")
+
+
+def demo_runs(grad_format: str | None = None) -> tuple[str, ...]:
+    """The demo's runs: :data:`RUNS`, plus one with FP8 gradients when ``grad_format`` is given."""
+    return RUNS if grad_format is None else (*RUNS, f"qgZ {grad_format} + qwZ")
+
+
 COLLECTIVE_TIMEOUT_S = 60
 
 
@@ -83,7 +92,9 @@ def make_model(seed: int) -> nn.Sequential:
     return digits_mlp(HIDDEN, seed)
 
 
-def _train(label: str, rank: int, steps: int, seed: int, data: Any, progress: bool) -> RunRecord:
+def _train(
+    label: str, rank: int, steps: int, seed: int, data: Any, progress: bool, grad_format: str | None = None
+) -> RunRecord:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -95,9 +106,11 @@ def _train(label: str, rank: int, steps: int, seed: int, data: Any, progress: bo
             fully_shard(layer)
     fully_shard(model)
     handle = None
-    if label != "default":
+    if label in RUNS[1:]:
         loco = qd.LocoConfig(beta=0.8, reset_T=1024) if "LoCo" in label else None
         handle = qd.zeropp(model, grad_bits=4, weight_bits=8, loco=loco, local_world_size=LOCAL_WORLD_SIZE)
+    elif label != "default":
+        handle = qd.zeropp(model, grad_format=grad_format, weight_bits=8, local_world_size=LOCAL_WORLD_SIZE)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 1)
     n = data.x_train.shape[0]
@@ -130,8 +143,10 @@ def _train(label: str, rank: int, steps: int, seed: int, data: Any, progress: bo
     return RunRecord((losses / WORLD).tolist(), train_loss, acc, wire, seconds)
 
 
-def _worker(rank: int, port: int, steps: int, seed: int, outdir: str, progress: bool) -> None:
-    """One rank: a gloo process group on 127.0.0.1, the three runs, results to ``rank{r}.pt``."""
+def _worker(
+    rank: int, port: int, steps: int, seed: int, outdir: str, progress: bool, grad_format: str | None = None
+) -> None:
+    """One rank: a gloo process group on 127.0.0.1, the runs, results to ``rank{r}.pt``."""
     import warnings
 
     import torch.distributed as dist
@@ -145,7 +160,10 @@ def _worker(rank: int, port: int, steps: int, seed: int, outdir: str, progress: 
     init_local_gloo(rank, WORLD, port, COLLECTIVE_TIMEOUT_S)
     try:
         data = load_digits(seed, torch.device("cpu"))
-        runs = {label: _train(label, rank, steps, seed, data, progress and rank == 0) for label in RUNS}
+        runs = {
+            label: _train(label, rank, steps, seed, data, progress and rank == 0, grad_format)
+            for label in demo_runs(grad_format)
+        }
         torch.save({"runs": runs}, Path(outdir) / f"rank{rank}.pt")
     except Exception:
         (Path(outdir) / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -160,12 +178,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(steps: int, seed: int, outdir: Path, progress: bool, timeout_s: float) -> dict[str, RunRecord]:
+def _spawn(
+    steps: int, seed: int, outdir: Path, progress: bool, timeout_s: float, grad_format: str | None = None
+) -> dict[str, RunRecord]:
     """Run the 4 ranks; kill them all when one fails or ``timeout_s`` passes."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "qkit.distributed", "qkit.demo", "sklearn.datasets"])
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, steps, seed, str(outdir), progress)) for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, port, steps, seed, str(outdir), progress, grad_format))
+        for r in range(WORLD)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -192,7 +215,7 @@ def table(result: ZeroppResult) -> str:
     header = f"{'comms':<19}{'train loss':>11}{'test acc':>10}{'grad B/step':>13}{'weight B/step':>15}{'ratio':>7}"
     lines = [header, "-" * len(header)]
     base = sum(result.bytes_per_step("default"))
-    for label in RUNS:
+    for label in result.runs:
         rs, ag = result.bytes_per_step(label)
         rec = result.runs[label]
         ratio = (rs + ag) / base
@@ -211,7 +234,8 @@ def plot(path: Path, result: ZeroppResult) -> None:
 
     fig, (ax_loss, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     window = 10
-    for label in RUNS:
+    labels = list(result.runs)
+    for label in labels:
         losses = torch.tensor(result.runs[label].losses)
         smooth = losses.unfold(0, window, 1).mean(dim=1) if losses.numel() >= window else losses
         start = losses.numel() - smooth.numel() + 1
@@ -222,12 +246,12 @@ def plot(path: Path, result: ZeroppResult) -> None:
     ax_loss.set_title(f"FSDP2, 2 nodes x 2 ranks (gloo), {result.steps} steps")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    rs = [result.bytes_per_step(label)[0] / 1024 for label in RUNS]
-    ag = [result.bytes_per_step(label)[1] / 1024 for label in RUNS]
-    x = range(len(RUNS))
+    rs = [result.bytes_per_step(label)[0] / 1024 for label in labels]
+    ag = [result.bytes_per_step(label)[1] / 1024 for label in labels]
+    x = range(len(labels))
     ax_bytes.bar(x, rs, label="gradients (reduce-scatter)")
     ax_bytes.bar(x, ag, bottom=rs, label="weights (all-gather)")
-    ax_bytes.set_xticks(list(x), list(RUNS), fontsize=8)
+    ax_bytes.set_xticks(list(x), labels, fontsize=8)
     ax_bytes.set_ylabel("KiB sent per rank per step")
     ax_bytes.set_title("bytes on the wire")
     ax_bytes.legend(fontsize=8)
@@ -238,22 +262,30 @@ def plot(path: Path, result: ZeroppResult) -> None:
 
 
 def run_zeropp_demo(
-    steps: int, seed: int, out: Path | None, quiet: bool, workdir: Path, timeout_s: float = 600.0
+    steps: int,
+    seed: int,
+    out: Path | None,
+    quiet: bool,
+    workdir: Path,
+    timeout_s: float = 600.0,
+    grad_format: str | None = None,
 ) -> ZeroppResult:
-    """The whole ZeRO++ demo (spawns the 4 ranks); prints the table unless ``quiet``."""
+    """The whole ZeRO++ demo (spawns the 4 ranks); prints the table unless ``quiet``.
+    ``grad_format`` (``"e4m3"``/``"e5m2"``) adds a run with FP8 gradients."""
     say = (lambda *a, **k: None) if quiet else print
     say(
         f"FSDP2 on {WORLD} gloo processes (127.0.0.1, {NODES} nodes x {LOCAL_WORLD_SIZE}), digits, "
         f"MLP 64-{'-'.join(map(str, HIDDEN))}-10, {steps} steps per run, global batch {BATCH}"
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    runs = _spawn(steps, seed, workdir, not quiet, timeout_s)
+    runs = _spawn(steps, seed, workdir, not quiet, timeout_s, grad_format)
     result = ZeroppResult(steps, runs, None)
     say("\n" + table(result))
     d, q, lc = (result.final_loss(label) for label in RUNS)
     say(
-        f"final training-set loss vs default: qgZ + qwZ {q / d - 1:+.2%}, with LoCo {lc / d - 1:+.2%}. "
-        "Bytes: what one rank sent per step (the default's as the handles count FSDP2's own comms)"
+        f"final training-set loss vs default: qgZ + qwZ {q / d - 1:+.2%}, with LoCo {lc / d - 1:+.2%}"
+        + "".join(f", {label} {result.final_loss(label) / d - 1:+.2%}" for label in list(result.runs)[len(RUNS) :])
+        + ". Bytes: what one rank sent per step (the default's as the handles count FSDP2's own comms)"
     )
     if out is not None:
         result.plot = out / "zeropp_demo.png"

@@ -9,7 +9,7 @@ qkit's ``quantize``/``dequantize`` ops and plain ``torch.distributed`` collectiv
 
 - :class:`QuantizedReduceScatter`: FSDP2's flat ``[k * s]`` gradient buffer is cut into the
   ``k`` destination chunks of ``s`` elements; each chunk is quantized (symmetric, group-wise
-  scales, ``bits`` 4 or 8) and sent to its owner with one ``all_to_all``; the owner
+  scales, ``bits`` 4 or 8; or FP8 codes with ``grad_format``) and sent to its owner with one ``all_to_all``; the owner
   dequantizes the ``k`` received chunks to fp32, sums them in rank order, applies ``op``
   (SUM, AVG, or PREMUL_SUM's factor) and writes ``output_tensor`` in its dtype. With
   ``local_world_size`` (given, or read from ``LOCAL_WORLD_SIZE``) the exchange takes two hops
@@ -52,6 +52,7 @@ from qkit.distributed.chunks import (
     chunk_layout,
     reduce_scatter_chunks,
 )
+from qkit.distributed.codec import DEFAULT_GRAD_BITS, Codec, describe_format, resolve_codec
 from qkit.distributed.consistency import ensure_consistent
 from qkit.distributed.groups import hierarchical_groups, topology
 from qkit.distributed.loco import DEFAULT_ERR_BETA, DEFAULT_RESET_T, _check_hyper
@@ -75,7 +76,7 @@ DEFAULT_WEIGHT_GROUP_SIZE = 2048
 """Largest quantization group of a weight shard by default (as :func:`all_gather_quantized`)."""
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_STATE_VERSION = 2  # 2: LoCo entries carry the two-hop buffer `inter_error`
+_STATE_VERSION = 3  # 2: LoCo entries carry the two-hop buffer `inter_error`; 3: config has `grad_format`
 
 
 def _fsdp_api() -> Any:
@@ -102,6 +103,14 @@ def _check_bits_and_group(fn: str, bits: int, group_size: int | None, default: i
             f"qkit.distributed.{fn}: `group_size` must be a positive integer (even for 4 bits), got {group_size!r}"
         )
     return g
+
+
+def resolve_grad(
+    fn: str, bits: int | None, grad_format: object, group_size: int | None, bits_name: str = "bits"
+) -> tuple[Codec, int]:
+    """The gradient codec (:func:`qkit.distributed.codec.resolve_codec`) and group size."""
+    codec = resolve_codec(fn, bits, grad_format, bits_name)
+    return codec, _check_bits_and_group(fn, codec.bits, group_size, DEFAULT_GRAD_GROUP_SIZE)
 
 
 @dataclass(frozen=True)
@@ -252,6 +261,9 @@ class QuantizedReduceScatter(_Alloc):
     Args:
         bits: 4 (default) or 8.
         group_size: largest number of elements per quantization group (default 256; even for 4 bits).
+        grad_format: ``None`` (integer codes of ``bits``), ``"e4m3"`` or ``"e5m2"``: FP8 codes with
+            an absmax fp32 scale per group (``bits`` must then be left at its default; ``self.bits``
+            reads 8). LoCo and two hops work with either.
         loco: :class:`LocoConfig` for error feedback, or ``None``. The state belongs to this
             object: use one object per FSDP module (as :func:`zeropp` does); it restarts from zero
             when the buffer's layout (group size, chunk size, dtype) changes.
@@ -264,16 +276,19 @@ class QuantizedReduceScatter(_Alloc):
 
     def __init__(
         self,
-        bits: int = 4,
+        bits: int = DEFAULT_GRAD_BITS,
         group_size: int | None = None,
         loco: LocoConfig | None = None,
         local_world_size: int | None = None,
+        *,
+        grad_format: str | None = None,
     ) -> None:
         fn = "QuantizedReduceScatter"
         _fsdp_api()
         _check_loco(fn, loco)
-        self.bits = bits
-        self.group_size = _check_bits_and_group(fn, bits, group_size, DEFAULT_GRAD_GROUP_SIZE)
+        codec, self.group_size = resolve_grad(fn, bits, grad_format, group_size)
+        self.bits = codec.bits
+        self.grad_format = codec.format
         self.loco = loco
         self.local_world_size: int | None = None
         self.hops: Hops | None = None
@@ -346,7 +361,7 @@ class QuantizedReduceScatter(_Alloc):
         self._check_group(group, k)
         if s == 0:  # the same on every rank: nothing to exchange
             return None
-        layout = chunk_layout(s, self.bits, self.group_size)
+        layout = chunk_layout(s, self.bits, self.group_size, self.grad_format)
         with torch.no_grad(), comm.count_wire_bytes() as counter:
             rows = input_tensor.view(k, s)
             loco = None if self.loco is None else self._loco_state(rows, layout)
@@ -415,7 +430,7 @@ class ZeroPP:
     Attributes:
         modules: FSDP module name (``model.named_modules()``; ``""`` for the root) -> module.
         reduce_scatters: module name -> its :class:`QuantizedReduceScatter` (empty when
-            ``grad_bits=None``); they share one byte counter.
+            ``grad_bits=None`` and no ``grad_format``); they share one byte counter.
         all_gather: the :class:`QuantizedAllGather` shared by every module, or ``None``.
         stats: ``"reduce_scatter"`` / ``"all_gather"`` -> the byte counter of that side (only the
             sides installed).
@@ -478,10 +493,13 @@ class ZeroPP:
         fn = "qkit.distributed.ZeroPP.load_state_dict"
         if not isinstance(state, dict) or set(state) != {"version", "config", "stats", "loco"}:
             raise ValueError(f"{fn}: expected a dict with keys version, config, stats, loco; got {state!r:.200}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"{fn}: state version {state['version']!r}, this qkit reads {_STATE_VERSION}")
-        if state["config"] != self._config:
-            raise ValueError(f"{fn}: state was saved with config {state['config']}, this handle has {self._config}")
+        if state["version"] not in (2, _STATE_VERSION):
+            raise ValueError(f"{fn}: state version {state['version']!r}, this qkit reads 2 and {_STATE_VERSION}")
+        config = state["config"]
+        if state["version"] == 2 and isinstance(config, dict) and "grad_format" not in config:
+            config = {**config, "grad_format": None}  # version 2 had integer codes only
+        if config != self._config:
+            raise ValueError(f"{fn}: state was saved with config {config}, this handle has {self._config}")
         stats = state["stats"]
         if not isinstance(stats, dict) or set(stats) != set(self.stats):
             got = sorted(stats) if isinstance(stats, dict) else repr(stats)
@@ -589,13 +607,14 @@ def _refuse_compiled(model: torch.nn.Module) -> None:
 
 def zeropp(
     model: torch.nn.Module,
-    grad_bits: int | None = 4,
+    grad_bits: int | None = DEFAULT_GRAD_BITS,
     weight_bits: int | None = 8,
     loco: LocoConfig | None = None,
     local_world_size: int | None = None,
     *,
     grad_group_size: int | None = None,
     weight_group_size: int | None = None,
+    grad_format: str | None = None,
 ) -> ZeroPP:
     """Install qkit's quantized comms on every FSDP2 module in ``model`` (collective).
 
@@ -603,14 +622,17 @@ def zeropp(
     :class:`QuantizedReduceScatter` (gradients at ``grad_bits``, LoCo state per module when
     ``loco`` is a :class:`LocoConfig`, two hops when ``local_world_size`` is given or
     ``LOCAL_WORLD_SIZE`` is set and names more than one node); one :class:`QuantizedAllGather`
-    (weights at ``weight_bits``) serves all. ``None`` leaves that side at FSDP2's default. Every
+    (weights at ``weight_bits``) serves all. ``None`` leaves that side at FSDP2's default.
+    ``grad_format="e4m3"`` or ``"e5m2"`` sends gradients as FP8 codes (one byte per element and an
+    absmax fp32 scale per group) instead of ``grad_bits``-bit integers: pass one of ``grad_bits``
+    and ``grad_format`` (the handle's config then records ``grad_bits`` 8 and the format). Every
     rank must pass the same configuration: a tiny all-gather on the default group checks it (the
     resolved ``local_world_size`` and the FSDP module names too), and every rank raises the same
     error if they differ.
 
     Raises:
-        ValueError: no FSDP module in ``model``, bad bits/group sizes or ``local_world_size``, or
-            ranks disagree.
+        ValueError: no FSDP module in ``model``, bad bits/group sizes/``grad_format`` or
+            ``local_world_size``, ``grad_bits`` and ``grad_format`` both given, or ranks disagree.
         TypeError: ``loco`` is not a :class:`LocoConfig`.
         NotImplementedError: an HSDP / replicated mesh, or a compiled model (``torch.compile``).
         RuntimeError: torch has no FSDP2 custom-comm API, or torch.distributed is not initialized.
@@ -623,6 +645,7 @@ def zeropp(
     error: Exception | None = None
     resolved: int | None = None
     grad_gs = weight_gs = None
+    codec: Codec | None = None
     try:
         _check_loco(fn, loco)
         _refuse_compiled(model)
@@ -630,15 +653,15 @@ def zeropp(
             raise ValueError("qkit.distributed.zeropp: `model` holds no FSDP2 module (call fully_shard first)")
         for m in modules.values():
             _refuse_replicated(m)
-        if grad_bits is not None:
-            grad_gs = _check_bits_and_group(fn, grad_bits, grad_group_size, DEFAULT_GRAD_GROUP_SIZE)
+        if grad_bits is not None or grad_format is not None:
+            codec, grad_gs = resolve_grad(fn, grad_bits, grad_format, grad_group_size, "grad_bits")
             resolved = resolve_local_world_size(fn, local_world_size, dist.get_world_size())
         if weight_bits is not None:
             weight_gs = _check_bits_and_group(fn, weight_bits, weight_group_size, DEFAULT_WEIGHT_GROUP_SIZE)
     except (TypeError, ValueError, NotImplementedError) as exc:
         error = exc
     fields = {
-        "grad": (grad_bits, grad_group_size),
+        "grad": (grad_bits, describe_format(grad_format), grad_group_size),
         "weight": (weight_bits, weight_group_size),
         # not repr(loco) for other types: it may hold an address
         "loco": repr(loco) if loco is None or isinstance(loco, LocoConfig) else type(loco).__name__,
@@ -647,10 +670,15 @@ def zeropp(
     }
     ensure_consistent(fn, fields, validate=True, error=error)
     rs: dict[str, QuantizedReduceScatter] = {}
-    if grad_bits is not None:
+    if codec is not None:
         stats = _Stats()
         for name in modules:
-            rs[name] = QuantizedReduceScatter(grad_bits, grad_gs, loco, resolved or 1)
+            if codec.format is None:
+                rs[name] = QuantizedReduceScatter(codec.bits, grad_gs, loco, resolved or 1)
+            else:
+                rs[name] = QuantizedReduceScatter(
+                    group_size=grad_gs, loco=loco, local_world_size=resolved or 1, grad_format=codec.format
+                )
             rs[name].stats = stats
     ag = None if weight_bits is None else QuantizedAllGather(weight_bits, weight_gs)
     for name, m in modules.items():
@@ -659,7 +687,8 @@ def zeropp(
         if ag is not None:
             m.set_custom_all_gather(ag)
     config = {
-        "grad_bits": grad_bits,
+        "grad_bits": None if codec is None else codec.bits,
+        "grad_format": None if codec is None else codec.format,
         "grad_group_size": grad_gs,
         "weight_bits": weight_bits,
         "weight_group_size": weight_gs,
@@ -672,7 +701,8 @@ def zeropp(
 def predicted_bytes(numel: int, world: int, bits: int, group_size: int, kind: str) -> int:
     """Bytes :class:`QuantizedReduceScatter` (``kind="reduce_scatter"``, ``numel`` = FSDP2's input
     ``[k*s]``, one or two hops alike) or :class:`QuantizedAllGather` (``"all_gather"``, ``numel`` =
-    the shard) sends to other ranks in one call, in a group of ``world`` ranks."""
+    the shard) sends to other ranks in one call, in a group of ``world`` ranks. FP8 gradients
+    (``grad_format``) count as ``bits=8``: one byte per element, as int8 codes."""
     if kind == "reduce_scatter":
         return (world - 1) * chunk_layout(numel // world, bits, group_size).wire_bytes
     if kind == "all_gather":

@@ -2,7 +2,7 @@
 
 Each parameter owns two error buffers per rank, in its gradient's dtype (never
 re-quantized between steps): ``intra`` (``M`` elements, swizzled order) for the
-4-bit quantization before the node all-to-all, and ``inter`` (``M / L`` elements) for
+4-bit (or FP8, ``grad_format``) quantization before the node all-to-all, and ``inter`` (``M / L`` elements) for
 the re-quantization after the node reduction. Both follow
 ``e <- err_beta * e + (1 - err_beta) * (s - dequant(q))`` with ``s = value + e``; with
 ``err_beta = 0`` this is classic error feedback: the sum of the results over steps differs
@@ -25,8 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from qkit.distributed.consistency import Validate
 from qkit.distributed.groups import UNSET, Topology, process_groups_arg
-from qkit.distributed.qgz import ReduceStage, Stage, run
-from qkit.zeropp_ops import loco_quantized_reduction, loco_swizzle_quantize
+from qkit.distributed.qgz import ReduceStage, Stage, codec_or_error, run
 
 __all__ = ["LocoReducer", "LocoState", "all_to_all_loco_quant_reduce"]
 
@@ -105,9 +104,12 @@ class LocoReducer:
         reset_T: int | None = None,
         validate: Validate = "once",
         groups: Any = UNSET,
+        grad_format: str | None = None,
     ) -> list[Tensor]:
         """Reduce ``p.grad`` of every parameter (collective); returns what
         :func:`~qkit.distributed.all_to_all_quant_reduce` returns for the gradients.
+        ``grad_format`` (``None``: 4-bit codes; ``"e4m3"``/``"e5m2"``: FP8) as there: the error
+        buffers hold values, so they work with either (and carry over if the format changes).
 
         ``err_beta``/``reset_T`` (when not ``None``) override the reducer's for this call. Gradients that take
         the fallback path carry no error state (their reduction is not quantized). ``validate`` as for
@@ -119,11 +121,12 @@ class LocoReducer:
         params = list(params)
         # Argument errors go through the cross-rank check (run raises them after it), so a rank
         # with a bad argument fails together with its peers instead of leaving them waiting.
-        error: Exception | None = None
+        fn = "all_to_all_loco_quant_reduce"
+        codec, error = codec_or_error(fn, grad_format)
         try:
             _check_hyper(beta, period)
         except (TypeError, ValueError) as exc:
-            error = exc
+            error = error or exc
         grads = []
         for i, p in enumerate(params):
             if p.grad is None and error is None:
@@ -139,23 +142,35 @@ class LocoReducer:
 
         def stage1(topo: Topology) -> Stage:
             def f(i: int, t: Tensor, g: int) -> tuple[Tensor, Tensor]:
+                assert codec is not None
                 st = state_of(i, topo)
                 # deviation: loco-fp32-update (the ops compute in fp32 and round e once)
-                return loco_swizzle_quantize(t, st.intra, beta, g, 4, True, 1, topo.nodes, topo.local_world_size)
+                return codec.loco_quantize(t, st.intra, beta, g, topo.nodes, topo.local_world_size)
 
             return f
 
         def stage3(topo: Topology) -> ReduceStage:
             def f(i: int, q: Tensor, p: Tensor, g: int) -> tuple[Tensor, Tensor]:
+                assert codec is not None
                 st = state_of(i, topo)
                 lws = topo.local_world_size
-                return loco_quantized_reduction(q, p, st.inter, beta, g, g // lws, 4, True, lws)
+                return codec.reduce(q, p, g, g // lws, lws, st.inter, beta)
 
             return f
 
-        fn = "all_to_all_loco_quant_reduce"
         pgs = process_groups_arg(fn, process_groups, groups)
-        out, _ = run(grads, pgs, fn, stage1, stage3, validate, settings=(beta, period), error=error)
+        out, _ = run(
+            grads,
+            pgs,
+            fn,
+            stage1,
+            stage3,
+            validate,
+            codec=codec,
+            grad_format=grad_format,
+            settings=(beta, period),
+            error=error,
+        )
         for st in states.values():
             st.steps += 1
         return out
@@ -180,6 +195,7 @@ def all_to_all_loco_quant_reduce(
     reducer: LocoReducer | None = None,
     validate: Validate = "once",
     groups: Any = UNSET,
+    grad_format: str | None = None,
 ) -> list[Tensor]:
     """LoCo qgZ of ``p.grad`` for each parameter (collective), with error state kept per parameter.
 
@@ -190,10 +206,12 @@ def all_to_all_loco_quant_reduce(
         err_beta, reset_T: see :class:`LocoReducer`; ``None`` takes the reducer's (the default
             reducer's are DeepSpeed's defaults, 0.8 and 1024).
         reducer: the state owner; by default a process-wide one (state keyed weakly per parameter).
-        validate: as for :func:`~qkit.distributed.all_to_all_quant_reduce`.
+        validate, grad_format: as for :func:`~qkit.distributed.all_to_all_quant_reduce`.
 
     Returns:
         As :func:`~qkit.distributed.all_to_all_quant_reduce`: this rank's 1-D slice of each mean.
     """
     pgs = process_groups_arg("all_to_all_loco_quant_reduce", process_groups, groups)
-    return (reducer or _default)(params, pgs, err_beta=err_beta, reset_T=reset_T, validate=validate)
+    return (reducer or _default)(
+        params, pgs, err_beta=err_beta, reset_T=reset_T, validate=validate, grad_format=grad_format
+    )

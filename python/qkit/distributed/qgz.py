@@ -1,4 +1,4 @@
-"""ZeRO++ qgZ: the hierarchical 4-bit quantized gradient reduce-scatter (docs/ops.md §4).
+"""ZeRO++ qgZ: the hierarchical 4-bit (or FP8) quantized gradient reduce-scatter (docs/ops.md §4).
 
 For ``W = N * L`` ranks (``r = n * L + d``) and a gradient ``T`` of ``M`` elements in
 ``G`` groups, every rank:
@@ -9,11 +9,16 @@ For ``W = N * L`` ranks (``r = n * L + d``) and a gradient ``T`` of ``M`` elemen
 3. ``quantized_reduction(·, ·, G, G/L, 4, sym, L)``: fp32 sum of the ``L`` received
    tensors, re-quantized: codes ``[M/(2L)]`` + params ``[G/L, 1]`` laid out ``[N][G/W]``;
 4. ``all_to_all`` across nodes (``global_{d}``);
-5. ``dequantize`` to fp32 ``[N, M/W]``; 6. sum over the ``N`` nodes and divide by ``W``.
+5. ``dequantize`` to fp32 ``[N, M/W]``; 6. sum over the ``N`` nodes in node order (fp32) and
+   divide by ``W``.
 
 Rank ``r`` ends with the ``r``-th contiguous ``1/W`` slice of the flattened mean over
 all ``W`` ranks, in the input's dtype — the slice an averaging ``reduce_scatter`` gives.
 Codes and params of all tensors in a call travel together: two collectives per call.
+
+With ``grad_format="e4m3"``/``"e5m2"`` the codes are FP8 (one byte per element, an absmax fp32
+scale per group) instead: steps 1, 3 and 5 use ``quantize_fp``/``dequantize_fp`` on the same
+groups and layout (:class:`qkit.distributed.codec.Codec`; docs/zeropp.md "FP8 gradients").
 """
 
 from __future__ import annotations
@@ -25,13 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from qkit import ops
 from qkit.distributed import comm
+from qkit.distributed.codec import DEFAULT_GRAD_BITS, Codec, describe_format, resolve_codec, sum_rows
 from qkit.distributed.consistency import Validate, check_validate, ensure_consistent
 from qkit.distributed.fallback import mean_reduce_scatter
 from qkit.distributed.groups import UNSET, Topology, process_groups_arg, require_initialized, topology
 from qkit.distributed.plan import QgzPlan, plan_qgz, warn_fallback
-from qkit.zeropp_ops import quantized_reduction, swizzle_quantize
 
 __all__ = ["all_to_all_quant_reduce", "reduce", "run"]
 
@@ -42,8 +46,9 @@ ReduceStage = Callable[[int, Tensor, Tensor, int], tuple[Tensor, Tensor]]
 
 
 def _as_bytes(codes: Tensor, params: Tensor, peers: int) -> tuple[Tensor, Tensor]:
-    """Codes and params as int8 ``[peers, ·]`` blocks (row ``k`` goes to peer ``k``)."""
-    return codes.reshape(peers, -1), params.contiguous().view(torch.int8).reshape(peers, -1)
+    """Codes (int8, or FP8 read as bytes) and params as int8 ``[peers, ·]`` blocks (row ``k`` goes
+    to peer ``k``)."""
+    return codes.view(torch.int8).reshape(peers, -1), params.contiguous().view(torch.int8).reshape(peers, -1)
 
 
 # deviation: qgz-coalesced (one all_to_all for every tensor's codes and params)
@@ -74,9 +79,10 @@ def reduce(
     topo: Topology,
     stage1: Stage,
     stage3: ReduceStage,
+    codec: Codec,
 ) -> list[Tensor]:
     """The qgZ pipeline for tensors whose plans are quantized (steps 1-6 of the module doc),
-    with the quantizers of steps 1 and 3 supplied (plain or LoCo)."""
+    with the quantizers of steps 1 and 3 supplied (plain or LoCo) and ``codec`` decoding step 5."""
     if not tensors:
         return []
     n_nodes, local, world = topo.nodes, topo.local_world_size, topo.world
@@ -92,9 +98,9 @@ def reduce(
     out = []
     for (codes, raw), t, p in zip(_exchange(second, n_nodes, topo.global_group), tensors, plans, strict=True):
         g = p.groups // local
-        values = ops.dequantize(codes.reshape(-1), _params_of(raw, g), g, 4, True, torch.float32)
+        values = codec.dequantize(codes.reshape(-1), _params_of(raw, g), g, torch.float32)
         # deviation: qgz-mean (DeepSpeed divided by N here, returning L x the mean)
-        out.append(values.view(n_nodes, p.numel // world).sum(dim=0).div_(world).to(t.dtype))
+        out.append(sum_rows(values.view(n_nodes, p.numel // world)).div_(world).to(t.dtype))
     return out
 
 
@@ -110,7 +116,7 @@ def _topology(
             return None
         raise ValueError(
             f"qkit.distributed.{fn}: `process_groups` is empty, but tensors[{needs}] "
-            f"(shape {tuple(tensors[needs].shape)}, {tensors[needs].dtype}) takes the 4-bit path, which needs "
+            f"(shape {tuple(tensors[needs].shape)}, {tensors[needs].dtype}) takes the quantized path, which needs "
             "the hierarchical groups: pass qkit.distributed.hierarchical_groups(...) (only calls whose "
             "tensors all take the fallback "
             "accept process_groups={})"
@@ -140,12 +146,15 @@ def run(
     stage3: Callable[[Topology], ReduceStage],
     validate: Validate,
     *,
+    codec: Codec | None,
+    grad_format: object = None,
     settings: tuple[Any, ...] = (),
     error: Exception | None = None,
 ) -> tuple[list[Tensor], list[QgzPlan]]:
     """Plan every tensor, run the quantized ones through :func:`reduce` and the others through
     the fallback; results in input order. ``stage1``/``stage3`` build the stages, which
-    receive each tensor's index in ``tensors``.
+    receive each tensor's index in ``tensors``; ``codec`` decodes the last hop (``None`` only
+    with an ``error``). ``grad_format`` (as the caller got it) is part of the fingerprint.
 
     Argument errors found here (or passed in ``error`` by the caller) are raised only after the
     cross-rank check, so that a rank with a bad argument never leaves its peers waiting.
@@ -170,6 +179,7 @@ def run(
         "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
         "device types": sorted({t.device.type for t in tensors}),
         "process groups": _describe_groups(process_groups),
+        "grad_format": describe_format(grad_format),
         "settings": settings,
     }
     device = tensors[0].device if tensors else None
@@ -181,7 +191,7 @@ def run(
     out: list[Tensor | None] = [None] * len(tensors)
     with torch.no_grad():
         if main:
-            assert topo is not None  # _topology returned one: a tensor needs it
+            assert topo is not None and codec is not None  # a tensor needs them; no error was found
             s1, s3 = stage1(topo), stage3(topo)
             reduced = reduce(
                 [tensors[i] for i in main],
@@ -189,6 +199,7 @@ def run(
                 topo,
                 lambda j, t, g: s1(main[j], t, g),
                 lambda j, q, p, g: s3(main[j], q, p, g),
+                codec,
             )
             for i, r in zip(main, reduced, strict=True):
                 out[i] = r
@@ -203,8 +214,9 @@ def all_to_all_quant_reduce(
     *,
     validate: Validate = "once",
     groups: Any = UNSET,
+    grad_format: str | None = None,
 ) -> list[Tensor]:
-    """ZeRO++ qgZ: averaging reduce-scatter of gradients at 4 bits on the wire (collective).
+    """ZeRO++ qgZ: averaging reduce-scatter of gradients at 4 bits (or FP8) on the wire (collective).
 
     Args:
         tensors: gradients, float32/float16/bfloat16, on one device (CPU with gloo, CUDA with
@@ -219,6 +231,9 @@ def all_to_all_quant_reduce(
             if not; later calls with a checked signature communicate nothing extra.
             ``True``: check every call. ``False``: no check — **unsafe**, ranks that pass
             different calls can hang or return garbage. See :mod:`qkit.distributed.consistency`.
+        grad_format: ``None`` (default): 4-bit integer codes. ``"e4m3"`` or ``"e5m2"``: FP8
+            codes (one byte per element) with an absmax fp32 scale per group, on the same groups,
+            layout and collectives (docs/zeropp.md, "FP8 gradients"). Part of the checked signature.
 
     Returns:
         One 1-D tensor per input in its dtype: with ``c = ceil(M / W)``, elements
@@ -232,12 +247,26 @@ def all_to_all_quant_reduce(
     Bytes on the wire: :func:`qkit.distributed.wire_bytes` and ``docs/distributed.md``.
     """
 
+    fn = "all_to_all_quant_reduce"
+    codec, error = codec_or_error(fn, grad_format)
+
     def stage1(topo: Topology) -> Stage:
-        return lambda i, t, g: swizzle_quantize(t, g, 4, True, 1, topo.nodes, topo.local_world_size)
+        assert codec is not None
+        return lambda i, t, g: codec.swizzle_quantize(t, g, topo.nodes, topo.local_world_size)
 
     def stage3(topo: Topology) -> ReduceStage:
+        assert codec is not None
         lws = topo.local_world_size
-        return lambda i, q, p, g: quantized_reduction(q, p, g, g // lws, 4, True, lws)
+        return lambda i, q, p, g: codec.reduce(q, p, g, g // lws, lws)
 
-    fn = "all_to_all_quant_reduce"
-    return run(tensors, process_groups_arg(fn, process_groups, groups), fn, stage1, stage3, validate)[0]
+    pgs = process_groups_arg(fn, process_groups, groups)
+    return run(tensors, pgs, fn, stage1, stage3, validate, codec=codec, grad_format=grad_format, error=error)[0]
+
+
+def codec_or_error(fn: str, grad_format: object) -> tuple[Codec | None, Exception | None]:
+    """qgZ's codec (4-bit integer codes, or FP8 of ``grad_format``), or the argument error, which
+    :func:`run` raises after the cross-rank check."""
+    try:
+        return resolve_codec(fn, DEFAULT_GRAD_BITS if grad_format is not None else 4, grad_format), None
+    except ValueError as exc:
+        return None, exc
