@@ -234,8 +234,20 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
   out_sizes.back() /= devices;
   auto [codes, params_out] = new_outputs(codes_in, out_sizes, out_groups, symmetric);
 
-  // S = sum_j dequant_j (+ e), in fp32; then the core quantizer on S.
   const ReductionJob rjob{values, devices, in_groups, static_cast<int>(bits), symmetric};
+  const auto* cv = static_cast<const int8_t*>(codes_in.const_data_ptr());
+  const auto* pv = static_cast<const float*>(params_in.const_data_ptr());
+#if !defined(QKIT_EMULATED_CUDA)
+  // On CPU without LoCo, the sum and its quantization fused tile by tile (no fp32
+  // buffer, one pass over memory), where the kernel takes the output group size.
+  if (!error.has_value() && !codes_in.is_cuda() &&
+      cpu::quantized_reduction(rjob, out_groups, cv, pv, static_cast<int8_t*>(codes.mutable_data_ptr()),
+                               static_cast<float*>(params_out.mutable_data_ptr()))) {
+    return std::make_tuple(codes, params_out);
+  }
+#endif
+
+  // S = sum_j dequant_j (+ e), in fp32; then the core quantizer on S.
   Tensor sum = empty_on(codes_in, {values}, ScalarType::Float);
   std::optional<Tensor> e_in;
   DType edt = DType::Float32;
@@ -246,8 +258,6 @@ std::tuple<Tensor, Tensor> reduction_common(const Tensor& q, const Tensor& param
     edt = float_dtype(*error, op, "error_feedback");
   }
   const void* ev = e_in.has_value() ? e_in->const_data_ptr() : nullptr;
-  const auto* cv = static_cast<const int8_t*>(codes_in.const_data_ptr());
-  const auto* pv = static_cast<const float*>(params_in.const_data_ptr());
   auto* sv = static_cast<float*>(sum.mutable_data_ptr());
   on_device(
       codes_in, op, [&] { cpu::dequantize_sum(rjob, cv, pv, edt, ev, sv); },

@@ -118,3 +118,35 @@ def run_with_isa(isa: str, script: str, timeout_s: float) -> str:
 @pytest.mark.parametrize("isa", sorted(ISAS))
 def test_forced_isa_matches_reference(isa: str) -> None:
     assert run_with_isa(isa, SCRIPT, 300).strip().endswith("ok")
+
+
+# The fused quantized reduction (kernels/cpu/zeropp_cpu_impl.h): output groups of 64
+# (several tiles per task, a short last tile), of 5000 (one group per tile) and odd ones,
+# codes and params from the quantizer per tensor, L = 8 and 2.
+REDUCTION_SCRIPT = r"""
+import torch
+from reference import codes_of_storage, ref_finite_mask, ref_quantize, ref_quantized_reduction, ref_reduction_sum
+from helpers import assert_same
+gen = torch.Generator().manual_seed(1)
+for devices, per_tensor, in_size, out_groups in ((8, 200, 96, 300), (2, 2, 5000, 2), (2, 3, 1001, 3)):
+    values = per_tensor * in_size
+    for sym in (True, False):
+        for bits in (4, 8):
+            if bits == 4 and values % 2:
+                continue
+            parts = [ref_quantize(torch.randn(values, generator=gen) * (j + 1), per_tensor, bits, sym)
+                     for j in range(devices)]
+            q, p = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+            args = (devices * per_tensor, out_groups, bits, sym, devices)
+            got_q, got_p = torch.ops.qkit.quantized_reduction(q, p, *args)
+            want_q, want_p = ref_quantized_reduction(q, p, *args)
+            assert_same(got_p, want_p, "params")
+            finite = ref_finite_mask(ref_reduction_sum(q, p, devices * per_tensor, bits, sym, devices), out_groups)
+            assert_same(codes_of_storage(got_q, bits)[finite], codes_of_storage(want_q, bits)[finite], "codes")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", sorted(ISAS))
+def test_forced_isa_quantized_reduction(isa: str) -> None:
+    assert run_with_isa(isa, REDUCTION_SCRIPT, 300).strip().endswith("ok")

@@ -371,6 +371,33 @@ def test_reduction_large_groups(device, symmetric, bits):
     check_loco_reduction(q, params, e, 0.5, 4, 2, bits, symmetric, 2, device)
 
 
+# (L, groups per tensor, in-group size, out_groups) sized for the CPU's fused reduction
+# (kernels/cpu/zeropp_cpu_impl.h), which sums and quantizes tiles of whole output groups
+# of about 4096 values: several tiles per task with a short last tile, in groups whose
+# pieces cross the 1024-value sub-tiles, one group per tile (5000 and 14000 values),
+# L = 8 (qgZ), and odd output groups (unfused for 4 bits).
+FUSED_REDUCTION_CASES = [
+    (8, 200, 96, 300),  # out groups of 64: tiles of 64 groups, tasks of 256, last tile 44
+    (2, 75, 400, 600),  # out groups of 50 straddle in groups of 400
+    (2, 2, 5000, 2),  # out groups of 5000 > one tile
+    (3, 4, 7000, 2),  # out groups of 14000 = 2 in groups
+    (8, 4, 1024, 4096),  # out groups of 1 value
+    (2, 9, 1001, 3),  # out groups of 3003 (odd)
+]
+
+
+@SYM
+@BITS
+@pytest.mark.parametrize("kind", ["quantized", "arbitrary"])
+@pytest.mark.parametrize(("devices", "per_tensor", "in_size", "out_groups"), FUSED_REDUCTION_CASES, ids=str)
+def test_reduction_fused_tiles(device, symmetric, bits, kind, devices, per_tensor, in_size, out_groups):
+    values = per_tensor * in_size
+    if bits == 4 and values % 2:
+        pytest.skip("4-bit codes of L tensors of an odd value count do not split into whole bytes")
+    q, params = make_tensors(devices, per_tensor, values, bits, symmetric, kind, seed=per_tensor + in_size)
+    check_reduction(q, params, devices * per_tensor, out_groups, bits, symmetric, devices, device)
+
+
 @SYM
 @BITS
 @pytest.mark.parametrize(("shape", "devices"), [((0,), 1), ((0,), 2), ((3, 0), 2)], ids=str)

@@ -80,6 +80,13 @@ void dequantize_sum(const ReductionJob& job, const int8_t* codes, const float* p
 // out[g*group_size + j] (float16) = code / scale[g] + minv[g] for unsigned codes.
 void dequantize_unsigned(const int8_t* data, DType param_dtype, const void* scale, const void* minv, int64_t groups,
                          int64_t group_size, int bits, half_t* out);
+// quantize(dequantize_sum(job, codes, params), out_groups groups, job.bits) into
+// codes_out/params_out, fused: tiles of whole output groups summed into a small fp32
+// buffer and quantized from it, the same bits as the two steps. Returns false, having
+// written nothing, when the output groups do not suit it (empty, larger than one
+// quantizer sweep, or an odd size with int4 codes); the caller then takes the two steps.
+bool quantized_reduction(const ReductionJob& job, int64_t out_groups, const int8_t* codes, const float* params,
+                         int8_t* codes_out, float* params_out);
 
 }  // namespace cpu
 

@@ -17,6 +17,8 @@ namespace qkit::cpu {
   void fake_quantize_fp(const FpJob& job, const void* in, void* out);                       \
   void quantize_fp(const FpJob& job, const void* in, uint8_t* codes, uint8_t* scales);      \
   void dequantize_fp(const FpJob& job, const uint8_t* codes, const uint8_t* scales, void* out); \
+  bool quantized_reduction(const ReductionJob& job, int64_t out_groups, const int8_t* codes, const float* params, \
+                           int8_t* codes_out, float* params_out);                                               \
   }
 QKIT_DECLARE_ISA(generic)
 #if defined(__x86_64__)
@@ -90,6 +92,12 @@ void quantize_fp(const FpJob& job, const void* in, uint8_t* codes, uint8_t* scal
 
 void dequantize_fp(const FpJob& job, const uint8_t* codes, const uint8_t* scales, void* out) {
   QKIT_DISPATCH(dequantize_fp(job, codes, scales, out))
+}
+
+bool quantized_reduction(const ReductionJob& job, int64_t out_groups, const int8_t* codes, const float* params,
+                         int8_t* codes_out, float* params_out) {
+  QKIT_DISPATCH(quantized_reduction(job, out_groups, codes, params, codes_out, params_out))
+  return false;  // not reached: every ISA returns above
 }
 
 }  // namespace qkit::cpu

@@ -6,4 +6,5 @@
 #define QKIT_CPU_VEC_BYTES 32
 #include "quantize_cpu_impl.h"
 #include "fp_cpu_impl.h"
+#include "zeropp_cpu_impl.h"
 #endif

@@ -2,3 +2,4 @@
 #define QKIT_CPU_ISA_NS generic
 #include "quantize_cpu_impl.h"
 #include "fp_cpu_impl.h"
+#include "zeropp_cpu_impl.h"

@@ -468,13 +468,46 @@ void block_params(const float* v, int64_t size, int64_t count, int bits, bool sy
   }
 }
 
+// The nearest codes of one group of `size` values, size a multiple of kVecLanes, one
+// register at a time: nearest_code_byte's operations, lane for lane, leaving the
+// rounding sum's bits in q (the code is their low byte; pack_pairs_wide packs it).
+// Inlined into the block loop, so short groups (64 values: four AVX-512 registers) pay
+// no call and no loop set-up each, which int_codes_of's general loop costs them.
+template <bool kByStep>
+inline void group_codes_nearest(const float* x, int64_t size, const QuantParams p, float qmin, float qmax,
+                                int32_t* q) {
+  const Vec offset = splat(p.offset), factor = splat(kByStep ? p.step : p.scale);
+  const Vec lo = splat(qmin), hi = splat(qmax), magic = splat(kRoundingMagic);
+  for (int64_t i = 0; i < size; i += kVecLanes) {
+    const Vec shifted = load_vec(x + i) - offset;
+    Vec u = kByStep ? shifted / factor : shifted * factor;  // code_units
+    u = u > lo ? u : lo;                                    // clamp_code
+    u = u < hi ? u : hi;
+    const IntVec bits = (IntVec)(u + magic);
+    std::memcpy(q + i, &bits, sizeof bits);
+  }
+}
+
+// pack_pairs of group_codes_nearest's output (n even): pack_nibbles keeps the low four
+// bits of each, which are the code's. One loop per block, which the compiler
+// vectorises (narrowing each register on its own, it does not).
+void pack_pairs_wide(const int32_t* bits, int64_t n, int8_t* q) {
+  for (int64_t j = 0; j < n / 2; ++j) q[j] = pack_nibbles(bits[2 * j], bits[2 * j + 1]);
+}
+
 template <typename T, Sink kSink>
 void quantize_group_blocks(const QuantJob& job, const T* in, void* out, float* params_out) {
   const int64_t size = job.numel / job.groups;
   const int64_t per_block = kTile / size;
+  // Int4 codes of nearest rounding in groups of whole registers take group_codes_nearest.
+  // (For int8 it measured slower than int_codes_of's direct stores: 0.24 vs 0.22 ns per
+  // fp16 element at group 64, cache-resident, AVX-512.)
+  const bool vector_groups = kSink == Sink::Int4 && job.seed == nullptr && size % kVecLanes == 0;
+  const float qmin = code_min(job.bits), qmax = code_max(job.bits);
   parallel_for(0, job.groups, max_of(per_block, kChunk / size), [&](int64_t gb, int64_t ge) {
     float buf[kTile], values[kTile];
     int8_t codes[kTile];
+    int32_t wide[kTile];  // group_codes_nearest's output
     BlockParams bp;
     for (int64_t g0 = gb; g0 < ge; g0 += per_block) {
       const int64_t count = min_of(per_block, ge - g0), begin = g0 * size, n = count * size;
@@ -495,13 +528,25 @@ void quantize_group_blocks(const QuantJob& job, const T* in, void* out, float* p
         maybe_store_params(params_out, g0 + k, p, job.symmetric);
         if constexpr (kSink == Sink::Fake) {
           fake_values_of(v + k * size, size, begin + k * size, p, job, y + k * size);
+        } else if (vector_groups) {
+          if (divides_by_step(p)) {
+            group_codes_nearest<true>(v + k * size, size, p, qmin, qmax, wide + k * size);
+          } else {
+            group_codes_nearest<false>(v + k * size, size, p, qmin, qmax, wide + k * size);
+          }
         } else {
           int_codes_of(v + k * size, size, begin + k * size, p, job, q + k * size);
         }
       }
       if constexpr (kSink == Sink::Fake && !std::is_same_v<T, float>) store(values, n, static_cast<T*>(out) + begin);
       // Even group size here, so an int4 block starts and ends on a byte.
-      if constexpr (kSink == Sink::Int4) pack_pairs(codes, n, static_cast<int8_t*>(out) + begin / 2);
+      if constexpr (kSink == Sink::Int4) {
+        if (vector_groups) {
+          pack_pairs_wide(wide, n, static_cast<int8_t*>(out) + begin / 2);
+        } else {
+          pack_pairs(codes, n, static_cast<int8_t*>(out) + begin / 2);
+        }
+      }
     }
   });
 }
