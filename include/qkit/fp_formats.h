@@ -132,6 +132,22 @@ QKIT_HD uint32_t fp_encode_stochastic(float v, float u, const FpSpec& s) {
   return fp_code_of(r, fp_is_negative(v), fp_is_nan(v), s);
 }
 
+// The value fp_decode(fp_encode(v, s), s) has, without going through the code (what
+// fake quantization multiplies by the group's dec): the rounded magnitude r (which
+// fp_code_of / fp_decode round-trip exactly, r <= max never hitting a NaN or Inf
+// code) or, for an NaN v in a format with NaN codes, the quiet NaN fp_decode returns;
+// with v's sign bit, as fp_decode's `negative ? -a : a` sets it (-0 and -NaN included).
+QKIT_HD float fp_value_of(float r, float v, const FpSpec& s) {
+  const float a = (fp_is_nan(v) & s.has_nan) ? bits_float(0x7FC00000u) : r;
+  return bits_float(float_bits(a) | (float_bits(v) & 0x80000000u));
+}
+QKIT_HD float fp_quantized(float v, const FpSpec& s) {
+  return fp_value_of(fp_round_nearest(fp_saturated_abs(v, s), s), v, s);
+}
+QKIT_HD float fp_quantized_stochastic(float v, float u, const FpSpec& s) {
+  return fp_value_of(fp_round_stochastic(fp_saturated_abs(v, s), u, s), v, s);
+}
+
 // The value of a code (all codes valid: E4M3 S.1111.111 and E5M2 S.11111.xx with
 // xx != 0 are NaN, E5M2 S.11111.00 is +-Inf).
 QKIT_HD float fp_decode(uint32_t code, const FpSpec& s) {
