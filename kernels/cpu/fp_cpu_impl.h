@@ -24,10 +24,14 @@ namespace {
 // The element loops call qkit/fp_formats.h's functions for every element: inlined
 // wholesale, whatever GCC's growth limits say (with dozens of instantiations per
 // translation unit, it stopped inlining fp_encode: a call per element, 200x slower).
+// The element loops of a constant 16 elements (nvfp4) must stay loops: fully unrolled
+// first (as GCC does up to 16 iterations), they ran as 16 scalar copies.
 #if defined(__GNUC__)
 #define QKIT_FP_FLATTEN __attribute__((flatten)) inline
+#define QKIT_FP_KEEP_LOOP _Pragma("GCC unroll 1")
 #else
 #define QKIT_FP_FLATTEN inline
+#define QKIT_FP_KEEP_LOOP
 #endif
 
 // ISA-local element types for the scratch vectors (see quantize_cpu_impl.h).
@@ -129,6 +133,29 @@ QKIT_FP_FLATTEN FpGroup fp_group_of(FpScaling scaling, const FpStats& st, float 
   return grp;
 }
 
+// The scalings of `count` groups from their statistics, one loop over the groups (so
+// that nvfp4's, two divisions and an E4M3 rounding each, vectorise).
+template <FpFormat F, FpScaling S>
+QKIT_FP_FLATTEN void fp_groups_into(const FpStats* __restrict__ st, int64_t count, float tensor_scale,
+                                    FpGroup* __restrict__ grp) {
+  constexpr FpSpec spec = fp_spec(F);
+  for (int64_t k = 0; k < count; ++k) {
+    grp[k] = S == FpScaling::Absmax ? fp_absmax_group(st[k], spec)
+             : S == FpScaling::Mx   ? fp_mx_group(st[k], spec)
+                                    : fp_nvfp4_group(st[k], tensor_scale);
+  }
+}
+
+// The stored scales of groups g0 + [0, count).
+inline void fp_store_scales(FpScaling scaling, const FpGroup* grp, int64_t count, int64_t g0, uint8_t* scales) {
+  if (scaling == FpScaling::Absmax) {
+    for (int64_t k = 0; k < count; ++k) std::memcpy(scales + 4 * (g0 + k), &grp[k].dec, sizeof(float));
+  } else {
+    uint8_t* dst = scales + (scaling == FpScaling::Nvfp4 ? 4 : 0) + g0;
+    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<uint8_t>(grp[k].byte);
+  }
+}
+
 // The elements of one group piece v[0, n) (kSize, when not 0, is n as a constant):
 // fake-quantized values into y, or codes into c; u: the piece's uniforms, or null.
 template <FpFormat F, bool kDivide, int kSize>
@@ -139,8 +166,10 @@ QKIT_FP_FLATTEN void fp_fake_piece(const float* __restrict__ v, int64_t n, const
   const FpGroup g{enc, dec, 0u};
   if (kSize != 0) n = kSize;
   if (u == nullptr) {
+    QKIT_FP_KEEP_LOOP
     for (int64_t i = 0; i < n; ++i) y[i] = fp_quantized(fp_scaled<kDivide>(v[i], g), spec) * dec;
   } else {
+    QKIT_FP_KEEP_LOOP
     for (int64_t i = 0; i < n; ++i) y[i] = fp_quantized_stochastic(fp_scaled<kDivide>(v[i], g), u[i], spec) * dec;
   }
 }
@@ -151,8 +180,10 @@ QKIT_FP_FLATTEN void fp_codes_piece(const float* __restrict__ v, int64_t n, cons
   const FpGroup g{grp.enc, grp.dec, 0u};
   if (kSize != 0) n = kSize;
   if (u == nullptr) {
+    QKIT_FP_KEEP_LOOP
     for (int64_t i = 0; i < n; ++i) c[i] = static_cast<uint8_t>(fp_encode(fp_scaled<kDivide>(v[i], g), spec));
   } else {
+    QKIT_FP_KEEP_LOOP
     for (int64_t i = 0; i < n; ++i) {
       c[i] = static_cast<uint8_t>(fp_encode_stochastic(fp_scaled<kDivide>(v[i], g), u[i], spec));
     }
@@ -199,21 +230,29 @@ inline void fp_emit(const float* y, const uint8_t* c, int64_t t, int64_t n, void
 template <typename T, FpFormat F, bool kFake, int kSize>
 void fp_small_groups(const FpJob& job, const T* in, void* out, uint8_t* scales, float tensor_scale) {
   const int64_t size = kSize != 0 ? kSize : job.numel / job.groups;
-  const int64_t per_tile = (kTile / size) & ~int64_t{3};
+  const int64_t per_tile = min_of((kTile / size) & ~int64_t{3}, kTile / 4);
   const int64_t quads = (job.groups + 3) / 4;
   const bool divide = job.scaling == FpScaling::Absmax;
   parallel_for(0, quads, max_of(1, kChunk / (4 * size)), [&](int64_t qb, int64_t qe) {
     float buf[kTile], y[kTile], ubuf[kUniformBuf];
     uint8_t c[kTile];
+    FpStats st[kTile / 4];
+    FpGroup grp[kTile / 4];
     const int64_t g_end = min_of(4 * qe, job.groups);
     for (int64_t g0 = 4 * qb; g0 < g_end; g0 += per_tile) {
       const int64_t count = min_of(per_tile, g_end - g0), t = g0 * size, n = count * size;
       const float* v = as_float(in + t, n, buf);
       const float* u = job.seed != nullptr ? uniforms_for(static_cast<uint64_t>(*job.seed), t, n, ubuf) : nullptr;
+      for (int64_t k = 0; k < count; ++k) st[k] = fp_stats_of_floats(v + k * size, size);
+      switch (job.scaling) {
+        case FpScaling::Absmax: fp_groups_into<F, FpScaling::Absmax>(st, count, tensor_scale, grp); break;
+        case FpScaling::Mx: fp_groups_into<F, FpScaling::Mx>(st, count, tensor_scale, grp); break;
+        default: fp_groups_into<F, FpScaling::Nvfp4>(st, count, tensor_scale, grp); break;
+      }
+      if (scales != nullptr) fp_store_scales(job.scaling, grp, count, g0, scales);
       for (int64_t k = 0; k < count; ++k) {
         const int64_t o = k * size;
-        const FpGroup grp = fp_group_of<F>(job.scaling, fp_stats_of_floats(v + o, size), tensor_scale, g0 + k, scales);
-        fp_piece<F, kFake, kSize>(v + o, size, grp, divide, u != nullptr ? u + o : nullptr, y + o, c + o);
+        fp_piece<F, kFake, kSize>(v + o, size, grp[k], divide, u != nullptr ? u + o : nullptr, y + o, c + o);
       }
       fp_emit<T, F, kFake>(y, c, t, n, out);
     }
