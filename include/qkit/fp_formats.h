@@ -279,11 +279,12 @@ QKIT_HD int64_t fp_code_bytes(int64_t n, FpFormat f) {
 // Elements per packing unit (the smallest run that fills whole bytes).
 QKIT_HD constexpr int fp_unit(FpFormat f) { return fp_bits(f) == 8 ? 1 : fp_bits(f) == 4 ? 2 : 4; }
 
-// Packs one unit of codes c[0, unit) into its bytes at b.
-QKIT_HD void fp_pack_unit(const uint8_t* c, uint8_t* b, FpFormat f) {
+// Packs one unit of codes c[0, unit) (uint8_t or uint32_t) into its bytes at b.
+template <typename Code>
+QKIT_HD void fp_pack_unit(const Code* c, uint8_t* b, FpFormat f) {
   const int bits = fp_bits(f);
   if (bits == 8) {
-    b[0] = c[0];
+    b[0] = static_cast<uint8_t>(c[0]);
   } else if (bits == 4) {
     b[0] = static_cast<uint8_t>(((c[0] & 0xFu) << 4) | (c[1] & 0xFu));
   } else {
