@@ -21,16 +21,20 @@ QKIT_CPU_TARGET_PRAGMA
 namespace qkit::cpu::QKIT_CPU_ISA_NS {
 namespace {
 
-// The element loops call qkit/fp_formats.h's functions for every element: inlined
-// wholesale, whatever GCC's growth limits say (with dozens of instantiations per
-// translation unit, it stopped inlining fp_encode: a call per element, 200x slower).
-// The element loops of a constant 16 elements (nvfp4) must stay loops: fully unrolled
-// first (as GCC does up to 16 iterations), they ran as 16 scalar copies.
+// The element loops (fp_formats.h's functions are always inlined into them) live in a few
+// functions that do not depend on the tensor's dtype, called, not inlined, per group piece
+// (noinline): inlined into every dtype's walk, they made this translation unit so large
+// that GCC stopped inlining elsewhere, the integer kernels' helpers next door included
+// ("inline-unit-growth limit reached": int8 fake_quantize ran 6x slower).
+// Their loops of a constant 16 elements (nvfp4) must stay loops: fully unrolled first
+// (as GCC does up to 16 iterations), they ran as 16 scalar copies.
 #if defined(__GNUC__)
-#define QKIT_FP_FLATTEN __attribute__((flatten)) inline
+#define QKIT_FP_PIECE __attribute__((noinline))
+#define QKIT_FP_ALWAYS_INLINE inline __attribute__((always_inline))
 #define QKIT_FP_KEEP_LOOP _Pragma("GCC unroll 1")
 #else
-#define QKIT_FP_FLATTEN inline
+#define QKIT_FP_PIECE
+#define QKIT_FP_ALWAYS_INLINE inline
 #define QKIT_FP_KEEP_LOOP
 #endif
 
@@ -44,7 +48,7 @@ struct FpGroupSlot {
 
 // Statistics of x[0, n): integer maxima of |x|'s bit pattern, kept as SIMD registers
 // (GCC would not vectorise the two scalar reductions: the pass that took most of the time).
-inline FpStats fp_stats_of_floats(const float* x, int64_t n) {
+QKIT_FP_ALWAYS_INLINE FpStats fp_stats_of_floats(const float* x, int64_t n) {
   IntVec top0{}, top1{}, fin0{}, fin1{};
   const IntVec zero{};
   int64_t i = 0;
@@ -65,13 +69,32 @@ inline FpStats fp_stats_of_floats(const float* x, int64_t n) {
   return st;
 }
 
+// The tile's fp32 values, uniforms and results through these few out-of-line calls, so
+// the walks below (one per dtype, format and scaling) stay small (see QKIT_FP_PIECE).
 template <typename T>
-FpStats fp_stats_of(const T* x, int64_t n) {
+QKIT_FP_PIECE const float* fp_load(const T* x, int64_t n, float* buf) {
+  return as_float(x, n, buf);
+}
+template <typename T>
+QKIT_FP_PIECE void fp_store(const float* y, int64_t n, T* out) {
+  store(y, n, out);
+}
+QKIT_FP_PIECE const float* fp_uniforms(const FpJob& job, int64_t first, int64_t n, float (&buf)[kUniformBuf]) {
+  return job.seed != nullptr ? uniforms_for(static_cast<uint64_t>(*job.seed), first, n, buf) : nullptr;
+}
+
+// Statistics of `count` groups of `size` elements at v.
+QKIT_FP_PIECE void fp_tile_stats(const float* v, int64_t count, int64_t size, FpStats* st) {
+  for (int64_t k = 0; k < count; ++k) st[k] = fp_stats_of_floats(v + k * size, size);
+}
+
+template <typename T>
+QKIT_FP_PIECE FpStats fp_stats_of(const T* x, int64_t n) {
   FpStats st = fp_empty_stats();
   float buf[kTile];
   for (int64_t b = 0; b < n; b += kTile) {
     const int64_t m = min_of(kTile, n - b);
-    st = fp_merge(st, fp_stats_of_floats(as_float(x + b, m, buf), m));
+    st = fp_merge(st, fp_stats_of_floats(fp_load(x + b, m, buf), m));
   }
   return st;
 }
@@ -112,31 +135,10 @@ std::vector<FpStatsSlot> fp_group_stats(const FpJob& job, const T* in) {
   return stats;
 }
 
-// One group's scaling, written to `scales` as storage keeps it when not null (nvfp4's
-// per-tensor scale is written by the caller).
-template <FpFormat F>
-QKIT_FP_FLATTEN FpGroup fp_group_of(FpScaling scaling, const FpStats& st, float tensor_scale, int64_t g, uint8_t* scales) {
-  constexpr FpSpec spec = fp_spec(F);
-  FpGroup grp;
-  switch (scaling) {
-    case FpScaling::Absmax: grp = fp_absmax_group(st, spec); break;
-    case FpScaling::Mx: grp = fp_mx_group(st, spec); break;
-    default: grp = fp_nvfp4_group(st, tensor_scale); break;
-  }
-  if (scales != nullptr) {
-    if (scaling == FpScaling::Absmax) {
-      std::memcpy(scales + 4 * g, &grp.dec, sizeof(float));
-    } else {
-      scales[(scaling == FpScaling::Nvfp4 ? 4 : 0) + g] = static_cast<uint8_t>(grp.byte);
-    }
-  }
-  return grp;
-}
-
 // The scalings of `count` groups from their statistics, one loop over the groups (so
 // that nvfp4's, two divisions and an E4M3 rounding each, vectorise).
 template <FpFormat F, FpScaling S>
-QKIT_FP_FLATTEN void fp_groups_into(const FpStats* __restrict__ st, int64_t count, float tensor_scale,
+QKIT_FP_PIECE void fp_groups_into(const FpStats* __restrict__ st, int64_t count, float tensor_scale,
                                     FpGroup* __restrict__ grp) {
   constexpr FpSpec spec = fp_spec(F);
   for (int64_t k = 0; k < count; ++k) {
@@ -146,64 +148,43 @@ QKIT_FP_FLATTEN void fp_groups_into(const FpStats* __restrict__ st, int64_t coun
   }
 }
 
-// The stored scales of groups g0 + [0, count).
-inline void fp_store_scales(FpScaling scaling, const FpGroup* grp, int64_t count, int64_t g0, uint8_t* scales) {
-  if (scaling == FpScaling::Absmax) {
+// The stored scales of groups g0 + [0, count) (nvfp4's per-tensor scale: the caller's).
+template <FpScaling S>
+inline void fp_store_scales(const FpGroup* grp, int64_t count, int64_t g0, uint8_t* scales) {
+  if (S == FpScaling::Absmax) {
     for (int64_t k = 0; k < count; ++k) std::memcpy(scales + 4 * (g0 + k), &grp[k].dec, sizeof(float));
   } else {
-    uint8_t* dst = scales + (scaling == FpScaling::Nvfp4 ? 4 : 0) + g0;
+    uint8_t* dst = scales + (S == FpScaling::Nvfp4 ? 4 : 0) + g0;
     for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<uint8_t>(grp[k].byte);
   }
 }
 
 // The elements of one group piece v[0, n) (kSize, when not 0, is n as a constant):
-// fake-quantized values into y, or codes into c; u: the piece's uniforms, or null.
-template <FpFormat F, bool kDivide, int kSize>
-QKIT_FP_FLATTEN void fp_fake_piece(const float* __restrict__ v, int64_t n, const FpGroup grp, const float* __restrict__ u,
-                          float* __restrict__ y) {
+// fake-quantized values into y (kFake), or codes into c; u: the piece's uniforms, or
+// null. absmax divides by the group's step, mx and nvfp4 multiply (fp_scaled).
+template <FpFormat F, FpScaling S, bool kFake, int kSize>
+QKIT_FP_PIECE void fp_piece(const float* __restrict__ v, int64_t n, const FpGroup grp, const float* __restrict__ u,
+                              float* __restrict__ y, uint32_t* __restrict__ c) {
   constexpr FpSpec spec = fp_spec(F);
-  const float enc = grp.enc, dec = grp.dec;
-  const FpGroup g{enc, dec, 0u};
-  if (kSize != 0) n = kSize;
-  if (u == nullptr) {
-    QKIT_FP_KEEP_LOOP
-    for (int64_t i = 0; i < n; ++i) y[i] = fp_quantized(fp_scaled<kDivide>(v[i], g), spec) * dec;
-  } else {
-    QKIT_FP_KEEP_LOOP
-    for (int64_t i = 0; i < n; ++i) y[i] = fp_quantized_stochastic(fp_scaled<kDivide>(v[i], g), u[i], spec) * dec;
-  }
-}
-template <FpFormat F, bool kDivide, int kSize>
-QKIT_FP_FLATTEN void fp_codes_piece(const float* __restrict__ v, int64_t n, const FpGroup grp, const float* __restrict__ u,
-                                    uint32_t* __restrict__ c) {
-  constexpr FpSpec spec = fp_spec(F);
+  constexpr bool kDivide = S == FpScaling::Absmax;
   const FpGroup g{grp.enc, grp.dec, 0u};
+  const float dec = grp.dec;
   if (kSize != 0) n = kSize;
-  if (u == nullptr) {
-    QKIT_FP_KEEP_LOOP
-    for (int64_t i = 0; i < n; ++i) c[i] = fp_encode(fp_scaled<kDivide>(v[i], g), spec);
-  } else {
-    QKIT_FP_KEEP_LOOP
-    for (int64_t i = 0; i < n; ++i) {
-      c[i] = fp_encode_stochastic(fp_scaled<kDivide>(v[i], g), u[i], spec);
-    }
-  }
-}
-
-// The elements of a piece of one group, either way (kFake: values into y, else codes into c).
-template <FpFormat F, bool kFake, int kSize>
-inline void fp_piece(const float* v, int64_t n, const FpGroup& grp, bool divide, const float* u, float* y, uint32_t* c) {
   if constexpr (kFake) {
-    if (divide) {
-      fp_fake_piece<F, true, kSize>(v, n, grp, u, y);
+    if (u == nullptr) {
+      QKIT_FP_KEEP_LOOP
+      for (int64_t i = 0; i < n; ++i) y[i] = fp_quantized(fp_scaled<kDivide>(v[i], g), spec) * dec;
     } else {
-      fp_fake_piece<F, false, kSize>(v, n, grp, u, y);
+      QKIT_FP_KEEP_LOOP
+      for (int64_t i = 0; i < n; ++i) y[i] = fp_quantized_stochastic(fp_scaled<kDivide>(v[i], g), u[i], spec) * dec;
     }
   } else {
-    if (divide) {
-      fp_codes_piece<F, true, kSize>(v, n, grp, u, c);
+    if (u == nullptr) {
+      QKIT_FP_KEEP_LOOP
+      for (int64_t i = 0; i < n; ++i) c[i] = fp_encode(fp_scaled<kDivide>(v[i], g), spec);
     } else {
-      fp_codes_piece<F, false, kSize>(v, n, grp, u, c);
+      QKIT_FP_KEEP_LOOP
+      for (int64_t i = 0; i < n; ++i) c[i] = fp_encode_stochastic(fp_scaled<kDivide>(v[i], g), u[i], spec);
     }
   }
 }
@@ -211,9 +192,9 @@ inline void fp_piece(const float* v, int64_t n, const FpGroup& grp, bool divide,
 // Writes the tile's results for elements [t, t + n): values (kFake) or packed codes
 // (t and n multiples of the packing unit).
 template <typename T, FpFormat F, bool kFake>
-inline void fp_emit(const float* y, const uint32_t* __restrict__ c, int64_t t, int64_t n, void* out) {
+QKIT_FP_PIECE void fp_emit(const float* y, const uint32_t* __restrict__ c, int64_t t, int64_t n, void* out) {
   if constexpr (kFake) {
-    store(y, n, static_cast<T*>(out) + t);
+    fp_store(y, n, static_cast<T*>(out) + t);
   } else {
     constexpr int64_t unit = fp_unit(F);
     uint8_t* __restrict__ dst = static_cast<uint8_t*>(out) + fp_code_bytes(t, F);
@@ -227,12 +208,11 @@ inline void fp_emit(const float* y, const uint32_t* __restrict__ c, int64_t t, i
 
 // Groups of at most kTile / 4 elements: tiles of whole groups, a multiple of four groups
 // each (so every tile packs into whole bytes), statistics, scales and elements together.
-template <typename T, FpFormat F, bool kFake, int kSize>
+template <typename T, FpFormat F, bool kFake, FpScaling S, int kSize>
 void fp_small_groups(const FpJob& job, const T* in, void* out, uint8_t* scales, float tensor_scale) {
   const int64_t size = kSize != 0 ? kSize : job.numel / job.groups;
   const int64_t per_tile = min_of((kTile / size) & ~int64_t{3}, kTile / 4);
   const int64_t quads = (job.groups + 3) / 4;
-  const bool divide = job.scaling == FpScaling::Absmax;
   parallel_for(0, quads, max_of(1, kChunk / (4 * size)), [&](int64_t qb, int64_t qe) {
     float buf[kTile], y[kTile], ubuf[kUniformBuf];
     uint32_t c[kTile];  // codes: one 32-bit lane per float lane
@@ -241,67 +221,69 @@ void fp_small_groups(const FpJob& job, const T* in, void* out, uint8_t* scales, 
     const int64_t g_end = min_of(4 * qe, job.groups);
     for (int64_t g0 = 4 * qb; g0 < g_end; g0 += per_tile) {
       const int64_t count = min_of(per_tile, g_end - g0), t = g0 * size, n = count * size;
-      const float* v = as_float(in + t, n, buf);
-      const float* u = job.seed != nullptr ? uniforms_for(static_cast<uint64_t>(*job.seed), t, n, ubuf) : nullptr;
-      for (int64_t k = 0; k < count; ++k) st[k] = fp_stats_of_floats(v + k * size, size);
-      switch (job.scaling) {
-        case FpScaling::Absmax: fp_groups_into<F, FpScaling::Absmax>(st, count, tensor_scale, grp); break;
-        case FpScaling::Mx: fp_groups_into<F, FpScaling::Mx>(st, count, tensor_scale, grp); break;
-        default: fp_groups_into<F, FpScaling::Nvfp4>(st, count, tensor_scale, grp); break;
-      }
-      if (scales != nullptr) fp_store_scales(job.scaling, grp, count, g0, scales);
+      const float* v = fp_load(in + t, n, buf);
+      const float* u = fp_uniforms(job, t, n, ubuf);
+      fp_tile_stats(v, count, size, st);
+      fp_groups_into<F, S>(st, count, tensor_scale, grp);
+      if (scales != nullptr) fp_store_scales<S>(grp, count, g0, scales);
       for (int64_t k = 0; k < count; ++k) {
         const int64_t o = k * size;
-        fp_piece<F, kFake, kSize>(v + o, size, grp[k], divide, u != nullptr ? u + o : nullptr, y + o, c + o);
+        fp_piece<F, S, kFake, kSize>(v + o, size, grp[k], u != nullptr ? u + o : nullptr, y + o, c + o);
       }
       fp_emit<T, F, kFake>(y, c, t, n, out);
     }
   });
 }
 
-// Groups of kTile / 4 to kFusedGroupLimit elements (a multiple of four when packing):
-// each task takes whole groups, each group its statistics, then its elements while the
-// group is still in cache.
+// absmax groups of kTile / 4 to kFusedGroupLimit elements (a multiple of four when
+// packing): each task takes whole groups, each group its statistics, then its elements
+// while the group is still in cache.
 template <typename T, FpFormat F, bool kFake>
-void fp_mid_groups(const FpJob& job, const T* in, void* out, uint8_t* scales, float tensor_scale) {
+void fp_mid_groups(const FpJob& job, const T* in, void* out, uint8_t* scales) {
+  constexpr FpScaling S = FpScaling::Absmax;
   const int64_t size = job.numel / job.groups;
-  const bool divide = job.scaling == FpScaling::Absmax;
   parallel_for(0, job.groups, max_of(1, kChunk / size), [&](int64_t gb, int64_t ge) {
     float buf[kTile], y[kTile], ubuf[kUniformBuf];
-    uint32_t c[kTile];  // codes: one 32-bit lane per float lane
+    uint32_t c[kTile];
     for (int64_t g = gb; g < ge; ++g) {
-      const FpGroup grp = fp_group_of<F>(job.scaling, fp_stats_of(in + g * size, size), tensor_scale, g, scales);
+      const FpStats st = fp_stats_of(in + g * size, size);
+      FpGroup grp;
+      fp_groups_into<F, S>(&st, 1, 0.0f, &grp);
+      if (scales != nullptr) fp_store_scales<S>(&grp, 1, g, scales);
       for (int64_t t = g * size; t < (g + 1) * size; t += kTile) {
         const int64_t n = min_of(kTile, (g + 1) * size - t);
-        const float* v = as_float(in + t, n, buf);
-        const float* u = job.seed != nullptr ? uniforms_for(static_cast<uint64_t>(*job.seed), t, n, ubuf) : nullptr;
-        fp_piece<F, kFake, 0>(v, n, grp, divide, u, y, c);
+        const float* v = fp_load(in + t, n, buf);
+        const float* u = fp_uniforms(job, t, n, ubuf);
+        fp_piece<F, S, kFake, 0>(v, n, grp, u, y, c);
         fp_emit<T, F, kFake>(y, c, t, n, out);
       }
     }
   });
 }
 
-// Any group size: every group's statistics first (in parallel, many tasks per group),
-// then the elements in tiles split at whole output bytes.
+// absmax groups of any size: every group's statistics first (in parallel, many tasks per
+// group), then the elements in tiles split at whole output bytes.
 template <typename T, FpFormat F, bool kFake>
-void fp_large_groups(const FpJob& job, const T* in, void* out, uint8_t* scales, float tensor_scale) {
+void fp_large_groups(const FpJob& job, const T* in, void* out, uint8_t* scales) {
+  constexpr FpScaling S = FpScaling::Absmax;
   constexpr int64_t unit = kFake ? 1 : fp_unit(F);
   const std::vector<FpStatsSlot> stats = fp_group_stats(job, in);
   std::vector<FpGroupSlot> groups(static_cast<size_t>(job.groups));
-  for (int64_t g = 0; g < job.groups; ++g) groups[g].group = fp_group_of<F>(job.scaling, stats[g].stats, tensor_scale, g, scales);
+  for (int64_t g = 0; g < job.groups; ++g) {
+    fp_groups_into<F, S>(&stats[g].stats, 1, 0.0f, &groups[g].group);
+    if (scales != nullptr) fp_store_scales<S>(&groups[g].group, 1, g, scales);
+  }
   const int64_t size = job.numel / job.groups;
-  const bool divide = job.scaling == FpScaling::Absmax;
   parallel_for(0, job.numel / unit, kChunk / unit, [&](int64_t ub, int64_t ue) {
     float buf[kTile], y[kTile], ubuf[kUniformBuf];
-    uint32_t c[kTile];  // codes: one 32-bit lane per float lane
+    uint32_t c[kTile];
     for (int64_t t = ub * unit; t < ue * unit; t += kTile) {
       const int64_t n = min_of(kTile, ue * unit - t);
-      const float* v = as_float(in + t, n, buf);
-      const float* u = job.seed != nullptr ? uniforms_for(static_cast<uint64_t>(*job.seed), t, n, ubuf) : nullptr;
+      const float* v = fp_load(in + t, n, buf);
+      const float* u = fp_uniforms(job, t, n, ubuf);
       for_each_group_segment(t, t + n, size, [&](int64_t g, int64_t sb, int64_t se) {
         const int64_t o = sb - t;
-        fp_piece<F, kFake, 0>(v + o, se - sb, groups[g].group, divide, u != nullptr ? u + o : nullptr, y + o, c + o);
+        fp_piece<F, S, kFake, 0>(v + o, se - sb, groups[g].group, u != nullptr ? u + o : nullptr, y + o, c + o);
       });
       fp_emit<T, F, kFake>(y, c, t, n, out);
     }
@@ -309,6 +291,9 @@ void fp_large_groups(const FpJob& job, const T* in, void* out, uint8_t* scales, 
 }
 
 // The quantizing pass: codes (packed into `codes`) or fake-quantized values (`out`).
+// Instantiated per scaling only where it occurs (mx: blocks of 32; nvfp4: E2M1 in blocks
+// of 16; absmax: any size), which keeps the translation unit small enough for GCC to
+// go on inlining the integer kernels' helpers next door.
 template <typename T, FpFormat F, bool kFake>
 void run_fp_quantizer(const FpJob& job, const T* in, void* out, uint8_t* scales) {
   float tensor_scale = 0.0f;
@@ -316,21 +301,30 @@ void run_fp_quantizer(const FpJob& job, const T* in, void* out, uint8_t* scales)
     tensor_scale = fp_nvfp4_tensor_scale(job.numel == 0 ? 0u : fp_finite_top(job, in));
     if (scales != nullptr) std::memcpy(scales, &tensor_scale, sizeof(float));
   }
-  if (job.numel == 0) {  // the scales of empty groups, if any
-    for (int64_t g = 0; g < job.groups; ++g) fp_group_of<F>(job.scaling, fp_empty_stats(), tensor_scale, g, scales);
+  if (job.numel == 0) {  // the scales of empty groups, if any (absmax: one per group)
+    if (job.scaling == FpScaling::Absmax && scales != nullptr) {
+      for (int64_t g = 0; g < job.groups; ++g) {
+        const FpStats st = fp_empty_stats();
+        FpGroup grp;
+        fp_groups_into<F, FpScaling::Absmax>(&st, 1, 0.0f, &grp);
+        fp_store_scales<FpScaling::Absmax>(&grp, 1, g, scales);
+      }
+    }
     return;
   }
   const int64_t size = job.numel / job.groups;
-  if (size == 32) {
-    fp_small_groups<T, F, kFake, 32>(job, in, out, scales, tensor_scale);
-  } else if (size == 16) {
-    fp_small_groups<T, F, kFake, 16>(job, in, out, scales, tensor_scale);
+  if (job.scaling == FpScaling::Mx) {
+    fp_small_groups<T, F, kFake, FpScaling::Mx, kMxBlock>(job, in, out, scales, tensor_scale);
+  } else if (job.scaling == FpScaling::Nvfp4) {
+    if constexpr (F == FpFormat::E2M1) {
+      fp_small_groups<T, F, kFake, FpScaling::Nvfp4, kNvfp4Block>(job, in, out, scales, tensor_scale);
+    }
   } else if (4 * size <= kTile) {
-    fp_small_groups<T, F, kFake, 0>(job, in, out, scales, tensor_scale);
+    fp_small_groups<T, F, kFake, FpScaling::Absmax, 0>(job, in, out, scales, tensor_scale);
   } else if (size <= kFusedGroupLimit && (kFake || size % fp_unit(F) == 0)) {
-    fp_mid_groups<T, F, kFake>(job, in, out, scales, tensor_scale);
+    fp_mid_groups<T, F, kFake>(job, in, out, scales);
   } else {
-    fp_large_groups<T, F, kFake>(job, in, out, scales, tensor_scale);
+    fp_large_groups<T, F, kFake>(job, in, out, scales);
   }
 }
 
@@ -354,9 +348,15 @@ inline const uint8_t* fp_unpack(const uint8_t* __restrict__ codes, int64_t t, in
   return c;
 }
 
+// The values of codes c[0, n) of one group (dec: its scale).
+template <FpFormat F>
+QKIT_FP_PIECE void fp_decode_piece(const uint8_t* __restrict__ c, int64_t n, float dec, float* __restrict__ y) {
+  constexpr FpSpec spec = fp_spec(F);
+  for (int64_t i = 0; i < n; ++i) y[i] = fp_decode(c[i], spec) * dec;
+}
+
 template <typename T, FpFormat F>
 void run_fp_dequantizer(const FpJob& job, const uint8_t* codes, const uint8_t* scales, T* out) {
-  constexpr FpSpec spec = fp_spec(F);
   constexpr int64_t unit = fp_unit(F);
   const int64_t size = job.numel / job.groups;
   float tensor_scale = 0.0f;
@@ -377,11 +377,9 @@ void run_fp_dequantizer(const FpJob& job, const uint8_t* codes, const uint8_t* s
         } else {
           dec = fp_dec_of_nvfp4(scales[4 + g], tensor_scale);
         }
-        const uint8_t* __restrict__ cs = cc + (sb - t);
-        float* __restrict__ ys = y + (sb - t);
-        for (int64_t i = 0; i < se - sb; ++i) ys[i] = fp_decode(cs[i], spec) * dec;
+        fp_decode_piece<F>(cc + (sb - t), se - sb, dec, y + (sb - t));
       });
-      store(y, n, out + t);
+      fp_store(y, n, out + t);
     }
   });
 }
