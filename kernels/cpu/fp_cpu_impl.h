@@ -348,11 +348,12 @@ inline const uint8_t* fp_unpack(const uint8_t* __restrict__ codes, int64_t t, in
   return c;
 }
 
-// The values of codes c[0, n) of one group (dec: its scale).
+// The values of codes c[0, n), unscaled: one loop over the whole tile (a loop per group
+// piece over bytes ran a 16-element nvfp4 block in its scalar remainder: 12x slower).
 template <FpFormat F>
-QKIT_FP_PIECE void fp_decode_piece(const uint8_t* __restrict__ c, int64_t n, float dec, float* __restrict__ y) {
+QKIT_FP_PIECE void fp_decode_tile(const uint8_t* __restrict__ c, int64_t n, float* __restrict__ y) {
   constexpr FpSpec spec = fp_spec(F);
-  for (int64_t i = 0; i < n; ++i) y[i] = fp_decode(c[i], spec) * dec;
+  for (int64_t i = 0; i < n; ++i) y[i] = fp_decode(c[i], spec);
 }
 
 template <typename T, FpFormat F>
@@ -366,7 +367,7 @@ void run_fp_dequantizer(const FpJob& job, const uint8_t* codes, const uint8_t* s
     uint8_t c[kTile];
     for (int64_t t = ub * unit; t < ue * unit; t += kTile) {
       const int64_t n = min_of(kTile, ue * unit - t);
-      const uint8_t* cc = fp_unpack<F>(codes, t, n, c);
+      fp_decode_tile<F>(fp_unpack<F>(codes, t, n, c), n, y);
       for_each_group_segment(t, t + n, size, [&](int64_t g, int64_t sb, int64_t se) {
         float dec;
         if (job.scaling == FpScaling::Absmax) {
@@ -377,7 +378,8 @@ void run_fp_dequantizer(const FpJob& job, const uint8_t* codes, const uint8_t* s
         } else {
           dec = fp_dec_of_nvfp4(scales[4 + g], tensor_scale);
         }
-        fp_decode_piece<F>(cc + (sb - t), se - sb, dec, y + (sb - t));
+        float* __restrict__ ys = y + (sb - t);
+        for (int64_t i = 0; i < se - sb; ++i) ys[i] *= dec;  // fp_decode(code) * dec, as one product
       });
       fp_store(y, n, out + t);
     }
