@@ -11,8 +11,9 @@
 // branch-free loops over fp32 tiles; mx and nvfp4 get them with their block size as a
 // constant (one or two registers per group). Fake quantization computes the format's
 // value directly (fp_quantized), without a code; dequantization unpacks FP4 / FP6 codes a
-// tile at a time (not element by element) and decodes them with fp_decode in a plain loop
-// (as fast as a 256-entry table's gathers: measured, the table was 2x slower for FP8).
+// tile at a time (not element by element), decodes the tile with fp_decode in one plain
+// loop (a 256-entry table's gathers measured 2x slower for FP8), then scales each group's
+// piece of it.
 #ifdef QKIT_CPU_TARGET_PRAGMA
 #pragma GCC push_options
 QKIT_CPU_TARGET_PRAGMA
@@ -348,12 +349,16 @@ inline const uint8_t* fp_unpack(const uint8_t* __restrict__ codes, int64_t t, in
   return c;
 }
 
-// The values of codes c[0, n), unscaled: one loop over the whole tile (a loop per group
-// piece over bytes ran a 16-element nvfp4 block in its scalar remainder: 12x slower).
+// The values of codes c[0, n) (n <= kTile), unscaled: one loop over the whole tile (a loop
+// per group piece over bytes ran a 16-element nvfp4 block in its scalar remainder: 12x
+// slower), on codes widened to 32 bits first (decoding bytes, GCC took 64 elements per
+// iteration and spilled its mask registers: FP8 dequantize 20-40% slower than per group).
 template <FpFormat F>
 QKIT_FP_PIECE void fp_decode_tile(const uint8_t* __restrict__ c, int64_t n, float* __restrict__ y) {
   constexpr FpSpec spec = fp_spec(F);
-  for (int64_t i = 0; i < n; ++i) y[i] = fp_decode(c[i], spec);
+  uint32_t w[kTile];
+  for (int64_t i = 0; i < n; ++i) w[i] = c[i];
+  for (int64_t i = 0; i < n; ++i) y[i] = fp_decode(w[i], spec);
 }
 
 template <typename T, FpFormat F>
