@@ -98,6 +98,17 @@ for fmt in ("e4m3", "e2m1"):
     q, s = qkit.quantize_fp(big, 3, fmt)
     rq, rs = ref_quantize_fp(big, 3, fmt)
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs), fmt
+# The FP kernels' other walks (test_fp_ops.py's WALKS): many small groups per tile, 16 as a
+# constant, one group per sweep with a tail tile, FP6 groups of no whole packing unit.
+for numel, groups in ((4100, 820), (2048, 128), (3900, 3), (1048, 4)):
+    w = torch.randn(numel, generator=gen)
+    for fmt in ("e4m3", "e3m2", "e2m1"):
+        q, s = qkit.quantize_fp(w, groups, fmt)
+        rq, rs = ref_quantize_fp(w, groups, fmt)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs), (fmt, groups)
+        want = ref_fake_quantize_fp(w, groups, fmt)
+        assert_same(qkit.fake_quantize_fp(w, groups, fmt), want, "fake_quantize_fp walk")
+        assert_same(qkit.dequantize_fp(q, s, groups, fmt), want, "dequantize_fp walk")
 print("ok")
 """
 

@@ -215,6 +215,43 @@ def test_fake_quantize_any_shape(device, fmt, shape):
         assert_same(got, ref_fake_quantize_fp(x, groups, fmt, "absmax", u), f"stochastic={stochastic}")
 
 
+# Group sizes that take each of the CPU kernels' walks (kernels/cpu/fp_cpu_impl.h): many
+# small groups per tile (runtime size, and mx/nvfp4's 16 and 32 as constants, here under
+# absmax), one group per sweep with a tail tile, the two-pass walk for a group too large
+# for a sweep and for one whose size is no whole number of FP6 packing units.
+WALKS = {
+    "small-5": (4100, 820),
+    "small-16": (2048, 128),
+    "small-32": (2048, 64),
+    "mid-1300": (3900, 3),
+    "fp6-unaligned-262": (1048, 4),
+    "large-70000": (140000, 2),
+}
+
+
+@pytest.mark.parametrize("walk", list(WALKS))
+def test_every_kernel_walk(device, walk):
+    numel, groups = WALKS[walk]
+    x = make((numel,), seed=numel)
+    x[numel - 2] = float("-inf")  # saturates in its group
+    if groups >= 3:
+        x[numel // 3] = float("nan")  # one NaN group
+    torch.manual_seed(5)
+    seed = torch.empty(1, dtype=torch.int64).random_().item()
+    u = ref_philox_uniforms(seed, numel)
+    for fmt in FORMATS:
+        q, s = qkit.quantize_fp(x.to(device), groups, fmt)
+        want_q, want_s = ref_quantize_fp(x, groups, fmt)
+        assert_same(s, want_s, f"{fmt} scales")
+        assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8)), f"{fmt} codes"
+        want = ref_fake_quantize_fp(x, groups, fmt)
+        assert_same(qkit.fake_quantize_fp(x.to(device), groups, fmt), want, f"{fmt} fake")
+        assert_same(qkit.dequantize_fp(q, s, groups, fmt), want, f"{fmt} dequantize")
+        torch.manual_seed(5)
+        got = qkit.fake_quantize_fp(x.to(device), groups, fmt, "absmax", True)
+        assert_same(got, ref_fake_quantize_fp(x, groups, fmt, "absmax", u), f"{fmt} stochastic")
+
+
 @pytest.mark.parametrize("groups", [1, 3, 7, 48])
 def test_absmax_any_group_size(device, groups):
     """Group boundaries inside packed bytes (odd group sizes) for every packing."""

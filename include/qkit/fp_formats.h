@@ -11,6 +11,15 @@
 
 #include "qkit/common.h"
 
+// Every function below is always inlined on the host: the CPU kernels call them once per
+// element, in units so large that GCC's inliner would otherwise give up on some of them
+// (a call per element). On CUDA/HIP they are QKIT_HD (forced inline) as before.
+#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
+#define QKIT_FP_HD QKIT_HD
+#else
+#define QKIT_FP_HD inline __attribute__((always_inline))
+#endif
+
 namespace qkit {
 
 // The values are ours (the bindings translate the strings), shared by every device.
@@ -49,7 +58,7 @@ struct FpSpec {
   bool has_nan;
 };
 
-QKIT_HD constexpr FpSpec fp_spec(FpFormat f) {
+QKIT_FP_HD constexpr FpSpec fp_spec(FpFormat f) {
   return f == FpFormat::E4M3   ? FpSpec{4, 3, 7, 448.0f, 8, true}
          : f == FpFormat::E5M2 ? FpSpec{5, 2, 15, 57344.0f, 15, true}
          : f == FpFormat::E3M2 ? FpSpec{3, 2, 3, 28.0f, 4, false}
@@ -57,14 +66,14 @@ QKIT_HD constexpr FpSpec fp_spec(FpFormat f) {
                                : FpSpec{2, 1, 1, 6.0f, 2, false};
 }
 
-QKIT_HD constexpr int fp_bits(FpFormat f) { return 1 + fp_spec(f).ebits + fp_spec(f).mbits; }
+QKIT_FP_HD constexpr int fp_bits(FpFormat f) { return 1 + fp_spec(f).ebits + fp_spec(f).mbits; }
 
 // 2^e as a float for -126 <= e <= 127 (every exponent the formats' rounding needs).
-QKIT_HD float fp_pow2(int e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
+QKIT_FP_HD float fp_pow2(int e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
 
 // log2 of the spacing of the format's values around magnitude a (a >= 0, not NaN):
 // 2^(e - mbits) with e = a's exponent, or the smallest normal exponent below it.
-QKIT_HD int fp_spacing_exp(float a, const FpSpec& s) {
+QKIT_FP_HD int fp_spacing_exp(float a, const FpSpec& s) {
   const int emin = 1 - s.bias;
   const int e = static_cast<int>(float_bits(a) >> 23) - 127;  // -127 for 0 and fp32 subnormals
   return (e > emin ? e : emin) - s.mbits;
@@ -72,7 +81,7 @@ QKIT_HD int fp_spacing_exp(float a, const FpSpec& s) {
 
 // |v| clamped to the format's range: values above max and +-Inf saturate to max
 // (OCP "satfinite"); NaN also becomes max here (its NaN-ness is kept separately).
-QKIT_HD float fp_saturated_abs(float v, const FpSpec& s) {
+QKIT_FP_HD float fp_saturated_abs(float v, const FpSpec& s) {
   const float a = bits_float(float_bits(v) & 0x7FFFFFFFu);
   return a < s.max ? a : s.max;
 }
@@ -80,7 +89,7 @@ QKIT_HD float fp_saturated_abs(float v, const FpSpec& s) {
 // a (0 <= a <= max) rounded to the nearest value of the format, ties to even. Adding
 // 2^(spacing+23) puts a's last kept bit at the last bit of an fp32 mantissa, so the
 // FPU rounds (to nearest even) exactly where the format does; subtracting it is exact.
-QKIT_HD float fp_round_nearest(float a, const FpSpec& s) {
+QKIT_FP_HD float fp_round_nearest(float a, const FpSpec& s) {
   const float magic = fp_pow2(fp_spacing_exp(a, s) + 23);
 #if defined(__CUDA_ARCH__)
   return __fsub_rn(__fadd_rn(a, magic), magic);
@@ -94,7 +103,7 @@ QKIT_HD float fp_round_nearest(float a, const FpSpec& s) {
 // (up to the fp32 rounding of a / spacing + u, below 2^-20 of a spacing). a / spacing
 // and the product are exact (powers of two); max is a multiple of its spacing, so the
 // result never exceeds max.
-QKIT_HD float fp_round_stochastic(float a, float u, const FpSpec& s) {
+QKIT_FP_HD float fp_round_stochastic(float a, float u, const FpSpec& s) {
   const int k = fp_spacing_exp(a, s);
   const float t = a * fp_pow2(-k) + u;
   const float r = (t + 12582912.0f) - 12582912.0f;  // t < 2^5: nearest integer, then floor
@@ -103,7 +112,7 @@ QKIT_HD float fp_round_stochastic(float a, float u, const FpSpec& s) {
 
 // The code of r, a value of the format (0 <= r <= max), with sign bit `negative`; for
 // formats with a NaN code, `nan` gives S.1..1 (0x7F | sign) instead.
-QKIT_HD uint32_t fp_code_of(float r, bool negative, bool nan, const FpSpec& s) {
+QKIT_FP_HD uint32_t fp_code_of(float r, bool negative, bool nan, const FpSpec& s) {
   const int emin = 1 - s.bias;
   const uint32_t rb = float_bits(r);
   const int re = static_cast<int>(rb >> 23) - 127;
@@ -119,22 +128,38 @@ QKIT_HD uint32_t fp_code_of(float r, bool negative, bool nan, const FpSpec& s) {
   return (nan & s.has_nan) ? (sign | 0x7Fu) : code;
 }
 
-QKIT_HD bool fp_is_nan(float v) { return (float_bits(v) & 0x7FFFFFFFu) > 0x7F800000u; }
-QKIT_HD bool fp_is_negative(float v) { return (float_bits(v) >> 31) != 0; }
+QKIT_FP_HD bool fp_is_nan(float v) { return (float_bits(v) & 0x7FFFFFFFu) > 0x7F800000u; }
+QKIT_FP_HD bool fp_is_negative(float v) { return (float_bits(v) >> 31) != 0; }
 
 // Nearest (u < 0) or stochastic rounding of an already scaled value v: its code.
-QKIT_HD uint32_t fp_encode(float v, const FpSpec& s) {
+QKIT_FP_HD uint32_t fp_encode(float v, const FpSpec& s) {
   const float r = fp_round_nearest(fp_saturated_abs(v, s), s);
   return fp_code_of(r, fp_is_negative(v), fp_is_nan(v), s);
 }
-QKIT_HD uint32_t fp_encode_stochastic(float v, float u, const FpSpec& s) {
+QKIT_FP_HD uint32_t fp_encode_stochastic(float v, float u, const FpSpec& s) {
   const float r = fp_round_stochastic(fp_saturated_abs(v, s), u, s);
   return fp_code_of(r, fp_is_negative(v), fp_is_nan(v), s);
 }
 
+// The value fp_decode(fp_encode(v, s), s) has, without going through the code (what
+// fake quantization multiplies by the group's dec): the rounded magnitude r (which
+// fp_code_of / fp_decode round-trip exactly, r <= max never hitting a NaN or Inf
+// code) or, for an NaN v in a format with NaN codes, the quiet NaN fp_decode returns;
+// with v's sign bit, as fp_decode's `negative ? -a : a` sets it (-0 and -NaN included).
+QKIT_FP_HD float fp_value_of(float r, float v, const FpSpec& s) {
+  const float a = (fp_is_nan(v) & s.has_nan) ? bits_float(0x7FC00000u) : r;
+  return bits_float(float_bits(a) | (float_bits(v) & 0x80000000u));
+}
+QKIT_FP_HD float fp_quantized(float v, const FpSpec& s) {
+  return fp_value_of(fp_round_nearest(fp_saturated_abs(v, s), s), v, s);
+}
+QKIT_FP_HD float fp_quantized_stochastic(float v, float u, const FpSpec& s) {
+  return fp_value_of(fp_round_stochastic(fp_saturated_abs(v, s), u, s), v, s);
+}
+
 // The value of a code (all codes valid: E4M3 S.1111.111 and E5M2 S.11111.xx with
 // xx != 0 are NaN, E5M2 S.11111.00 is +-Inf).
-QKIT_HD float fp_decode(uint32_t code, const FpSpec& s) {
+QKIT_FP_HD float fp_decode(uint32_t code, const FpSpec& s) {
   const uint32_t mmask = (1u << s.mbits) - 1u, emask = (1u << s.ebits) - 1u;
   const uint32_t m = code & mmask, e = (code >> s.mbits) & emask;
   const bool negative = ((code >> (s.ebits + s.mbits)) & 1u) != 0;
@@ -160,19 +185,19 @@ struct FpStats {
   uint32_t finite;
 };
 
-QKIT_HD FpStats fp_empty_stats() { return FpStats{0u, 0u}; }
-QKIT_HD void fp_accumulate(FpStats& st, float x) {
+QKIT_FP_HD FpStats fp_empty_stats() { return FpStats{0u, 0u}; }
+QKIT_FP_HD void fp_accumulate(FpStats& st, float x) {
   const uint32_t a = float_bits(x) & 0x7FFFFFFFu;
   st.top = a > st.top ? a : st.top;
   const uint32_t f = a < 0x7F800000u ? a : 0u;
   st.finite = f > st.finite ? f : st.finite;
 }
-QKIT_HD FpStats fp_merge(FpStats a, const FpStats& b) {
+QKIT_FP_HD FpStats fp_merge(FpStats a, const FpStats& b) {
   a.top = b.top > a.top ? b.top : a.top;
   a.finite = b.finite > a.finite ? b.finite : a.finite;
   return a;
 }
-QKIT_HD bool fp_stats_nan(const FpStats& st) { return st.top > 0x7F800000u; }
+QKIT_FP_HD bool fp_stats_nan(const FpStats& st) { return st.top > 0x7F800000u; }
 
 // How a group's elements are scaled: code = encode(x * enc) for mx and nvfp4, or
 // encode(x / enc) for absmax (kDivide); the code decodes to decode(code) * dec. `byte`
@@ -186,7 +211,7 @@ struct FpGroup {
 // absmax: dec = m / max with m the group's largest finite |x|, so that m maps to the
 // format's max; 1 for m = 0, the smallest subnormal where m / max underflows to 0, NaN
 // when the group holds a NaN. +-Inf elements saturate to +-max * dec.
-QKIT_HD FpGroup fp_absmax_group(const FpStats& st, const FpSpec& s) {
+QKIT_FP_HD FpGroup fp_absmax_group(const FpStats& st, const FpSpec& s) {
   const float m = bits_float(st.finite);
   float step = m / s.max;
   step = m == 0.0f ? 1.0f : step == 0.0f ? FLT_TRUE_MIN : step;
@@ -195,7 +220,7 @@ QKIT_HD FpGroup fp_absmax_group(const FpStats& st, const FpSpec& s) {
 }
 
 // The value of an E8M0 scale byte: 2^(b-127), NaN for 0xFF (OCP MX v1.0 §5.4).
-QKIT_HD float e8m0_value(uint32_t b) {
+QKIT_FP_HD float e8m0_value(uint32_t b) {
   const float value = b == 0 ? bits_float(0x00400000u) : fp_pow2(static_cast<int>(b) - 127);  // 2^-127: subnormal
   return b == 0xFFu ? bits_float(0x7FC00000u) : value;
 }
@@ -206,7 +231,7 @@ QKIT_HD float e8m0_value(uint32_t b) {
 // = 0 or a subnormal m gives the smallest, 2^-127); a NaN block stores 0xFF. Elements
 // are multiplied by the exact reciprocal (x / 2^e rounds as x * 2^-e does): by 0 for a
 // NaN block, whose NaN elements stay NaN and which decodes to NaN in full.
-QKIT_HD FpGroup fp_mx_group(const FpStats& st, const FpSpec& s) {
+QKIT_FP_HD FpGroup fp_mx_group(const FpStats& st, const FpSpec& s) {
   int e = static_cast<int>((st.top >> 23) & 0xFFu) - 127 - s.max_pow2;
   e = e < -127 ? -127 : e > 127 ? 127 : e;
   const uint32_t byte = fp_stats_nan(st) ? 0xFFu : static_cast<uint32_t>(e + 127);
@@ -217,7 +242,7 @@ QKIT_HD FpGroup fp_mx_group(const FpStats& st, const FpSpec& s) {
 // nvfp4's per-tensor fp32 scale from the tensor's largest finite |x| (m): m / (448 * 6),
 // so a block holding m gets the largest E4M3 block scale; at least 2^-126 (so that its
 // reciprocal is finite and an all-zero tensor is well defined).
-QKIT_HD float fp_nvfp4_tensor_scale(uint32_t finite_top) {
+QKIT_FP_HD float fp_nvfp4_tensor_scale(uint32_t finite_top) {
   const float t = bits_float(finite_top) / 2688.0f;
   return t > FLT_MIN ? t : FLT_MIN;
 }
@@ -226,7 +251,7 @@ QKIT_HD float fp_nvfp4_tensor_scale(uint32_t finite_top) {
 // (m / 6) / tensor_scale clamped to [2^-6, 448] (NaN kept) and rounded to E4M3; elements
 // are multiplied by (1 / tensor_scale) / block_scale; they decode with
 // tensor_scale * block_scale. A NaN block stores the E4M3 NaN and decodes to NaN.
-QKIT_HD FpGroup fp_nvfp4_group(const FpStats& st, float tensor_scale) {
+QKIT_FP_HD FpGroup fp_nvfp4_group(const FpStats& st, float tensor_scale) {
   constexpr FpSpec e4m3 = fp_spec(FpFormat::E4M3);
   const float m = bits_float(st.top);  // NaN and Inf propagate
   const float scaled = (m / 6.0f) / tensor_scale;
@@ -238,15 +263,15 @@ QKIT_HD FpGroup fp_nvfp4_group(const FpStats& st, float tensor_scale) {
 }
 
 // The group of a scaling mode from its stored scale (dequantize's side).
-QKIT_HD float fp_dec_of_absmax(float stored) { return stored; }
-QKIT_HD float fp_dec_of_mx(uint8_t stored) { return e8m0_value(stored); }
-QKIT_HD float fp_dec_of_nvfp4(uint8_t stored, float tensor_scale) {
+QKIT_FP_HD float fp_dec_of_absmax(float stored) { return stored; }
+QKIT_FP_HD float fp_dec_of_mx(uint8_t stored) { return e8m0_value(stored); }
+QKIT_FP_HD float fp_dec_of_nvfp4(uint8_t stored, float tensor_scale) {
   return tensor_scale * fp_decode(stored, fp_spec(FpFormat::E4M3));
 }
 
 // The scaled value of x in its group: what the element format rounds.
 template <bool kDivide>
-QKIT_HD float fp_scaled(float x, const FpGroup& g) {
+QKIT_FP_HD float fp_scaled(float x, const FpGroup& g) {
   return kDivide ? x / g.enc : x * g.enc;
 }
 
@@ -255,19 +280,20 @@ QKIT_HD float fp_scaled(float x, const FpGroup& g) {
 // in the top six bits (a big-endian bit stream).
 
 // The byte count of n codes (n a multiple of the unit: 1, 2 or 4 elements).
-QKIT_HD int64_t fp_code_bytes(int64_t n, FpFormat f) {
+QKIT_FP_HD int64_t fp_code_bytes(int64_t n, FpFormat f) {
   const int bits = fp_bits(f);
   return bits == 8 ? n : bits == 4 ? n / 2 : n / 4 * 3;
 }
 
 // Elements per packing unit (the smallest run that fills whole bytes).
-QKIT_HD constexpr int fp_unit(FpFormat f) { return fp_bits(f) == 8 ? 1 : fp_bits(f) == 4 ? 2 : 4; }
+QKIT_FP_HD constexpr int fp_unit(FpFormat f) { return fp_bits(f) == 8 ? 1 : fp_bits(f) == 4 ? 2 : 4; }
 
-// Packs one unit of codes c[0, unit) into its bytes at b.
-QKIT_HD void fp_pack_unit(const uint8_t* c, uint8_t* b, FpFormat f) {
+// Packs one unit of codes c[0, unit) (uint8_t or uint32_t) into its bytes at b.
+template <typename Code>
+QKIT_FP_HD void fp_pack_unit(const Code* c, uint8_t* b, FpFormat f) {
   const int bits = fp_bits(f);
   if (bits == 8) {
-    b[0] = c[0];
+    b[0] = static_cast<uint8_t>(c[0]);
   } else if (bits == 4) {
     b[0] = static_cast<uint8_t>(((c[0] & 0xFu) << 4) | (c[1] & 0xFu));
   } else {
@@ -280,7 +306,7 @@ QKIT_HD void fp_pack_unit(const uint8_t* c, uint8_t* b, FpFormat f) {
 }
 
 // The code of element i of a packed stream.
-QKIT_HD uint32_t fp_code_at(const uint8_t* bytes, int64_t i, FpFormat f) {
+QKIT_FP_HD uint32_t fp_code_at(const uint8_t* bytes, int64_t i, FpFormat f) {
   const int bits = fp_bits(f);
   if (bits == 8) return bytes[i];
   if (bits == 4) return (i & 1) ? (bytes[i >> 1] & 0xFu) : (bytes[i >> 1] >> 4);

@@ -137,19 +137,32 @@ __global__ void fp_groups_kernel(FpJob job, const FpStats* __restrict__ stats, c
   }
 }
 
-// The code of element i (nearest, or stochastic from the job's Philox stream).
-template <typename T, FpFormat F>
-__device__ __forceinline__ uint32_t fp_element_code(const FpJob& job, const T* in, const FpGroup* groups, int64_t size,
-                                                    int64_t i, FpGroup& grp) {
-  constexpr FpSpec spec = fp_spec(F);
+// Element i scaled for its group (grp: that group).
+template <typename T>
+__device__ __forceinline__ float fp_element_scaled(const FpJob& job, const T* in, const FpGroup* groups, int64_t size,
+                                                   int64_t i, FpGroup& grp) {
   grp = groups[i / size];
   const float x = to_float(in[i]);
-  const float v = job.scaling == FpScaling::Absmax ? fp_scaled<true>(x, grp) : fp_scaled<false>(x, grp);
-  if (job.seed == nullptr) return fp_encode(v, spec);
-  const float u = uniforms_for_block(static_cast<uint64_t>(*job.seed), static_cast<uint64_t>(i >> 2)).v[i & 3];
-  return fp_encode_stochastic(v, u, spec);
+  return job.scaling == FpScaling::Absmax ? fp_scaled<true>(x, grp) : fp_scaled<false>(x, grp);
 }
 
+// Element i's uniform for stochastic rounding, from the job's Philox stream.
+__device__ __forceinline__ float fp_element_uniform(const FpJob& job, int64_t i) {
+  return uniforms_for_block(static_cast<uint64_t>(*job.seed), static_cast<uint64_t>(i >> 2)).v[i & 3];
+}
+
+// The code of element i (nearest, or stochastic when the job has a seed).
+template <typename T, FpFormat F>
+__device__ __forceinline__ uint32_t fp_element_code(const FpJob& job, const T* in, const FpGroup* groups, int64_t size,
+                                                    int64_t i) {
+  constexpr FpSpec spec = fp_spec(F);
+  FpGroup grp;
+  const float v = fp_element_scaled(job, in, groups, size, i, grp);
+  return job.seed == nullptr ? fp_encode(v, spec) : fp_encode_stochastic(v, fp_element_uniform(job, i), spec);
+}
+
+// Fake quantization takes the format's value directly (fp_quantized: the value of the
+// code, as the CPU kernels compute it).
 template <typename T, FpFormat F>
 __global__ void fp_fake_kernel(FpJob job, const T* __restrict__ in, const FpGroup* __restrict__ groups,
                                T* __restrict__ out) {
@@ -157,8 +170,10 @@ __global__ void fp_fake_kernel(FpJob job, const T* __restrict__ in, const FpGrou
   const int64_t size = job.numel / job.groups;
   QKIT_GRID_STRIDE(i, job.numel) {
     FpGroup grp;
-    const uint32_t code = fp_element_code<T, F>(job, in, groups, size, i, grp);
-    out[i] = from_float<T>(fp_decode(code, spec) * grp.dec);
+    const float v = fp_element_scaled(job, in, groups, size, i, grp);
+    const float q =
+        job.seed == nullptr ? fp_quantized(v, spec) : fp_quantized_stochastic(v, fp_element_uniform(job, i), spec);
+    out[i] = from_float<T>(q * grp.dec);
   }
 }
 
@@ -170,10 +185,7 @@ __global__ void fp_codes_kernel(FpJob job, const T* __restrict__ in, const FpGro
   const int64_t size = job.numel / job.groups;
   QKIT_GRID_STRIDE(k, job.numel / unit) {
     uint8_t c[unit];
-    for (int e = 0; e < unit; ++e) {
-      FpGroup grp;
-      c[e] = static_cast<uint8_t>(fp_element_code<T, F>(job, in, groups, size, k * unit + e, grp));
-    }
+    for (int e = 0; e < unit; ++e) c[e] = static_cast<uint8_t>(fp_element_code<T, F>(job, in, groups, size, k * unit + e));
     fp_pack_unit(c, codes + k * unit_bytes, F);
   }
 }
