@@ -171,7 +171,8 @@ def sum_rows(values: Tensor) -> Tensor:
 
 def _loco_update(error: Tensor, s: Tensor, decoded: Tensor, beta: float) -> None:
     """``error <- beta * error + (1 - beta) * (s - decoded)``, each step one fp32 op, stored in
-    ``error``'s dtype (in place)."""
-    b = torch.tensor(beta, dtype=torch.float32, device=s.device)
-    new = b * error.reshape(-1).to(torch.float32) + (1 - b) * (s - decoded)
+    ``error``'s dtype (in place). ``beta`` and ``1 - beta`` are rounded to fp32 on the host (as
+    the kernels' LoCo does): Python scalars, so no tensor is copied to the device per call."""
+    b = torch.tensor(beta, dtype=torch.float32)
+    new = error.reshape(-1).to(torch.float32) * b.item() + (s - decoded) * (1 - b).item()
     error.view(-1).copy_(new)
